@@ -1,0 +1,151 @@
+#ifndef ASRKF_H
+#define ASRKF_H
+
+// asrkf-gguf: reversible soft-freeze of the llama.cpp KV cache.
+//
+// A handle attaches to one llama_context and works on its (full-attention) KV cache:
+//   - freeze / unfreeze: a cell stays resident but is masked out of attention (stage 1)
+//   - offload: the K/V rows of every layer move to host memory owned by the handle, the cells are freed (stage 2)
+//   - thaw: offloaded rows go back into free cells with their original position and sequence
+//   - importance: per-cell attention mass from the last n_q queries of the latest decode, computed in the graph
+//
+// Every position of a sequence is, at any time, exactly one of: active (resident), frozen (resident, masked),
+// offloaded (host). Nothing is dropped unless the caller removes positions (llama_memory_seq_rm / clear).
+//
+// Return convention of every int32_t function:
+//    0  ok
+//   -1  invalid argument (unknown / duplicate / non-resident position, bad layer, null pointer, ...)
+//   -2  refused: the operation would break the cache (offloading the newest position, no free cells, pending shift)
+//   -3  integrity: an offloaded row failed its checksum; nothing was changed
+//   -4  the llama_context behind the handle was freed
+//   -5  unsupported model / cache type
+//   -6  backend or allocation failure
+// On any error the cache and the handle are left exactly as they were, and asrkf_last_error() says why.
+// Every call synchronizes the context's pending device work first.
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdbool.h>
+
+#ifdef ASRKF_SHARED
+#    if defined(_WIN32) && !defined(__MINGW32__)
+#        ifdef ASRKF_BUILD
+#            define ASRKF_API __declspec(dllexport)
+#        else
+#            define ASRKF_API __declspec(dllimport)
+#        endif
+#    else
+#        define ASRKF_API __attribute__ ((visibility ("default")))
+#    endif
+#else
+#    define ASRKF_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct llama_context;
+
+typedef struct asrkf_kv * asrkf_kv_t;
+
+enum asrkf_status {
+    ASRKF_OK            =  0,
+    ASRKF_EINVAL        = -1,
+    ASRKF_EREFUSED      = -2,
+    ASRKF_ECHECKSUM     = -3,
+    ASRKF_EFREED        = -4,
+    ASRKF_EUNSUPPORTED  = -5,
+    ASRKF_EBACKEND      = -6,
+};
+
+enum asrkf_cell_state {
+    ASRKF_CELL_ACTIVE    = 1,
+    ASRKF_CELL_FROZEN    = 2,
+    ASRKF_CELL_OFFLOADED = 3,
+};
+
+struct asrkf_kv_params {
+    bool     pinned_host;      // use the device's pinned host buffers for offloaded rows when it has them
+    uint32_t host_chunk_cells; // offloaded rows are stored in chunks of at least this many tokens (0: automatic)
+};
+
+struct asrkf_kv_info {
+    uint32_t n_layer;            // model layers
+    uint32_t n_layer_kv;         // layers with their own K/V storage in the managed cache
+    uint32_t n_head;             // query heads (layer 0)
+    uint32_t n_head_kv;          // key/value heads (layer 0)
+    uint32_t n_embd_head_k;      // head size of K (layer 0)
+    uint32_t n_cells;            // cells of the managed cache (the device budget)
+    uint32_t n_cells_used;       // non-empty cells
+    uint32_t n_frozen;           // frozen (resident, masked) cells
+    uint32_t n_offloaded;        // positions held in host memory, all sequences
+    int32_t  type_k;             // ggml_type of K
+    int32_t  type_v;             // ggml_type of V
+    bool     v_trans;            // V stored transposed (flash attention off)
+    bool     iswa;               // the managed cache is the full-attention half of an iSWA cache
+    uint64_t device_kv_bytes;    // bytes of the managed K/V tensors (all cells)
+    uint64_t kv_bytes_per_token; // K+V bytes of one token over all managed layers
+    uint64_t host_bytes;         // host bytes allocated for offloaded rows
+    uint64_t host_bytes_used;    // host bytes holding offloaded rows
+};
+
+ASRKF_API struct asrkf_kv_params asrkf_kv_default_params(void);
+
+// the message of the last failed call on this thread ("" if none)
+ASRKF_API const char * asrkf_last_error(void);
+
+// attach to ctx; returns NULL on failure (unsupported cache, already attached, ...)
+// the handle must be freed before or after the context; once the context is freed every call returns ASRKF_EFREED
+ASRKF_API asrkf_kv_t asrkf_kv_attach(struct llama_context * ctx, struct asrkf_kv_params params);
+
+// detach and release host memory: offloaded positions are lost, so this refuses (-2) while any exist unless force
+ASRKF_API int32_t asrkf_kv_free(asrkf_kv_t kv, bool force);
+
+ASRKF_API int32_t asrkf_kv_get_info(asrkf_kv_t kv, struct asrkf_kv_info * info);
+
+// resident cells of seq_id, ordered by position
+// pos / state / cell may be NULL; at most cap entries are written, *n_out is the total count
+ASRKF_API int32_t asrkf_kv_cells(asrkf_kv_t kv, int32_t seq_id, int32_t * pos, uint8_t * state, int32_t * cell, int32_t cap, int32_t * n_out);
+
+// offloaded positions of seq_id, ascending; at most cap written, *n_out is the total count
+ASRKF_API int32_t asrkf_kv_offloaded(asrkf_kv_t kv, int32_t seq_id, int32_t * pos, int32_t cap, int32_t * n_out);
+
+// positions must be resident for seq_id, unique; freezing a frozen cell (or unfreezing an active one) is allowed
+ASRKF_API int32_t asrkf_kv_freeze  (asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n);
+ASRKF_API int32_t asrkf_kv_unfreeze(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n);
+
+// move positions to host memory and free their cells
+// refused for the newest position of the sequence and for cells shared with another sequence
+ASRKF_API int32_t asrkf_kv_offload(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n);
+
+// bring offloaded positions back into free cells (a contiguous run when one exists), active or frozen
+ASRKF_API int32_t asrkf_kv_thaw(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n, bool frozen);
+
+// importance output: layers are model layer indices with K/V in the managed cache (n_layers = 0: all of them)
+// changing it rebuilds the graph once; enabled = false removes the extra nodes entirely
+ASRKF_API int32_t asrkf_kv_set_importance(asrkf_kv_t kv, bool enabled, int32_t n_q, const int32_t * layers, int32_t n_layers, bool export_q);
+
+// scores of the latest decode, for the resident cells of seq_id (frozen ones included: shadow mask)
+// score = attention probability summed over heads, the last n_q queries and the selected layers
+// refused (-2) when no decode ran with importance on, or the cells changed since (offload, thaw, seq_rm)
+ASRKF_API int32_t asrkf_kv_importance(asrkf_kv_t kv, int32_t seq_id, int32_t * pos, float * score, int32_t cap, int32_t * n_out);
+
+// query vectors of the latest decode for one selected layer, in the space of the stored K (after RoPE and the
+// rotation applied for quantized K): out[t][h][d], t < n_q, h < n_head, d < n_embd_head_k
+ASRKF_API int32_t asrkf_kv_query(asrkf_kv_t kv, int32_t layer, float * out, int64_t cap, int32_t * n_q, int32_t * n_head, int32_t * n_embd_head);
+
+// raw K bytes (cache type, ggml_row_size(type_k, n_embd_k_gqa) per position) of offloaded positions for one layer
+ASRKF_API int32_t asrkf_kv_host_k(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int32_t * pos, int32_t n, void * out, size_t size);
+
+// check the invariants of the cell table and the host store; -1 with a message on the first violation
+ASRKF_API int32_t asrkf_kv_check(asrkf_kv_t kv);
+
+// testing only: flip one byte of the host copy of an offloaded position (to exercise the checksum path)
+ASRKF_API int32_t asrkf_kv_debug_corrupt(asrkf_kv_t kv, int32_t seq_id, int32_t pos, uint64_t byte);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif // ASRKF_H

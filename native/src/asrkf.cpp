@@ -1,0 +1,260 @@
+// the C boundary of asrkf-gguf: argument checks, error codes, no exception crosses it
+
+#include "asrkf.h"
+
+#include "llama-kv-freeze.h"
+
+#include "llama-context.h"
+#include "llama-impl.h"
+#include "llama-kv-cache.h"
+#include "llama-model.h"
+
+#include <cstring>
+#include <new>
+#include <string>
+
+struct asrkf_kv {
+    llama_kv_freeze * kvf = nullptr;
+};
+
+static thread_local std::string g_last_error;
+
+static int32_t fail(int32_t code, const char * func, const std::string & msg) {
+    g_last_error = msg;
+    LLAMA_LOG_ERROR("%s: %s\n", func, msg.c_str());
+    return code;
+}
+
+// runs fn, turning exceptions into return codes and g_last_error
+template <typename F>
+static int32_t guarded(const char * func, asrkf_kv_t kv, F && fn) {
+    if (!kv || !kv->kvf) {
+        return fail(ASRKF_EINVAL, func, "the handle is NULL or was freed");
+    }
+    if (!kv->kvf->lctx) {
+        return fail(ASRKF_EFREED, func, "the llama_context of this handle was freed");
+    }
+    try {
+        fn(*kv->kvf);
+    } catch (const llama_kv_freeze_error & err) {
+        return fail(err.code, func, err.what());
+    } catch (const std::bad_alloc &) {
+        return fail(ASRKF_EBACKEND, func, "out of memory");
+    } catch (const std::exception & err) {
+        return fail(ASRKF_EBACKEND, func, err.what());
+    }
+    g_last_error.clear();
+    return ASRKF_OK;
+}
+
+static std::vector<llama_pos> positions(const int32_t * pos, int32_t n) {
+    if (n < 0) {
+        throw llama_kv_freeze_error(ASRKF_EINVAL, "the number of positions is negative (" + std::to_string(n) + ")");
+    }
+    if (n > 0 && !pos) {
+        throw llama_kv_freeze_error(ASRKF_EINVAL, "positions is NULL");
+    }
+    return std::vector<llama_pos>(pos, pos + n);
+}
+
+template <typename T>
+static void copy_out(const std::vector<T> & src, T * dst, int32_t cap) {
+    if (dst) {
+        std::copy_n(src.begin(), std::min<size_t>(src.size(), (size_t) std::max(cap, 0)), dst);
+    }
+}
+
+extern "C" {
+
+struct asrkf_kv_params asrkf_kv_default_params(void) {
+    asrkf_kv_params params;
+    params.pinned_host      = true;
+    params.host_chunk_cells = 0;
+    return params;
+}
+
+const char * asrkf_last_error(void) {
+    return g_last_error.c_str();
+}
+
+asrkf_kv_t asrkf_kv_attach(struct llama_context * ctx, struct asrkf_kv_params params) {
+    if (!ctx) {
+        fail(ASRKF_EINVAL, __func__, "ctx is NULL");
+        return nullptr;
+    }
+    try {
+        ctx->synchronize();
+        auto * kv = new asrkf_kv;
+        try {
+            kv->kvf = new llama_kv_freeze(ctx, params.pinned_host, params.host_chunk_cells);
+        } catch (...) {
+            delete kv;
+            throw;
+        }
+        g_last_error.clear();
+        return kv;
+    } catch (const llama_kv_freeze_error & err) {
+        fail(err.code, __func__, err.what());
+    } catch (const std::exception & err) {
+        fail(ASRKF_EBACKEND, __func__, err.what());
+    }
+    return nullptr;
+}
+
+int32_t asrkf_kv_free(asrkf_kv_t kv, bool force) {
+    if (!kv) {
+        return ASRKF_OK;
+    }
+    if (kv->kvf && kv->kvf->lctx && !kv->kvf->records.empty() && !force) {
+        return fail(ASRKF_EREFUSED, __func__, std::to_string(kv->kvf->records.size()) +
+                " positions are offloaded and would be lost; thaw them or free with force");
+    }
+    if (kv->kvf && kv->kvf->lctx) {
+        kv->kvf->lctx->synchronize();
+    }
+    delete kv->kvf;
+    delete kv;
+    g_last_error.clear();
+    return ASRKF_OK;
+}
+
+int32_t asrkf_kv_get_info(asrkf_kv_t kv, struct asrkf_kv_info * info) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
+        if (!info) {
+            throw llama_kv_freeze_error(ASRKF_EINVAL, "info is NULL");
+        }
+        kvf.sync();
+
+        const llama_kv_cache & cache   = *kvf.kv;
+        const llama_hparams  & hparams = llama_get_model(kvf.lctx)->hparams;
+
+        memset(info, 0, sizeof(*info));
+        info->n_layer       = hparams.n_layer();
+        info->n_layer_kv    = (uint32_t) kvf.layer_k.size();
+        info->n_head        = hparams.n_head(kvf.layer_il[0]);
+        info->n_head_kv     = hparams.n_head_kv(kvf.layer_il[0]);
+        info->n_embd_head_k = hparams.n_embd_head_k(kvf.layer_il[0]);
+        info->n_cells       = cache.get_size();
+        info->n_cells_used  = cache.get_cells(0).get_used();
+        info->n_frozen      = kvf.n_frozen_cells();
+        info->n_offloaded   = (uint32_t) kvf.records.size();
+        info->type_k        = cache.type_k();
+        info->type_v        = cache.type_v();
+        info->v_trans       = kvf.v_trans();
+        info->iswa          = kvf.iswa;
+
+        uint64_t device = 0;
+        for (size_t il = 0; il < kvf.layer_k.size(); ++il) {
+            device += ggml_nbytes(kvf.layer_k[il]) + ggml_nbytes(kvf.layer_v[il]);
+        }
+        info->device_kv_bytes    = device;
+        info->kv_bytes_per_token = kvf.store.token_bytes();
+        info->host_bytes         = kvf.store.bytes_allocated();
+        info->host_bytes_used    = kvf.store.bytes_used();
+    });
+}
+
+int32_t asrkf_kv_cells(asrkf_kv_t kv, int32_t seq_id, int32_t * pos, uint8_t * state, int32_t * cell, int32_t cap, int32_t * n_out) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
+        kvf.sync();
+        const auto res = kvf.resident(seq_id);
+        const auto & c = kvf.cells(seq_id);
+        const size_t n = std::min<size_t>(res.size(), (size_t) std::max(cap, 0));
+        for (size_t i = 0; i < n; ++i) {
+            if (pos)   { pos[i]   = res[i].first; }
+            if (cell)  { cell[i]  = (int32_t) res[i].second; }
+            if (state) { state[i] = c.is_frozen(res[i].second) ? ASRKF_CELL_FROZEN : ASRKF_CELL_ACTIVE; }
+        }
+        if (n_out) {
+            *n_out = (int32_t) res.size();
+        }
+    });
+}
+
+int32_t asrkf_kv_offloaded(asrkf_kv_t kv, int32_t seq_id, int32_t * pos, int32_t cap, int32_t * n_out) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
+        kvf.sync();
+        const auto res = kvf.offloaded(seq_id);
+        copy_out(res, pos, cap);
+        if (n_out) {
+            *n_out = (int32_t) res.size();
+        }
+    });
+}
+
+int32_t asrkf_kv_freeze(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.freeze(seq_id, positions(pos, n), true); });
+}
+
+int32_t asrkf_kv_unfreeze(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.freeze(seq_id, positions(pos, n), false); });
+}
+
+int32_t asrkf_kv_offload(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.offload(seq_id, positions(pos, n)); });
+}
+
+int32_t asrkf_kv_thaw(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n, bool frozen) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.thaw(seq_id, positions(pos, n), frozen); });
+}
+
+int32_t asrkf_kv_set_importance(asrkf_kv_t kv, bool enabled, int32_t n_q, const int32_t * layers, int32_t n_layers, bool export_q) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
+        llama_kv_freeze_importance_params params;
+        params.enabled  = enabled;
+        params.n_q      = n_q;
+        params.layers   = positions(layers, n_layers);
+        params.export_q = export_q;
+        kvf.set_importance(params);
+    });
+}
+
+int32_t asrkf_kv_importance(asrkf_kv_t kv, int32_t seq_id, int32_t * pos, float * score, int32_t cap, int32_t * n_out) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
+        std::vector<llama_pos> p;
+        std::vector<float>     s;
+        kvf.importance(seq_id, p, s);
+        copy_out(p, pos, cap);
+        copy_out(s, score, cap);
+        if (n_out) {
+            *n_out = (int32_t) p.size();
+        }
+    });
+}
+
+int32_t asrkf_kv_query(asrkf_kv_t kv, int32_t layer, float * out, int64_t cap, int32_t * n_q, int32_t * n_head, int32_t * n_embd_head) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
+        std::vector<float> q;
+        int32_t nq = 0, nh = 0, ne = 0;
+        kvf.query(layer, q, nq, nh, ne);
+        if (out && cap < (int64_t) q.size()) {
+            throw llama_kv_freeze_error(ASRKF_EINVAL, "query: the output holds " + std::to_string(cap) + " floats, " +
+                    std::to_string(q.size()) + " are needed");
+        }
+        if (out) {
+            std::copy(q.begin(), q.end(), out);
+        }
+        if (n_q)         { *n_q = nq; }
+        if (n_head)      { *n_head = nh; }
+        if (n_embd_head) { *n_embd_head = ne; }
+    });
+}
+
+int32_t asrkf_kv_host_k(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int32_t * pos, int32_t n, void * out, size_t size) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
+        if (!out && n > 0) {
+            throw llama_kv_freeze_error(ASRKF_EINVAL, "host_k: out is NULL");
+        }
+        kvf.host_k(seq_id, layer, positions(pos, n), (uint8_t *) out, size);
+    });
+}
+
+int32_t asrkf_kv_check(asrkf_kv_t kv) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.check(); });
+}
+
+int32_t asrkf_kv_debug_corrupt(asrkf_kv_t kv, int32_t seq_id, int32_t pos, uint64_t byte) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.debug_corrupt(seq_id, pos, byte); });
+}
+
+} // extern "C"

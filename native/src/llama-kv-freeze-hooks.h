@@ -1,0 +1,34 @@
+#pragma once
+
+// The only declarations the patched llama.cpp sources see (native/patches/): calls from the KV cache, the graph
+// builder and the context into the freeze controller. Each one is a no-op unless a controller is attached.
+
+#include "llama.h"
+
+struct ggml_context;
+struct ggml_cgraph;
+struct ggml_tensor;
+struct llama_cparams;
+struct llama_hparams;
+struct llama_kv_freeze;
+struct llama_ubatch;
+class  llama_kv_cache_context;
+class  llm_graph_result;
+
+// llama_kv_cache: positions removed from the cache also leave the host store
+void llama_kv_freeze_on_clear   (llama_kv_freeze * kvf);
+void llama_kv_freeze_on_seq_rm  (llama_kv_freeze * kvf, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+void llama_kv_freeze_on_seq_keep(llama_kv_freeze * kvf, llama_seq_id seq_id);
+
+// llama_kv_cache: false (and an error logged) when [p0, p1) of seq_id (-1: any) holds offloaded positions,
+// so that shifts, copies and state save/load cannot silently skip them
+bool llama_kv_freeze_allow_edit(const llama_kv_freeze * kvf, const char * op, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+
+// llama_context destructor
+void llama_kv_freeze_on_context_free(llama_context * lctx);
+
+// graph builder: once per graph with a KV cache, then once per attention layer of that cache
+void llama_kv_freeze_build_input(llama_kv_freeze * kvf, ggml_context * ctx0, llm_graph_result * res, const llama_ubatch & ubatch,
+        const llama_cparams & cparams, const llama_kv_cache_context * mctx);
+void llama_kv_freeze_build_layer(llama_kv_freeze * kvf, ggml_context * ctx0, ggml_cgraph * gf, const llama_hparams & hparams,
+        ggml_tensor * q, ggml_tensor * k, float kq_scale, int il);

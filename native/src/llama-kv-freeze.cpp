@@ -1,0 +1,777 @@
+#include "llama-kv-freeze.h"
+
+#include "llama-arch.h"
+#include "llama-context.h"
+#include "llama-impl.h"
+#include "llama-kv-cache.h"
+#include "llama-kv-cache-iswa.h"
+#include "llama-model.h"
+
+#include <algorithm>
+#include <cinttypes>
+#include <cstdarg>
+#include <cstdio>
+#include <limits>
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+
+// contexts with an attached controller, so that a context's destructor can detach it
+static std::mutex                                            g_kvf_mutex;
+static std::unordered_map<llama_context *, llama_kv_freeze *> g_kvf_by_ctx;
+
+static std::string fmt_error(const char * fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    char buf[512];
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    return buf;
+}
+
+#define KVF_FAIL(code, ...) throw llama_kv_freeze_error(code, fmt_error(__VA_ARGS__))
+
+// codes of asrkf.h
+enum : int32_t {
+    KVF_EINVAL       = -1,
+    KVF_EREFUSED     = -2,
+    KVF_ECHECKSUM    = -3,
+    KVF_EFREED       = -4,
+    KVF_EUNSUPPORTED = -5,
+    KVF_EBACKEND     = -6,
+};
+
+void llama_kv_freeze_check_unique(const std::vector<llama_pos> & pos, const char * op) {
+    std::vector<llama_pos> sorted = pos;
+    std::sort(sorted.begin(), sorted.end());
+    for (size_t i = 1; i < sorted.size(); ++i) {
+        if (sorted[i] == sorted[i - 1]) {
+            KVF_FAIL(KVF_EINVAL, "%s: position %d is given twice", op, sorted[i]);
+        }
+    }
+}
+
+//
+// construction
+//
+
+llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_t host_chunk_cells) : lctx(lctx) {
+    const llama_model & model = lctx->model;
+
+    llama_memory_i * mem = lctx->memory.get();
+    if (!mem) {
+        KVF_FAIL(KVF_EUNSUPPORTED, "the context has no KV cache (architecture %s)", llm_arch_name(model.arch));
+    }
+
+    if (auto * plain = dynamic_cast<llama_kv_cache *>(mem)) {
+        kv = plain;
+    } else if (auto * swa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        kv   = swa->get_base();
+        iswa = true;
+    } else {
+        KVF_FAIL(KVF_EUNSUPPORTED,
+                "architecture %s uses a recurrent, hybrid or sparse-attention memory; only standard and iSWA KV caches can be frozen",
+                llm_arch_name(model.arch));
+    }
+
+    if (kv->other) {
+        KVF_FAIL(KVF_EUNSUPPORTED, "architecture %s shares KV cells between caches", llm_arch_name(model.arch));
+    }
+    if (kv->layers.empty()) {
+        KVF_FAIL(KVF_EUNSUPPORTED, "architecture %s has no full-attention layers to manage", llm_arch_name(model.arch));
+    }
+    if (kv->n_stream != 1) {
+        KVF_FAIL(KVF_EUNSUPPORTED, "the KV cache has %u streams: create the context with kv_unified = true or n_seq_max = 1", kv->n_stream);
+    }
+    if (lctx->cparams.kv_freeze) {
+        KVF_FAIL(KVF_EREFUSED, "a freeze controller is already attached to this context");
+    }
+
+    std::vector<size_t> k_row_bytes;
+    std::vector<size_t> v_row_bytes;
+
+    ggml_backend_buffer_type_t pinned_buft = nullptr;
+
+    for (const auto & layer : kv->layers) {
+        if (!layer.k || !layer.v) {
+            KVF_FAIL(KVF_EUNSUPPORTED, "architecture %s stores K without V (MLA); not supported", llm_arch_name(model.arch));
+        }
+
+        layer_k.push_back(layer.k);
+        layer_v.push_back(layer.v);
+        layer_il.push_back((int32_t) layer.il);
+
+        k_row_bytes.push_back(ggml_row_size(layer.k->type, layer.k->ne[0]));
+        v_row_bytes.push_back(ggml_row_size(layer.v->type, layer.v->ne[0]));
+
+        for (ggml_tensor * t : { layer.k, layer.v }) {
+            if (pinned_host && !pinned_buft && t->buffer && !ggml_backend_buffer_is_host(t->buffer)) {
+                ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(t->buffer));
+                if (dev) {
+                    pinned_buft = ggml_backend_dev_host_buffer_type(dev);
+                }
+            }
+        }
+    }
+
+    store.init(std::move(k_row_bytes), std::move(v_row_bytes), pinned_buft, host_chunk_cells);
+
+    {
+        std::lock_guard<std::mutex> lock(g_kvf_mutex);
+        g_kvf_by_ctx[lctx] = this;
+    }
+
+    kv->freeze = this;
+    lctx->cparams.kv_freeze = this;
+    bump_graph();
+}
+
+llama_kv_freeze::~llama_kv_freeze() {
+    for (auto * inp : inputs) {
+        llama_kv_freeze_input_detach(inp);
+    }
+    inputs.clear();
+
+    if (lctx) {
+        {
+            std::lock_guard<std::mutex> lock(g_kvf_mutex);
+            g_kvf_by_ctx.erase(lctx);
+        }
+
+        // unfreeze so that the context behaves as if we had never been there; offloaded rows are the caller's loss
+        for (uint32_t i = 0; i < kv->v_cells[0].size(); ++i) {
+            if (!kv->v_cells[0].is_empty(i)) {
+                kv->v_cells[0].set_frozen(i, false);
+            }
+        }
+
+        kv->freeze = nullptr;
+        lctx->cparams.kv_freeze = nullptr;
+        bump_graph();
+    }
+
+    for (auto & [dev, backend] : backends) {
+        ggml_backend_free(backend);
+    }
+}
+
+void llama_kv_freeze::on_context_free() {
+    // the context frees the cache and the graph inputs right after this; forget them all
+    for (auto * inp : inputs) {
+        llama_kv_freeze_input_detach(inp);
+    }
+    inputs.clear();
+    input_active   = nullptr;
+    input_building = nullptr;
+
+    records.clear();
+    store.clear();
+
+    lctx = nullptr;
+    kv   = nullptr;
+}
+
+void llama_kv_freeze::bump_graph() const {
+    if (lctx) {
+        lctx->cparams.kv_freeze_gen++;
+    }
+}
+
+void llama_kv_freeze::sync() const {
+    if (!lctx) {
+        KVF_FAIL(KVF_EFREED, "the llama_context of this handle was freed");
+    }
+    lctx->synchronize();
+}
+
+//
+// lookups
+//
+
+uint32_t llama_kv_freeze::stream(llama_seq_id seq_id) const {
+    if (seq_id < 0 || (size_t) seq_id >= kv->seq_to_stream.size()) {
+        KVF_FAIL(KVF_EINVAL, "sequence id %d is out of range [0, %zu)", seq_id, kv->seq_to_stream.size());
+    }
+    return kv->seq_to_stream[seq_id];
+}
+
+llama_kv_cells & llama_kv_freeze::cells(llama_seq_id seq_id) const {
+    return kv->v_cells[stream(seq_id)];
+}
+
+int32_t llama_kv_freeze::layer_index(int32_t il) const {
+    const auto it = kv->map_layer_ids.find(il);
+    if (it == kv->map_layer_ids.end()) {
+        return -1;
+    }
+    // a layer that reuses another layer's K/V has no rows of its own
+    const int32_t ikv = it->second;
+    return kv->layers[ikv].il == (uint32_t) il ? ikv : -1;
+}
+
+std::vector<std::pair<llama_pos, uint32_t>> llama_kv_freeze::resident(llama_seq_id seq_id) const {
+    const auto & sp = cells(seq_id).seq_pos_get(seq_id);
+    return { sp.begin(), sp.end() };
+}
+
+std::vector<llama_pos> llama_kv_freeze::offloaded(llama_seq_id seq_id) const {
+    stream(seq_id);
+    std::vector<llama_pos> res;
+    for (auto it = records.lower_bound({seq_id, INT32_MIN}); it != records.end() && it->first.first == seq_id; ++it) {
+        res.push_back(it->first.second);
+    }
+    return res;
+}
+
+bool llama_kv_freeze::v_trans() const {
+    return kv->v_trans;
+}
+
+uint32_t llama_kv_freeze::n_frozen_cells() const {
+    uint32_t n = 0;
+    const auto & c = kv->v_cells[0];
+    for (uint32_t i = 0; i < c.size(); ++i) {
+        n += !c.is_empty(i) && c.is_frozen(i);
+    }
+    return n;
+}
+
+std::vector<uint32_t> llama_kv_freeze::cells_of(llama_seq_id seq_id, const std::vector<llama_pos> & pos, const char * op) const {
+    const auto & c  = cells(seq_id);
+    const auto & sp = c.seq_pos_get(seq_id);
+
+    llama_kv_freeze_check_unique(pos, op);
+
+    std::vector<uint32_t> res;
+    res.reserve(pos.size());
+
+    for (const llama_pos p : pos) {
+        auto it = sp.lower_bound({p, 0u});
+        if (it == sp.end() || it->first != p) {
+            if (records.count({seq_id, p})) {
+                KVF_FAIL(KVF_EINVAL, "%s: position %d of sequence %d is offloaded, not resident", op, p, seq_id);
+            }
+            KVF_FAIL(KVF_EINVAL, "%s: position %d is not in sequence %d", op, p, seq_id);
+        }
+        auto next = std::next(it);
+        if (next != sp.end() && next->first == p) {
+            KVF_FAIL(KVF_EINVAL, "%s: position %d of sequence %d occupies several cells", op, p, seq_id);
+        }
+        res.push_back(it->second);
+    }
+
+    return res;
+}
+
+//
+// device copies
+//
+
+ggml_backend_t llama_kv_freeze::backend_for(const ggml_tensor * t) {
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(t->buffer));
+    if (!dev) {
+        return nullptr;
+    }
+    auto it = backends.find(dev);
+    if (it != backends.end()) {
+        return it->second;
+    }
+    ggml_backend_t backend = ggml_backend_dev_init(dev, nullptr);
+    backends[dev] = backend; // nullptr is remembered too: then copies are synchronous
+    return backend;
+}
+
+void llama_kv_freeze::read(const ggml_tensor * t, size_t offset, size_t size, void * dst) {
+    if (ggml_backend_buffer_is_host(t->buffer)) {
+        memcpy(dst, (const uint8_t *) t->data + offset, size);
+    } else if (ggml_backend_t backend = backend_for(t)) {
+        ggml_backend_tensor_get_async(backend, t, dst, offset, size);
+    } else {
+        ggml_backend_tensor_get(t, dst, offset, size);
+    }
+}
+
+void llama_kv_freeze::write(ggml_tensor * t, size_t offset, size_t size, const void * src) {
+    if (ggml_backend_buffer_is_host(t->buffer)) {
+        memcpy((uint8_t *) t->data + offset, src, size);
+    } else if (ggml_backend_t backend = backend_for(t)) {
+        ggml_backend_tensor_set_async(backend, t, src, offset, size);
+    } else {
+        ggml_backend_tensor_set(t, src, offset, size);
+    }
+}
+
+void llama_kv_freeze::finish_copies() {
+    for (auto & [dev, backend] : backends) {
+        if (backend) {
+            ggml_backend_synchronize(backend);
+        }
+    }
+}
+
+// runs of i where cells and slots both advance by one: each run is one copy per layer and tensor
+struct kvf_run {
+    uint32_t first; // index into the cell/slot arrays
+    uint32_t n;
+};
+
+static std::vector<kvf_run> kvf_runs(const std::vector<uint32_t> & cell, const std::vector<llama_kv_host_slot> & slot) {
+    std::vector<kvf_run> runs;
+    for (uint32_t i = 0; i < cell.size(); ++i) {
+        if (!runs.empty()) {
+            auto & r = runs.back();
+            const uint32_t j = r.first + r.n - 1;
+            if (cell[i] == cell[j] + 1 && slot[i].chunk == slot[j].chunk && slot[i].index == slot[j].index + 1) {
+                r.n++;
+                continue;
+            }
+        }
+        runs.push_back({i, 1});
+    }
+    return runs;
+}
+
+//
+// freeze
+//
+
+void llama_kv_freeze::freeze(llama_seq_id seq_id, const std::vector<llama_pos> & pos, bool frozen) {
+    sync();
+
+    const char * op = frozen ? "freeze" : "unfreeze";
+
+    const auto idx = cells_of(seq_id, pos, op);
+
+    auto & c = cells(seq_id);
+    for (const uint32_t i : idx) {
+        c.set_frozen(i, frozen);
+    }
+}
+
+//
+// offload
+//
+
+void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> & pos) {
+    sync();
+
+    if (pos.empty()) {
+        return;
+    }
+
+    auto & c = cells(seq_id);
+
+    if (c.get_has_shift()) {
+        KVF_FAIL(KVF_EREFUSED, "offload: a K-shift is pending; decode once (or call llama_memory_update) first");
+    }
+
+    std::vector<uint32_t> idx = cells_of(seq_id, pos, "offload");
+
+    const llama_pos pos_max = c.seq_pos_max(seq_id);
+    for (size_t i = 0; i < idx.size(); ++i) {
+        if (pos[i] == pos_max) {
+            KVF_FAIL(KVF_EREFUSED, "offload: position %d is the newest of sequence %d; the next token must attend it", pos[i], seq_id);
+        }
+        if (c.seq_count(idx[i]) != 1) {
+            KVF_FAIL(KVF_EREFUSED, "offload: the cell of position %d is shared with another sequence", pos[i]);
+        }
+    }
+
+    // ascending cell order makes consecutive cells consecutive slots
+    std::vector<uint32_t> order(idx.size());
+    for (uint32_t i = 0; i < order.size(); ++i) {
+        order[i] = i;
+    }
+    std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return idx[a] < idx[b]; });
+
+    std::vector<uint32_t>  cell(order.size());
+    std::vector<llama_pos> cpos(order.size());
+    for (uint32_t i = 0; i < order.size(); ++i) {
+        cell[i] = idx[order[i]];
+        cpos[i] = pos[order[i]];
+    }
+
+    std::vector<llama_kv_host_slot> slot;
+    try {
+        slot = store.alloc((uint32_t) cell.size());
+    } catch (const std::bad_alloc &) {
+        KVF_FAIL(KVF_EBACKEND, "offload: out of host memory for %zu tokens (%zu bytes each)", cell.size(), store.token_bytes());
+    }
+
+    const auto runs = kvf_runs(cell, slot);
+
+    const uint32_t strm    = stream(seq_id);
+    const uint64_t kv_size = kv->get_size();
+
+    std::vector<uint8_t> staging;
+
+    for (uint32_t il = 0; il < layer_k.size(); ++il) {
+        ggml_tensor * k = layer_k[il];
+        ggml_tensor * v = layer_v[il];
+
+        const size_t kb = store.k_row_bytes(il);
+        const size_t vb = store.v_row_bytes(il);
+
+        for (const auto & r : runs) {
+            const size_t row0 = strm*kv_size + cell[r.first];
+            read(k, row0*k->nb[1], r.n*kb, store.k_row(slot[r.first], il));
+            if (!kv->v_trans) {
+                read(v, row0*v->nb[1], r.n*vb, store.v_row(slot[r.first], il));
+            }
+        }
+
+        if (kv->v_trans) {
+            // cell i, channel j lives at (j*kv_size + i): gather channel-major, then transpose into the slots
+            const size_t  es   = ggml_type_size(v->type);
+            const int64_t n_ch = v->ne[0];
+
+            staging.resize(cell.size()*n_ch*es);
+            for (const auto & r : runs) {
+                for (int64_t j = 0; j < n_ch; ++j) {
+                    const size_t off = strm*v->nb[2] + (j*kv_size + cell[r.first])*es;
+                    read(v, off, r.n*es, staging.data() + (j*cell.size() + r.first)*es);
+                }
+            }
+            finish_copies();
+            for (uint32_t i = 0; i < cell.size(); ++i) {
+                uint8_t * dst = store.v_row(slot[i], il);
+                for (int64_t j = 0; j < n_ch; ++j) {
+                    memcpy(dst + j*es, staging.data() + (j*cell.size() + i)*es, es);
+                }
+            }
+        }
+    }
+
+    finish_copies();
+
+    for (uint32_t i = 0; i < cell.size(); ++i) {
+        llama_kv_freeze_record rec;
+        rec.slot     = slot[i];
+        rec.ext      = c.ext_get(cell[i]);
+        rec.checksum = store.checksum(slot[i]);
+        rec.cell     = cell[i];
+
+        records[{seq_id, cpos[i]}] = rec;
+
+        c.rm(cell[i]);
+    }
+
+    epoch++;
+}
+
+//
+// thaw
+//
+
+void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & pos, bool frozen) {
+    sync();
+
+    if (pos.empty()) {
+        return;
+    }
+
+    auto & c = cells(seq_id);
+
+    llama_kv_freeze_check_unique(pos, "thaw");
+
+    std::vector<llama_pos> sorted = pos;
+    std::sort(sorted.begin(), sorted.end());
+
+    std::vector<const llama_kv_freeze_record *> rec;
+    for (const llama_pos p : sorted) {
+        auto it = records.find({seq_id, p});
+        if (it == records.end()) {
+            const auto & sp = c.seq_pos_get(seq_id);
+            auto r = sp.lower_bound({p, 0u});
+            if (r != sp.end() && r->first == p) {
+                KVF_FAIL(KVF_EINVAL, "thaw: position %d of sequence %d is resident, not offloaded", p, seq_id);
+            }
+            KVF_FAIL(KVF_EINVAL, "thaw: position %d of sequence %d is not offloaded", p, seq_id);
+        }
+        rec.push_back(&it->second);
+    }
+
+    // verify before touching the cache: a corrupted row must not reach attention
+    for (size_t i = 0; i < rec.size(); ++i) {
+        if (store.checksum(rec[i]->slot) != rec[i]->checksum) {
+            KVF_FAIL(KVF_ECHECKSUM, "thaw: the host copy of position %d of sequence %d failed its checksum; nothing was restored",
+                    sorted[i], seq_id);
+        }
+    }
+
+    const uint32_t n = (uint32_t) sorted.size();
+
+    // destination cells: the original cells when all are still free (the computation is then bit-identical to
+    // one that never offloaded), else the first run of n free cells, else the lowest free cells
+    std::vector<uint32_t> cell;
+    {
+        std::set<uint32_t> seen;
+        for (size_t i = 0; i < rec.size() && c.is_empty(rec[i]->cell) && seen.insert(rec[i]->cell).second; ++i) {
+            cell.push_back(rec[i]->cell);
+        }
+    }
+    if (cell.size() != rec.size()) {
+        cell.clear();
+        uint32_t run = 0;
+        for (uint32_t i = 0; i < c.size(); ++i) {
+            run = c.is_empty(i) ? run + 1 : 0;
+            if (run == n) {
+                for (uint32_t j = i + 1 - n; j <= i; ++j) {
+                    cell.push_back(j);
+                }
+                break;
+            }
+        }
+        if (cell.empty()) {
+            for (uint32_t i = 0; i < c.size() && cell.size() < n; ++i) {
+                if (c.is_empty(i)) {
+                    cell.push_back(i);
+                }
+            }
+        }
+        if (cell.size() < n) {
+            KVF_FAIL(KVF_EREFUSED, "thaw: %u positions need %u free cells, the cache has %u", n, n, (uint32_t) cell.size());
+        }
+    }
+
+    std::vector<llama_kv_host_slot> slot(n);
+    for (uint32_t i = 0; i < n; ++i) {
+        slot[i] = rec[i]->slot;
+    }
+
+    const auto runs = kvf_runs(cell, slot);
+
+    const uint32_t strm    = stream(seq_id);
+    const uint64_t kv_size = kv->get_size();
+
+    std::vector<uint8_t> staging;
+
+    for (uint32_t il = 0; il < layer_k.size(); ++il) {
+        ggml_tensor * k = layer_k[il];
+        ggml_tensor * v = layer_v[il];
+
+        const size_t kb = store.k_row_bytes(il);
+        const size_t vb = store.v_row_bytes(il);
+
+        for (const auto & r : runs) {
+            const size_t row0 = strm*kv_size + cell[r.first];
+            write(k, row0*k->nb[1], r.n*kb, store.k_row(slot[r.first], il));
+            if (!kv->v_trans) {
+                write(v, row0*v->nb[1], r.n*vb, store.v_row(slot[r.first], il));
+            }
+        }
+
+        if (kv->v_trans) {
+            const size_t  es   = ggml_type_size(v->type);
+            const int64_t n_ch = v->ne[0];
+
+            // the staging buffer must outlive the async copies: one per layer, synchronized before reuse
+            finish_copies();
+            staging.resize((size_t) n*n_ch*es);
+            for (uint32_t i = 0; i < n; ++i) {
+                const uint8_t * src = store.v_row(slot[i], il);
+                for (int64_t j = 0; j < n_ch; ++j) {
+                    memcpy(staging.data() + (j*n + i)*es, src + j*es, es);
+                }
+            }
+            for (const auto & r : runs) {
+                for (int64_t j = 0; j < n_ch; ++j) {
+                    const size_t off = strm*v->nb[2] + (j*kv_size + cell[r.first])*es;
+                    write(v, off, r.n*es, staging.data() + (j*n + r.first)*es);
+                }
+            }
+        }
+    }
+
+    finish_copies();
+
+    for (uint32_t i = 0; i < n; ++i) {
+        c.pos_set(cell[i], sorted[i]);
+        c.ext_set(cell[i], rec[i]->ext);
+        c.seq_add(cell[i], seq_id);
+        if (frozen) {
+            c.set_frozen(cell[i], true);
+        }
+
+        store.release(slot[i]);
+        records.erase({seq_id, sorted[i]});
+    }
+
+    epoch++;
+}
+
+//
+// host reads
+//
+
+void llama_kv_freeze::host_k(llama_seq_id seq_id, int32_t il, const std::vector<llama_pos> & pos, uint8_t * out, size_t size) const {
+    sync();
+
+    const int32_t ikv = layer_index(il);
+    if (ikv < 0) {
+        KVF_FAIL(KVF_EINVAL, "host_k: layer %d has no K/V in the managed cache", il);
+    }
+    stream(seq_id);
+
+    const size_t kb = store.k_row_bytes(ikv);
+    if (size < pos.size()*kb) {
+        KVF_FAIL(KVF_EINVAL, "host_k: the output holds %zu bytes, %zu positions need %zu", size, pos.size(), pos.size()*kb);
+    }
+
+    for (size_t i = 0; i < pos.size(); ++i) {
+        auto it = records.find({seq_id, pos[i]});
+        if (it == records.end()) {
+            KVF_FAIL(KVF_EINVAL, "host_k: position %d of sequence %d is not offloaded", pos[i], seq_id);
+        }
+    }
+    for (size_t i = 0; i < pos.size(); ++i) {
+        memcpy(out + i*kb, store.k_row(records.at({seq_id, pos[i]}).slot, ikv), kb);
+    }
+}
+
+void llama_kv_freeze::debug_corrupt(llama_seq_id seq_id, llama_pos pos, uint64_t byte) {
+    sync();
+
+    auto it = records.find({seq_id, pos});
+    if (it == records.end()) {
+        KVF_FAIL(KVF_EINVAL, "debug_corrupt: position %d of sequence %d is not offloaded", pos, seq_id);
+    }
+    if (byte >= store.token_bytes()) {
+        KVF_FAIL(KVF_EINVAL, "debug_corrupt: byte %" PRIu64 " is past the %zu bytes of a token", byte, store.token_bytes());
+    }
+
+    // walk the per-layer rows to find the byte
+    uint64_t rest = byte;
+    for (uint32_t il = 0; il < store.n_layer(); ++il) {
+        if (rest < store.k_row_bytes(il)) {
+            store.k_row(it->second.slot, il)[rest] ^= 0x5a;
+            return;
+        }
+        rest -= store.k_row_bytes(il);
+        if (rest < store.v_row_bytes(il)) {
+            store.v_row(it->second.slot, il)[rest] ^= 0x5a;
+            return;
+        }
+        rest -= store.v_row_bytes(il);
+    }
+}
+
+//
+// invariants
+//
+
+void llama_kv_freeze::check() const {
+    sync();
+
+    const auto & c = kv->v_cells[0];
+
+    for (const auto & [key, rec] : records) {
+        const auto & sp = c.seq_pos_get(key.first);
+        auto it = sp.lower_bound({key.second, 0u});
+        if (it != sp.end() && it->first == key.second) {
+            KVF_FAIL(KVF_EINVAL, "check: position %d of sequence %d is both resident and offloaded", key.second, key.first);
+        }
+        if (store.checksum(rec.slot) != rec.checksum) {
+            KVF_FAIL(KVF_ECHECKSUM, "check: the host copy of position %d of sequence %d failed its checksum", key.second, key.first);
+        }
+    }
+
+    if (store.bytes_used() != records.size()*store.token_bytes()) {
+        KVF_FAIL(KVF_EINVAL, "check: the host store holds %zu bytes for %zu records", store.bytes_used(), records.size());
+    }
+
+    for (uint32_t i = 0; i < c.size(); ++i) {
+        if (c.is_empty(i)) {
+            continue;
+        }
+        if (c.seq_get_all(i).none()) {
+            KVF_FAIL(KVF_EINVAL, "check: cell %u has a position but no sequence", i);
+        }
+    }
+}
+
+//
+// hooks
+//
+
+void llama_kv_freeze::on_clear() {
+    records.clear();
+    store.clear();
+    epoch++;
+}
+
+void llama_kv_freeze::on_seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    if (p0 < 0) {
+        p0 = 0;
+    }
+    if (p1 < 0) {
+        p1 = std::numeric_limits<llama_pos>::max();
+    }
+    for (auto it = records.begin(); it != records.end();) {
+        const auto & [s, p] = it->first;
+        if ((seq_id < 0 || s == seq_id) && p >= p0 && p < p1) {
+            store.release(it->second.slot);
+            it = records.erase(it);
+        } else {
+            ++it;
+        }
+    }
+    epoch++;
+}
+
+void llama_kv_freeze::on_seq_keep(llama_seq_id seq_id) {
+    for (auto it = records.begin(); it != records.end();) {
+        if (it->first.first != seq_id) {
+            store.release(it->second.slot);
+            it = records.erase(it);
+        } else {
+            ++it;
+        }
+    }
+    epoch++;
+}
+
+bool llama_kv_freeze::has_offloaded(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const {
+    if (p0 < 0) {
+        p0 = 0;
+    }
+    if (p1 < 0) {
+        p1 = std::numeric_limits<llama_pos>::max();
+    }
+    for (const auto & [key, rec] : records) {
+        if ((seq_id < 0 || key.first == seq_id) && key.second >= p0 && key.second < p1) {
+            return true;
+        }
+    }
+    return false;
+}
+
+void llama_kv_freeze_on_clear(llama_kv_freeze * kvf) {
+    kvf->on_clear();
+}
+
+void llama_kv_freeze_on_seq_rm(llama_kv_freeze * kvf, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    kvf->on_seq_rm(seq_id, p0, p1);
+}
+
+void llama_kv_freeze_on_seq_keep(llama_kv_freeze * kvf, llama_seq_id seq_id) {
+    kvf->on_seq_keep(seq_id);
+}
+
+bool llama_kv_freeze_allow_edit(const llama_kv_freeze * kvf, const char * op, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    if (!kvf->has_offloaded(seq_id, p0, p1)) {
+        return true;
+    }
+    LLAMA_LOG_ERROR("%s: refused: sequence %d has positions offloaded to host memory in [%d, %d); thaw them first\n",
+            op, seq_id, p0, p1);
+    return false;
+}
+
+void llama_kv_freeze_on_context_free(llama_context * lctx) {
+    std::lock_guard<std::mutex> lock(g_kvf_mutex);
+    auto it = g_kvf_by_ctx.find(lctx);
+    if (it != g_kvf_by_ctx.end()) {
+        it->second->on_context_free();
+        g_kvf_by_ctx.erase(it);
+    }
+}

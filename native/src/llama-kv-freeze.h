@@ -1,0 +1,145 @@
+#pragma once
+
+#include "llama-kv-freeze-hooks.h"
+#include "llama-kv-host-store.h"
+
+#include "llama-kv-cells.h"
+#include "ggml-backend.h"
+
+#include <cstdint>
+#include <map>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+struct llama_context;
+class  llama_kv_cache;
+class  llm_graph_input_kv_freeze;
+
+// an error with the code of the C API (asrkf.h); thrown inside libllama, turned into a return code at the boundary
+struct llama_kv_freeze_error : std::runtime_error {
+    int32_t code;
+
+    llama_kv_freeze_error(int32_t code, const std::string & msg) : std::runtime_error(msg), code(code) {}
+};
+
+struct llama_kv_freeze_importance_params {
+    bool                 enabled  = false;
+    int32_t              n_q      = 1;
+    std::vector<int32_t> layers;   // model layer ids, ascending
+    bool                 export_q = false;
+};
+
+// one offloaded position
+struct llama_kv_freeze_record {
+    llama_kv_host_slot slot;
+    llama_kv_cell_ext  ext;
+    uint64_t           checksum;
+    uint32_t           cell; // where it was: thawing back there keeps the attention sums bit-identical
+};
+
+// the controller state of one llama_context: cell-state operations, the host store and the importance output
+struct llama_kv_freeze {
+    llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_t host_chunk_cells);
+    ~llama_kv_freeze();
+
+    llama_kv_freeze(const llama_kv_freeze &) = delete;
+    llama_kv_freeze & operator=(const llama_kv_freeze &) = delete;
+
+    // nullptr once the context is gone
+    llama_context  * lctx = nullptr;
+    llama_kv_cache * kv   = nullptr;
+
+    bool iswa = false;
+
+    //
+    // operations (validate everything first, then change; throw llama_kv_freeze_error)
+    //
+
+    void freeze (llama_seq_id seq_id, const std::vector<llama_pos> & pos, bool frozen);
+    void offload(llama_seq_id seq_id, const std::vector<llama_pos> & pos);
+    void thaw   (llama_seq_id seq_id, const std::vector<llama_pos> & pos, bool frozen);
+
+    void set_importance(const llama_kv_freeze_importance_params & params);
+
+    // (pos, score) of the resident cells of seq_id after the latest decode
+    void importance(llama_seq_id seq_id, std::vector<llama_pos> & pos, std::vector<float> & score) const;
+    void query(int32_t il, std::vector<float> & out, int32_t & n_q, int32_t & n_head, int32_t & n_embd_head) const;
+    void host_k(llama_seq_id seq_id, int32_t il, const std::vector<llama_pos> & pos, uint8_t * out, size_t size) const;
+
+    // resident cells of seq_id ordered by position: (pos, cell)
+    std::vector<std::pair<llama_pos, uint32_t>> resident(llama_seq_id seq_id) const;
+    std::vector<llama_pos>                      offloaded(llama_seq_id seq_id) const;
+
+    void check() const;
+    void debug_corrupt(llama_seq_id seq_id, llama_pos pos, uint64_t byte);
+
+    //
+    // hooks (llama-kv-freeze-hooks.h)
+    //
+
+    void on_clear();
+    void on_seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+    void on_seq_keep(llama_seq_id seq_id);
+    bool has_offloaded(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const;
+    void on_context_free();
+
+    //
+    // state read by the C API and the graph builder
+    //
+
+    llama_kv_cells & cells(llama_seq_id seq_id) const;
+    uint32_t         stream(llama_seq_id seq_id) const;
+
+    // model layer id -> index into the cache's layers, -1 if the layer has no K/V there
+    int32_t layer_index(int32_t il) const;
+
+    llama_kv_freeze_importance_params imp;
+
+    // graph inputs created for this controller and still alive (they outlive graphs, not us)
+    std::set<llm_graph_input_kv_freeze *> inputs;
+
+    // the input of the graph that ran last, and the cell epoch when it ran
+    llm_graph_input_kv_freeze * input_active = nullptr;
+    uint64_t                    input_epoch  = 0;
+
+    // the input being built (between build_input and the end of the graph)
+    llm_graph_input_kv_freeze * input_building = nullptr;
+
+    // changes whenever cells move (offload, thaw, removal): importance read later than that would be misattributed
+    uint64_t epoch = 0;
+
+    std::map<std::pair<llama_seq_id, llama_pos>, llama_kv_freeze_record> records;
+
+    llama_kv_host_store store;
+
+    std::vector<ggml_tensor *> layer_k; // per cache layer
+    std::vector<ggml_tensor *> layer_v;
+    std::vector<int32_t>       layer_il;
+
+    uint32_t n_frozen_cells() const;
+    bool     v_trans() const;
+
+    void sync() const;
+    void bump_graph() const;
+
+private:
+    // one backend per device holding K/V: async copies and one synchronize per operation
+    std::map<ggml_backend_dev_t, ggml_backend_t> backends;
+
+    ggml_backend_t backend_for(const ggml_tensor * t);
+
+    void read (const ggml_tensor * t, size_t offset, size_t size, void * dst);
+    void write(ggml_tensor * t, size_t offset, size_t size, const void * src);
+    void finish_copies();
+
+    // cell index of each position (must be resident and unique), in the order given
+    std::vector<uint32_t> cells_of(llama_seq_id seq_id, const std::vector<llama_pos> & pos, const char * op) const;
+};
+
+void llama_kv_freeze_check_unique(const std::vector<llama_pos> & pos, const char * op);
+
+// the controller is going away before the graph input it created: the input must not call back
+void llama_kv_freeze_input_detach(llm_graph_input_kv_freeze * inp);

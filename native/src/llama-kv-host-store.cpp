@@ -1,0 +1,193 @@
+#include "llama-kv-host-store.h"
+
+#include <algorithm>
+#include <cstring>
+#include <new>
+
+llama_kv_host_store::chunk::~chunk() {
+    if (pinned) {
+        ggml_backend_buffer_free(pinned);
+    }
+}
+
+void llama_kv_host_store::init(std::vector<size_t> k_row_bytes, std::vector<size_t> v_row_bytes,
+                               ggml_backend_buffer_type_t pinned_buft, uint32_t chunk_slots) {
+    k_bytes = std::move(k_row_bytes);
+    v_bytes = std::move(v_row_bytes);
+
+    layer_prefix.assign(k_bytes.size(), 0);
+    bytes_per_token = 0;
+    for (size_t il = 0; il < k_bytes.size(); ++il) {
+        layer_prefix[il] = bytes_per_token;
+        bytes_per_token += k_bytes[il] + v_bytes[il];
+    }
+
+    this->pinned_buft = pinned_buft;
+
+    // default: 16 MiB chunks, between 64 and 4096 tokens: few allocations, little slack
+    if (chunk_slots == 0) {
+        chunk_slots = (uint32_t) std::clamp<size_t>((16u << 20) / std::max<size_t>(1, bytes_per_token), 64, 4096);
+    }
+    this->chunk_slots = chunk_slots;
+
+    chunks.clear();
+}
+
+uint32_t llama_kv_host_store::add_chunk(uint32_t n_slots) {
+    auto c = std::make_unique<chunk>();
+
+    const size_t size = (size_t) n_slots*bytes_per_token;
+
+    if (pinned_buft) {
+        c->pinned = ggml_backend_buft_alloc_buffer(pinned_buft, size);
+        if (c->pinned) {
+            c->base = (uint8_t *) ggml_backend_buffer_get_base(c->pinned);
+        }
+    }
+    if (!c->base) {
+        // no pinned memory (or it ran out): pageable memory still works, only the copies are slower
+        c->plain.reset(new uint8_t[size]);
+        c->base = c->plain.get();
+    }
+
+    c->n_slots = n_slots;
+    c->used.assign(n_slots, 0);
+
+    for (uint32_t i = 0; i < chunks.size(); ++i) {
+        if (!chunks[i]) {
+            chunks[i] = std::move(c);
+            return i;
+        }
+    }
+
+    chunks.push_back(std::move(c));
+
+    return (uint32_t) chunks.size() - 1;
+}
+
+std::vector<llama_kv_host_slot> llama_kv_host_store::alloc(uint32_t n) {
+    std::vector<llama_kv_host_slot> res;
+    res.reserve(n);
+
+    // a run of n free slots in one chunk keeps the copies per layer at one per run of cells
+    for (uint32_t ic = 0; ic < chunks.size() && n > 0; ++ic) {
+        const auto & c = chunks[ic];
+        if (!c || c->n_slots - c->n_used < n) {
+            continue;
+        }
+        uint32_t run = 0;
+        for (uint32_t i = 0; i < c->n_slots; ++i) {
+            run = c->used[i] ? 0 : run + 1;
+            if (run == n) {
+                for (uint32_t j = i + 1 - n; j <= i; ++j) {
+                    c->used[j] = 1;
+                    res.push_back({ic, j});
+                }
+                c->n_used += n;
+                return res;
+            }
+        }
+    }
+
+    // otherwise any free slots, then a new chunk for the rest
+    for (uint32_t ic = 0; ic < chunks.size() && res.size() < n; ++ic) {
+        const auto & c = chunks[ic];
+        if (!c) {
+            continue;
+        }
+        for (uint32_t i = 0; i < c->n_slots && res.size() < n; ++i) {
+            if (!c->used[i]) {
+                res.push_back({ic, i});
+            }
+        }
+    }
+
+    if (res.size() < n) {
+        const uint32_t n_missing = n - (uint32_t) res.size();
+        const uint32_t ic = add_chunk(std::max(chunk_slots, n_missing));
+        for (uint32_t i = 0; i < n_missing; ++i) {
+            res.push_back({ic, i});
+        }
+    }
+
+    for (const auto & s : res) {
+        chunks[s.chunk]->used[s.index] = 1;
+        chunks[s.chunk]->n_used++;
+    }
+
+    return res;
+}
+
+void llama_kv_host_store::release(const llama_kv_host_slot & slot) {
+    auto & c = chunks.at(slot.chunk);
+    if (!c || !c->used.at(slot.index)) {
+        return;
+    }
+
+    c->used[slot.index] = 0;
+    c->n_used--;
+
+    if (c->n_used == 0) {
+        c.reset();
+        while (!chunks.empty() && !chunks.back()) {
+            chunks.pop_back();
+        }
+    }
+}
+
+void llama_kv_host_store::clear() {
+    chunks.clear();
+}
+
+uint8_t * llama_kv_host_store::k_row(const llama_kv_host_slot & slot, uint32_t il_kv) const {
+    const auto & c = chunks[slot.chunk];
+    return c->base + c->n_slots*layer_prefix[il_kv] + (size_t) slot.index*k_bytes[il_kv];
+}
+
+uint8_t * llama_kv_host_store::v_row(const llama_kv_host_slot & slot, uint32_t il_kv) const {
+    const auto & c = chunks[slot.chunk];
+    return c->base + c->n_slots*(layer_prefix[il_kv] + k_bytes[il_kv]) + (size_t) slot.index*v_bytes[il_kv];
+}
+
+// 64-bit multiply-xorshift over 8-byte words: detects corruption at memory speed, not meant to be cryptographic
+static uint64_t checksum_update(uint64_t h, const uint8_t * data, size_t size) {
+    const uint64_t prime = 0x100000001b3ull;
+
+    size_t i = 0;
+    for (; i + 8 <= size; i += 8) {
+        uint64_t w;
+        memcpy(&w, data + i, 8);
+        h = (h ^ w)*prime;
+        h ^= h >> 29;
+    }
+    for (; i < size; ++i) {
+        h = (h ^ data[i])*prime;
+    }
+
+    return h;
+}
+
+uint64_t llama_kv_host_store::checksum(const llama_kv_host_slot & slot) const {
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (uint32_t il = 0; il < k_bytes.size(); ++il) {
+        h = checksum_update(h, k_row(slot, il), k_bytes[il]);
+        h = checksum_update(h, v_row(slot, il), v_bytes[il]);
+    }
+    return h;
+}
+
+size_t llama_kv_host_store::bytes_allocated() const {
+    size_t res = 0;
+    for (const auto & c : chunks) {
+        res += c ? (size_t) c->n_slots*bytes_per_token : 0;
+    }
+    return res;
+}
+
+size_t llama_kv_host_store::bytes_used() const {
+    size_t res = 0;
+    for (const auto & c : chunks) {
+        res += c ? (size_t) c->n_used*bytes_per_token : 0;
+    }
+    return res;
+}

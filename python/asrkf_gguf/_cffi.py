@@ -1,0 +1,62 @@
+"""cffi (ABI mode) binding of native/include/asrkf.h; no logic here.
+
+CDEF is a copy of the header's declarations; tests/test_binding.py checks that it stays complete.
+"""
+
+from __future__ import annotations
+
+import cffi
+
+from ._lib import libllama_path
+
+CDEF = """
+struct llama_context;
+typedef struct asrkf_kv * asrkf_kv_t;
+
+struct asrkf_kv_params {
+    bool     pinned_host;
+    uint32_t host_chunk_cells;
+};
+
+struct asrkf_kv_info {
+    uint32_t n_layer;
+    uint32_t n_layer_kv;
+    uint32_t n_head;
+    uint32_t n_head_kv;
+    uint32_t n_embd_head_k;
+    uint32_t n_cells;
+    uint32_t n_cells_used;
+    uint32_t n_frozen;
+    uint32_t n_offloaded;
+    int32_t  type_k;
+    int32_t  type_v;
+    bool     v_trans;
+    bool     iswa;
+    uint64_t device_kv_bytes;
+    uint64_t kv_bytes_per_token;
+    uint64_t host_bytes;
+    uint64_t host_bytes_used;
+};
+
+struct asrkf_kv_params asrkf_kv_default_params(void);
+const char * asrkf_last_error(void);
+asrkf_kv_t asrkf_kv_attach(struct llama_context * ctx, struct asrkf_kv_params params);
+int32_t asrkf_kv_free(asrkf_kv_t kv, bool force);
+int32_t asrkf_kv_get_info(asrkf_kv_t kv, struct asrkf_kv_info * info);
+int32_t asrkf_kv_cells(asrkf_kv_t kv, int32_t seq_id, int32_t * pos, uint8_t * state, int32_t * cell, int32_t cap, int32_t * n_out);
+int32_t asrkf_kv_offloaded(asrkf_kv_t kv, int32_t seq_id, int32_t * pos, int32_t cap, int32_t * n_out);
+int32_t asrkf_kv_freeze(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n);
+int32_t asrkf_kv_unfreeze(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n);
+int32_t asrkf_kv_offload(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n);
+int32_t asrkf_kv_thaw(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n, bool frozen);
+int32_t asrkf_kv_set_importance(asrkf_kv_t kv, bool enabled, int32_t n_q, const int32_t * layers, int32_t n_layers, bool export_q);
+int32_t asrkf_kv_importance(asrkf_kv_t kv, int32_t seq_id, int32_t * pos, float * score, int32_t cap, int32_t * n_out);
+int32_t asrkf_kv_query(asrkf_kv_t kv, int32_t layer, float * out, int64_t cap, int32_t * n_q, int32_t * n_head, int32_t * n_embd_head);
+int32_t asrkf_kv_host_k(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int32_t * pos, int32_t n, void * out, size_t size);
+int32_t asrkf_kv_check(asrkf_kv_t kv);
+int32_t asrkf_kv_debug_corrupt(asrkf_kv_t kv, int32_t seq_id, int32_t pos, uint64_t byte);
+"""
+
+ffi = cffi.FFI()
+ffi.cdef(CDEF)
+lib = ffi.dlopen(str(libllama_path()))

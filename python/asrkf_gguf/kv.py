@@ -1,0 +1,236 @@
+"""Owning wrapper of an asrkf KV handle attached to a llama.cpp context.
+
+Every per-token quantity crosses the boundary as a numpy array in one call: no Python loop over cells.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from ._cffi import ffi, lib
+
+Positions = Union[Sequence[int], np.ndarray, Iterable[int]]
+
+
+class CellState(enum.IntEnum):
+    ACTIVE = 1
+    FROZEN = 2
+    OFFLOADED = 3
+
+
+_CODES = {
+    -1: "invalid argument",
+    -2: "refused",
+    -3: "checksum mismatch",
+    -4: "context freed",
+    -5: "unsupported",
+    -6: "backend failure",
+}
+
+
+class AsrkfError(RuntimeError):
+    """A failed native call: `code` is the asrkf.h return code, `op` the call and `message` the C message."""
+
+    def __init__(self, op: str, code: int, message: str):
+        self.op = op
+        self.code = code
+        self.message = message
+        super().__init__(f"{op}: {message} [{_CODES.get(code, 'error')} ({code})]")
+
+
+def _check(op: str, code: int) -> None:
+    if code != 0:
+        raise AsrkfError(op, code, ffi.string(lib.asrkf_last_error()).decode("utf-8", "replace"))
+
+
+def _ctx_pointer(ctx) -> "ffi.CData":
+    """Accept llama-cpp-python's Llama or LlamaContext, a ctypes pointer or an int address."""
+    ctx = getattr(ctx, "_ctx", ctx)  # Llama -> LlamaContext
+    ctx = getattr(ctx, "ctx", ctx)  # LlamaContext -> llama_context_p
+    if isinstance(ctx, ctypes.c_void_p):
+        ctx = ctx.value
+    if not ctx:
+        raise ValueError("the llama context is NULL (closed?)")
+    if not isinstance(ctx, int):
+        raise TypeError(f"expected a llama context (LlamaContext, ctypes pointer or address), got {type(ctx).__name__}")
+    return ffi.cast("struct llama_context *", ctx)
+
+
+def _positions(pos: Positions) -> np.ndarray:
+    arr = np.ascontiguousarray(np.asarray(list(pos) if not isinstance(pos, np.ndarray) else pos, dtype=np.int64))
+    if arr.ndim != 1:
+        raise ValueError(f"positions must be one-dimensional, got shape {arr.shape}")
+    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"positions must be in [0, 2^31), got [{arr.min()}, {arr.max()}]")
+    return arr.astype(np.int32)
+
+
+def _i32(arr: np.ndarray):
+    return ffi.cast("int32_t *", ffi.from_buffer(arr)) if arr.size else ffi.NULL
+
+
+@dataclass(frozen=True)
+class KVInfo:
+    n_layer: int
+    n_layer_kv: int
+    n_head: int
+    n_head_kv: int
+    n_embd_head_k: int
+    n_cells: int
+    n_cells_used: int
+    n_frozen: int
+    n_offloaded: int
+    type_k: int
+    type_v: int
+    v_trans: bool
+    iswa: bool
+    device_kv_bytes: int
+    kv_bytes_per_token: int
+    host_bytes: int
+    host_bytes_used: int
+
+
+def default_params(*, pinned_host: bool = True, host_chunk_cells: int = 0):
+    params = lib.asrkf_kv_default_params()
+    params.pinned_host = pinned_host
+    params.host_chunk_cells = host_chunk_cells
+    return params
+
+
+class KVCache:
+    """The freeze / offload / thaw / importance interface of one llama.cpp context.
+
+    Keep the llama context alive while this is open; if it is freed first, every call raises AsrkfError (code -4).
+    """
+
+    def __init__(self, *, ctx, pinned_host: bool = True, host_chunk_cells: int = 0):
+        self._ctx_ref = ctx  # keeps llama-cpp-python's wrapper (and so the context) alive
+        handle = lib.asrkf_kv_attach(_ctx_pointer(ctx), default_params(pinned_host=pinned_host,
+                                                                       host_chunk_cells=host_chunk_cells))
+        if handle == ffi.NULL:
+            raise AsrkfError("attach", -5, ffi.string(lib.asrkf_last_error()).decode("utf-8", "replace"))
+        self.handle = handle
+
+    # ---- lifetime
+
+    def close(self, *, force: bool = True) -> None:
+        """Detach. With offloaded positions left, force=False raises instead of losing them."""
+        if self.handle is None:
+            return
+        _check("free", lib.asrkf_kv_free(self.handle, force))
+        self.handle = None
+        self._ctx_ref = None
+
+    def __enter__(self) -> "KVCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _h(self):
+        if self.handle is None:
+            raise AsrkfError("handle", -1, "the KVCache was closed")
+        return self.handle
+
+    # ---- state
+
+    def info(self) -> KVInfo:
+        out = ffi.new("struct asrkf_kv_info *")
+        _check("info", lib.asrkf_kv_get_info(self._h(), out))
+        return KVInfo(**{f: (bool(getattr(out, f)) if f in ("v_trans", "iswa") else int(getattr(out, f)))
+                         for f in KVInfo.__dataclass_fields__})
+
+    def cells(self, seq_id: int = 0):
+        """Resident cells of seq_id ordered by position: (pos, state, cell) int32 / uint8 / int32 arrays."""
+        h = self._h()
+        n = ffi.new("int32_t *")
+        _check("cells", lib.asrkf_kv_cells(h, seq_id, ffi.NULL, ffi.NULL, ffi.NULL, 0, n))
+        cap = n[0]
+        pos = np.empty(cap, np.int32)
+        state = np.empty(cap, np.uint8)
+        cell = np.empty(cap, np.int32)
+        if cap:
+            _check("cells", lib.asrkf_kv_cells(h, seq_id, _i32(pos), ffi.cast("uint8_t *", ffi.from_buffer(state)),
+                                               _i32(cell), cap, n))
+        return pos, state, cell
+
+    def offloaded(self, seq_id: int = 0) -> np.ndarray:
+        h = self._h()
+        n = ffi.new("int32_t *")
+        _check("offloaded", lib.asrkf_kv_offloaded(h, seq_id, ffi.NULL, 0, n))
+        pos = np.empty(n[0], np.int32)
+        if n[0]:
+            _check("offloaded", lib.asrkf_kv_offloaded(h, seq_id, _i32(pos), n[0], n))
+        return pos
+
+    # ---- operations
+
+    def freeze(self, pos: Positions, seq_id: int = 0) -> None:
+        p = _positions(pos)
+        _check("freeze", lib.asrkf_kv_freeze(self._h(), seq_id, _i32(p), p.size))
+
+    def unfreeze(self, pos: Positions, seq_id: int = 0) -> None:
+        p = _positions(pos)
+        _check("unfreeze", lib.asrkf_kv_unfreeze(self._h(), seq_id, _i32(p), p.size))
+
+    def offload(self, pos: Positions, seq_id: int = 0) -> None:
+        p = _positions(pos)
+        _check("offload", lib.asrkf_kv_offload(self._h(), seq_id, _i32(p), p.size))
+
+    def thaw(self, pos: Positions, seq_id: int = 0, *, frozen: bool = False) -> None:
+        p = _positions(pos)
+        _check("thaw", lib.asrkf_kv_thaw(self._h(), seq_id, _i32(p), p.size, frozen))
+
+    # ---- importance
+
+    def set_importance(self, enabled: bool = True, *, n_q: int = 1, layers: Optional[Sequence[int]] = None,
+                       export_q: bool = False) -> None:
+        ls = _positions(layers or [])
+        _check("set_importance", lib.asrkf_kv_set_importance(self._h(), enabled, n_q, _i32(ls), ls.size, export_q))
+
+    def importance(self, seq_id: int = 0):
+        """(pos, score) of the resident cells after the latest decode; frozen cells are scored too."""
+        h = self._h()
+        n = ffi.new("int32_t *")
+        _check("importance", lib.asrkf_kv_importance(h, seq_id, ffi.NULL, ffi.NULL, 0, n))
+        pos = np.empty(n[0], np.int32)
+        score = np.empty(n[0], np.float32)
+        if n[0]:
+            _check("importance", lib.asrkf_kv_importance(h, seq_id, _i32(pos),
+                                                         ffi.cast("float *", ffi.from_buffer(score)), n[0], n))
+        return pos, score
+
+    def query(self, layer: int) -> np.ndarray:
+        """Query vectors of the latest decode for one importance layer: [n_q, n_head, n_embd_head] float32."""
+        h = self._h()
+        nq, nh, nd = ffi.new("int32_t *"), ffi.new("int32_t *"), ffi.new("int32_t *")
+        _check("query", lib.asrkf_kv_query(h, layer, ffi.NULL, 0, nq, nh, nd))
+        out = np.empty((nq[0], nh[0], nd[0]), np.float32)
+        _check("query", lib.asrkf_kv_query(h, layer, ffi.cast("float *", ffi.from_buffer(out)), out.size, nq, nh, nd))
+        return out
+
+    def host_k(self, layer: int, pos: Positions, seq_id: int = 0, *, row_bytes: int) -> np.ndarray:
+        """Raw K rows (cache type) of offloaded positions: [n, row_bytes] uint8."""
+        p = _positions(pos)
+        out = np.empty((p.size, row_bytes), np.uint8)
+        _check("host_k", lib.asrkf_kv_host_k(self._h(), seq_id, layer, _i32(p), p.size,
+                                             ffi.from_buffer(out), out.nbytes))
+        return out
+
+    def check(self) -> None:
+        _check("check", lib.asrkf_kv_check(self._h()))
+
+    def debug_corrupt(self, pos: int, byte: int = 0, seq_id: int = 0) -> None:
+        """Testing only: flip one byte of an offloaded position's host copy."""
+        _check("debug_corrupt", lib.asrkf_kv_debug_corrupt(self._h(), seq_id, pos, byte))

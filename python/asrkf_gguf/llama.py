@@ -1,0 +1,122 @@
+"""Model and context setup on llama-cpp-python's low-level wrappers, with explicit positions.
+
+llama-cpp-python's high-level Llama ties positions to n_ctx; a freeze/offload session decodes logical positions
+far beyond the physical cache, so it decodes through llama_decode with its own positions.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from contextlib import ExitStack, closing
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from . import _lib  # noqa: F401  (must load before llama_cpp)
+import llama_cpp
+from llama_cpp import _internals
+
+# llama.cpp logs every load and graph reservation at INFO; keep warnings and errors unless asked
+_LOG_LEVEL_WARN = 3
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level, text, user_data):
+    if level >= _LOG_LEVEL_WARN or os.environ.get("ASRKF_GGUF_VERBOSE"):
+        os.write(2, text)
+
+
+llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+FLASH_ATTN = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+              "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+
+
+@dataclass(frozen=True)
+class ContextOptions:
+    n_ctx: int = 2048            # device KV cells
+    n_batch: int = 512
+    n_ubatch: int = 512
+    kv_type: str = "f16"         # K and V cache type
+    flash_attn: str = "auto"
+    n_threads: Optional[int] = None
+    n_gpu_layers: int = 0
+
+    def __post_init__(self):
+        if self.kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {self.kv_type!r}")
+        if self.flash_attn not in FLASH_ATTN:
+            raise ValueError(f"flash_attn must be one of {sorted(FLASH_ATTN)}, got {self.flash_attn!r}")
+        if self.n_ctx < 1 or self.n_batch < 1 or self.n_ubatch < 1:
+            raise ValueError("n_ctx, n_batch and n_ubatch must be positive")
+
+
+class LlamaSession:
+    """Owns a model, a context and a batch; decodes token ids at explicit positions of sequence 0."""
+
+    def __init__(self, model_path: str, options: ContextOptions = ContextOptions(), *, verbose: bool = False):
+        if not os.path.exists(model_path):
+            raise FileNotFoundError(f"model file not found: {model_path}")
+        self.options = options
+        self._stack = ExitStack()
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = options.n_gpu_layers
+        self.model = self._stack.enter_context(closing(
+            _internals.LlamaModel(path_model=model_path, params=mparams, verbose=verbose)))
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = options.n_ctx
+        cparams.n_batch = options.n_batch
+        cparams.n_ubatch = options.n_ubatch
+        cparams.n_seq_max = 1
+        cparams.type_k = KV_TYPES[options.kv_type]
+        cparams.type_v = KV_TYPES[options.kv_type]
+        cparams.flash_attn_type = FLASH_ATTN[options.flash_attn]
+        cparams.swa_full = False  # window layers keep only their window; the managed cache is the full one
+        cparams.kv_unified = True
+        n_threads = options.n_threads or max(1, os.cpu_count() or 1)
+        cparams.n_threads = n_threads
+        cparams.n_threads_batch = n_threads
+        self.context = self._stack.enter_context(closing(
+            _internals.LlamaContext(model=self.model, params=cparams, verbose=verbose)))
+        self.batch = self._stack.enter_context(closing(
+            _internals.LlamaBatch(n_tokens=options.n_batch, embd=0, n_seq_max=1, verbose=verbose)))
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.model.vocab)
+
+    @property
+    def ctx(self):
+        return self.context.ctx
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> "LlamaSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def decode(self, tokens: Sequence[int], pos0: int) -> np.ndarray:
+        """Decode tokens at positions pos0.. in chunks of n_batch; returns the logits of the last token (copy)."""
+        tokens = list(tokens)
+        if not tokens:
+            raise ValueError("nothing to decode")
+        for start in range(0, len(tokens), self.options.n_batch):
+            chunk = tokens[start:start + self.options.n_batch]
+            self.batch.set_batch(chunk, n_past=pos0 + start, logits_all=False)
+            rc = llama_cpp.llama_decode(self.ctx, self.batch.batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc} at positions {pos0 + start}..{pos0 + start + len(chunk) - 1}"
+                                   + (" (no free KV cell: offload or raise n_ctx)" if rc == 1 else ""))
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,)).copy()
+
+    def seq_rm(self, p0: int, p1: int) -> bool:
+        return bool(llama_cpp.llama_memory_seq_rm(self.context.memory, 0, p0, p1))
+
+    def pos_max(self) -> int:
+        return int(llama_cpp.llama_memory_seq_pos_max(self.context.memory, 0))
