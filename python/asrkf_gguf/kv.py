@@ -40,7 +40,7 @@ class AsrkfError(RuntimeError):
         self.op = op
         self.code = code
         self.message = message
-        super().__init__(f"{op}: {message} [{_CODES.get(code, 'error')} ({code})]")
+        super().__init__(f"{message} [{_CODES.get(code, 'error')} ({code})]")
 
 
 def _check(op: str, code: int) -> None:

@@ -44,6 +44,7 @@ class ContextOptions:
     flash_attn: str = "auto"
     n_threads: Optional[int] = None
     n_gpu_layers: int = 0
+    n_seq_max: int = 1
 
     def __post_init__(self):
         if self.kv_type not in KV_TYPES:
@@ -72,7 +73,7 @@ class LlamaSession:
         cparams.n_ctx = options.n_ctx
         cparams.n_batch = options.n_batch
         cparams.n_ubatch = options.n_ubatch
-        cparams.n_seq_max = 1
+        cparams.n_seq_max = options.n_seq_max
         cparams.type_k = KV_TYPES[options.kv_type]
         cparams.type_v = KV_TYPES[options.kv_type]
         cparams.flash_attn_type = FLASH_ATTN[options.flash_attn]

@@ -1,0 +1,134 @@
+"""Native-core benchmarks (CPU here; the GPU numbers belong to the CUDA issue).
+
+  python scripts/bench_native.py                       # offload/thaw throughput + decode with/without handle
+  python scripts/bench_native.py --stock-lib DIR       # also decode t/s of an unpatched libllama of the same commit
+
+Decode runs in subprocesses so that each one loads its own libllama.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def bench_moves(model: str, kv_type: str, fa: str, n_tokens: int, n_move: int, reps: int) -> dict:
+    from asrkf_gguf import KVCache
+    from asrkf_gguf.llama import ContextOptions, LlamaSession
+
+    tokens = np.random.default_rng(0).integers(100, 30000, size=n_tokens).tolist()
+    with LlamaSession(model, ContextOptions(n_ctx=n_tokens + 256, kv_type=kv_type, flash_attn=fa,
+                                            n_batch=512, n_ubatch=512)) as s, KVCache(ctx=s.context) as kv:
+        s.decode(tokens, 0)
+        info = kv.info()
+        rng = np.random.default_rng(1)
+        res = {"kv_type": kv_type, "flash_attn": fa, "bytes_per_token": info.kv_bytes_per_token}
+        for layout in ("contiguous", "scattered"):
+            t_off, t_thaw = [], []
+            for _ in range(reps):
+                if layout == "contiguous":
+                    start = int(rng.integers(4, n_tokens - n_move - 1))
+                    pos = np.arange(start, start + n_move)
+                else:
+                    pos = np.sort(rng.choice(np.arange(4, n_tokens - 1), n_move, replace=False))
+                t0 = time.perf_counter()
+                kv.offload(pos)
+                t1 = time.perf_counter()
+                kv.thaw(pos)
+                t2 = time.perf_counter()
+                t_off.append(t1 - t0)
+                t_thaw.append(t2 - t1)
+            nbytes = n_move * info.kv_bytes_per_token
+            for name, t in (("offload", t_off), ("thaw", t_thaw)):
+                med = float(np.median(t))
+                res[f"{layout}_{name}_GBps"] = nbytes / med / 1e9
+                res[f"{layout}_{name}_us_per_token"] = med / n_move * 1e6
+        return res
+
+
+def bench_decode(model: str, depth: int, n_gen: int, attach: bool) -> dict:
+    from asrkf_gguf.llama import ContextOptions, LlamaSession
+
+    tokens = np.random.default_rng(0).integers(100, 30000, size=depth + n_gen).tolist()
+    with LlamaSession(model, ContextOptions(n_ctx=depth + n_gen + 16, n_batch=512, n_ubatch=512,
+                                            flash_attn="on")) as s:
+        kv = None
+        if attach:
+            from asrkf_gguf import KVCache
+
+            kv = KVCache(ctx=s.context)
+        if depth:
+            s.decode(tokens[:depth], 0)
+        times = []
+        for i in range(n_gen):
+            t0 = time.perf_counter()
+            s.decode([tokens[depth + i]], depth + i)
+            times.append(time.perf_counter() - t0)
+        if kv:
+            kv.close()
+    return {"depth": depth, "tokens_per_s": 1.0 / float(np.median(times))}
+
+
+def decode_in_subprocess(lib_dir: str | None, model: str, depth: int, n_gen: int, attach: bool) -> dict:
+    env = dict(os.environ)
+    if lib_dir:
+        env["ASRKF_GGUF_LIB_DIR"] = lib_dir
+    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            f"import bench_native as b; print(json.dumps(b.bench_decode({model!r}, {depth}, {n_gen}, {attach})))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", help="GGUF (default: the SmolLM2 demo model)")
+    ap.add_argument("--stock-lib", help="folder with an unpatched libllama of llama.cpp 0c1e570")
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--move", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+
+    import asrkf_gguf  # noqa: F401
+    from asrkf_gguf.models import fetch_demo_model
+
+    model = args.model or str(fetch_demo_model(progress=False))
+    results = {"model": model, "moves": [], "decode": []}
+    for kv_type, fa in (("f16", "off"), ("f16", "on"), ("q8_0", "on"), ("q4_0", "on")):
+        results["moves"].append(bench_moves(model, kv_type, fa, args.tokens, args.move, args.reps))
+    variants = [("patched, no handle", None, False), ("patched, handle attached", None, True)]
+    if args.stock_lib:
+        variants.insert(0, ("stock", args.stock_lib, False))
+    for depth in (0, 1024):
+        for name, lib, attach in variants:
+            r = decode_in_subprocess(lib, model, depth, args.gen, attach)
+            r["variant"] = name
+            results["decode"].append(r)
+
+    print(f"model: {model}\n")
+    print("| KV | FA | bytes/token | layout | offload GB/s | offload us/token | thaw GB/s | thaw us/token |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results["moves"]:
+        for layout in ("contiguous", "scattered"):
+            print(f"| {r['kv_type']} | {r['flash_attn']} | {r['bytes_per_token']} | {layout} "
+                  f"| {r[layout + '_offload_GBps']:.2f} | {r[layout + '_offload_us_per_token']:.2f} "
+                  f"| {r[layout + '_thaw_GBps']:.2f} | {r[layout + '_thaw_us_per_token']:.2f} |")
+    print("\n| variant | depth | decode tok/s |")
+    print("|---|---|---|")
+    for r in results["decode"]:
+        print(f"| {r['variant']} | {r['depth']} | {r['tokens_per_s']:.1f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""offload -> thaw must give back exactly the computation that never offloaded."""
+
+import numpy as np
+import pytest
+
+from asrkf_gguf import CellState, KVCache
+from conftest import KV_CASES, TINY_SPECS, random_tokens, session
+
+SCATTERED = [1, 5, 6, 7, 20, 33, 50, 51, 52, 90, 97]
+
+
+def reference_and_roundtrip(path, tokens, offload, **opts):
+    n = len(tokens)
+    with session(path, **opts) as ref:
+        ref.decode(tokens[:-1], 0)
+        expected = ref.decode(tokens[-1:], n - 1)
+    with session(path, **opts) as s, KVCache(ctx=s.context) as kv:
+        s.decode(tokens[:-1], 0)
+        before = kv.cells()
+        kv.offload(offload)
+        assert np.array_equal(kv.offloaded(), np.sort(offload))
+        pos, _, _ = kv.cells()
+        assert set(pos.tolist()).isdisjoint(offload)
+        assert kv.info().n_offloaded == len(offload)
+        kv.thaw(offload)
+        kv.check()
+        after = kv.cells()
+        for a, b in zip(before, after):
+            assert np.array_equal(a, b)
+        assert kv.info().n_offloaded == 0 and kv.info().host_bytes_used == 0
+        got = s.decode(tokens[-1:], n - 1)
+    return expected, got
+
+
+@pytest.mark.parametrize("kv_type,fa", KV_CASES)
+@pytest.mark.parametrize("model", sorted(TINY_SPECS))
+def test_roundtrip_bit_identical(tiny_paths, model, kv_type, fa):
+    tokens = random_tokens(100, seed=3)
+    expected, got = reference_and_roundtrip(tiny_paths[model], tokens, SCATTERED,
+                                            n_ctx=256, kv_type=kv_type, flash_attn=fa, n_batch=64, n_ubatch=64)
+    assert np.array_equal(expected, got)
+
+
+@pytest.mark.parametrize("kv_type,fa", [("f16", "off"), ("q8_0", "on")])
+def test_roundtrip_demo_model(demo_model_path, kv_type, fa):
+    tokens = random_tokens(300, seed=4, vocab=40000)
+    offload = sorted(set(np.random.default_rng(5).choice(np.arange(4, 290), 120, replace=False).tolist()))
+    expected, got = reference_and_roundtrip(demo_model_path, tokens, offload,
+                                            n_ctx=512, kv_type=kv_type, flash_attn=fa, n_batch=128, n_ubatch=128)
+    assert np.array_equal(expected, got)
+
+
+def test_thaw_elsewhere_when_the_cells_were_reused(tiny_path):
+    # the original cells are taken by new tokens: the rows go to other free cells and still compute the same
+    tokens = random_tokens(160, seed=6)
+    with session(tiny_path, n_ctx=256, flash_attn="on", n_batch=32, n_ubatch=32) as s, KVCache(ctx=s.context) as kv:
+        s.decode(tokens[:100], 0)
+        kv.offload(range(10, 40))
+        cells_before = dict(zip(*kv.cells()[::2]))
+        s.decode(tokens[100:140], 100)  # reuses cells 10..39 first
+        kv.thaw(range(10, 40), frozen=True)
+        pos, state, cell = kv.cells()
+        moved = {p: c for p, c in zip(pos.tolist(), cell.tolist()) if 10 <= p < 40}
+        assert len(moved) == 30 and all(state[(pos >= 10) & (pos < 40)] == CellState.FROZEN)
+        assert not any(cells_before.get(p) == c for p, c in moved.items())
+        # contiguous run of free cells when one exists
+        assert sorted(moved.values()) == list(range(min(moved.values()), min(moved.values()) + 30))
+        kv.check()
+
+
+@pytest.fixture(scope="session")
+def gemma3_path():
+    from asrkf_gguf.models import fetch_gemma3_model
+
+    return str(fetch_gemma3_model(progress=False))
+
+
+def test_iswa_model_manages_the_full_attention_cache(gemma3_path):
+    # Gemma 3: window layers keep their own window; freeze/offload act on the full-attention layers' cache
+    tokens = random_tokens(200, seed=19, vocab=200000)
+    offload = list(range(8, 60, 3)) + list(range(100, 140))
+    expected, got = reference_and_roundtrip(gemma3_path, tokens, offload,
+                                            n_ctx=512, kv_type="f16", flash_attn="on", n_batch=64, n_ubatch=64)
+    assert np.array_equal(expected, got)
+    with session(gemma3_path, n_ctx=512, n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        info = kv.info()
+        assert info.iswa and info.n_layer_kv < info.n_layer
