@@ -103,17 +103,22 @@ def extract(source: Path, dest: Path) -> None:
 
 def apply_patches(dest: Path, patches: list[Path]) -> None:
     for patch in patches:
-        git = shutil.which("git")
-        if git:
-            cmd = [git, "apply", "--whitespace=nowarn", str(patch)]
-        elif shutil.which("patch"):
-            cmd = ["patch", "-p1", "--forward", "-i", str(patch)]
+        if shutil.which("patch"):
+            cmd = ["patch", "-p1", "--forward", "--batch", "-i", str(patch)]
+        elif shutil.which("git"):
+            # inside another work tree (a build folder in a checkout) git apply would patch paths relative to
+            # that tree's root: make dest its own repository first
+            subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+            cmd = ["git", "apply", "--whitespace=nowarn", str(patch)]
         else:
-            raise PrepareError("applying the patches needs git or patch on PATH")
+            raise PrepareError("applying the patches needs patch or git on PATH")
         res = subprocess.run(cmd, cwd=dest, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         if res.returncode != 0:
             raise PrepareError(f"patch {patch.name} does not apply to the llama.cpp source "
                                f"(is it llama-cpp-python 0.3.36's vendor/llama.cpp?):\n{res.stdout}")
+    # a patch tool that reports success without patching must not give a silently unpatched library
+    if patches and "is_frozen" not in (dest / "src" / "llama-kv-cells.h").read_text():
+        raise PrepareError("the patches reported success but src/llama-kv-cells.h is unpatched")
 
 
 def main() -> int:
