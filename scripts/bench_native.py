@@ -18,13 +18,13 @@ import time
 import numpy as np
 
 
-def bench_moves(model: str, kv_type: str, fa: str, n_tokens: int, n_move: int, reps: int) -> dict:
+def bench_moves(model: str, kv_type: str, fa: str, n_tokens: int, n_move: int, reps: int, n_gpu_layers: int = 0) -> dict:
     from asrkf_gguf import KVCache
     from asrkf_gguf.llama import ContextOptions, LlamaSession
 
-    tokens = np.random.default_rng(0).integers(100, 30000, size=n_tokens).tolist()
-    with LlamaSession(model, ContextOptions(n_ctx=n_tokens + 256, kv_type=kv_type, flash_attn=fa,
-                                            n_batch=512, n_ubatch=512)) as s, KVCache(ctx=s.context) as kv:
+    with LlamaSession(model, ContextOptions(n_ctx=n_tokens + 256, kv_type=kv_type, flash_attn=fa, n_batch=512,
+                                            n_ubatch=512, n_gpu_layers=n_gpu_layers)) as s, KVCache(ctx=s.context) as kv:
+        tokens = np.random.default_rng(0).integers(3, min(s.n_vocab, 30000), size=n_tokens).tolist()
         s.decode(tokens, 0)
         info = kv.info()
         rng = np.random.default_rng(1)
@@ -94,6 +94,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--n-gpu-layers", type=int, default=0, help="layers (and their KV) on the GPU")
+    ap.add_argument("--moves-only", action="store_true", help="skip the decode comparison")
     args = ap.parse_args()
 
     import asrkf_gguf  # noqa: F401
@@ -102,11 +104,11 @@ def main() -> int:
     model = args.model or str(fetch_demo_model(progress=False))
     results = {"model": model, "moves": [], "decode": []}
     for kv_type, fa in (("f16", "off"), ("f16", "on"), ("q8_0", "on"), ("q4_0", "on")):
-        results["moves"].append(bench_moves(model, kv_type, fa, args.tokens, args.move, args.reps))
+        results["moves"].append(bench_moves(model, kv_type, fa, args.tokens, args.move, args.reps, args.n_gpu_layers))
     variants = [("patched, no handle", None, False), ("patched, handle attached", None, True)]
     if args.stock_lib:
         variants.insert(0, ("stock", args.stock_lib, False))
-    for depth in (0, 1024):
+    for depth in (() if args.moves_only else (0, 1024)):
         for name, lib, attach in variants:
             r = decode_in_subprocess(lib, model, depth, args.gen, attach)
             r["variant"] = name

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 
@@ -39,4 +41,6 @@ def random_tokens(n, seed=0, vocab=500):
 
 def session(path, **kw):
     kw.setdefault("n_threads", 2)
+    # ASRKF_TEST_N_GPU_LAYERS=99 runs the suite with the model and its KV cache on the GPU of a CUDA/Metal build
+    kw.setdefault("n_gpu_layers", int(os.environ.get("ASRKF_TEST_N_GPU_LAYERS", "0")))
     return LlamaSession(path, ContextOptions(**kw))

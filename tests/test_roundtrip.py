@@ -9,15 +9,17 @@ from conftest import KV_CASES, TINY_SPECS, random_tokens, session
 SCATTERED = [1, 5, 6, 7, 20, 33, 50, 51, 52, 90, 97]
 
 
-def reference_and_roundtrip(path, tokens, offload, **opts):
+def reference_and_roundtrip(path, tokens, offload, force_gather=False, stats=None, **opts):
     n = len(tokens)
     with session(path, **opts) as ref:
         ref.decode(tokens[:-1], 0)
         expected = ref.decode(tokens[-1:], n - 1)
-    with session(path, **opts) as s, KVCache(ctx=s.context) as kv:
+    with session(path, **opts) as s, KVCache(ctx=s.context, force_gather=force_gather) as kv:
         s.decode(tokens[:-1], 0)
         before = kv.cells()
         kv.offload(offload)
+        if stats is not None:
+            stats["offload"] = kv.info()
         assert np.array_equal(kv.offloaded(), np.sort(offload))
         pos, _, _ = kv.cells()
         assert set(pos.tolist()).isdisjoint(offload)
@@ -39,6 +41,24 @@ def test_roundtrip_bit_identical(tiny_paths, model, kv_type, fa):
     expected, got = reference_and_roundtrip(tiny_paths[model], tokens, SCATTERED,
                                             n_ctx=256, kv_type=kv_type, flash_attn=fa, n_batch=64, n_ubatch=64)
     assert np.array_equal(expected, got)
+
+
+@pytest.mark.parametrize("kv_type,fa", KV_CASES)
+@pytest.mark.parametrize("layout", ["scattered", "one-run"])
+def test_roundtrip_through_the_device_gather_path(tiny_paths, kv_type, fa, layout):
+    # the get_rows gather that device caches use, forced on the CPU cache: same bytes as the per-run copies
+    tokens = random_tokens(100, seed=20)
+    offload = SCATTERED if layout == "scattered" else list(range(30, 70))
+    stats = {}
+    expected, got = reference_and_roundtrip(tiny_paths["llama-hd128"], tokens, offload, force_gather=True, stats=stats,
+                                            n_ctx=256, kv_type=kv_type, flash_attn=fa, n_batch=64, n_ubatch=64)
+    assert np.array_equal(expected, got)
+    info = stats["offload"]
+    assert info.n_gathers == 1
+    # one copy back per gathered tensor: K of both layers, and V too unless it is stored transposed
+    n_tensors = 2 if fa == "off" else 4
+    n_channel_copies = 0 if fa == "on" else 2 * 128 * (len(offload) if layout == "scattered" else 1)
+    assert info.n_copies <= n_tensors + n_channel_copies
 
 
 @pytest.mark.parametrize("kv_type,fa", [("f16", "off"), ("q8_0", "on")])

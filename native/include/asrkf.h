@@ -68,6 +68,7 @@ enum asrkf_cell_state {
 struct asrkf_kv_params {
     bool     pinned_host;      // use the device's pinned host buffers for offloaded rows when it has them
     uint32_t host_chunk_cells; // offloaded rows are stored in chunks of at least this many tokens (0: automatic)
+    bool     force_gather;     // testing: gather rows with get_rows also for caches in host memory (always on for devices)
 };
 
 struct asrkf_kv_info {
@@ -88,6 +89,8 @@ struct asrkf_kv_info {
     uint64_t kv_bytes_per_token; // K+V bytes of one token over all managed layers
     uint64_t host_bytes;         // host bytes allocated for offloaded rows
     uint64_t host_bytes_used;    // host bytes holding offloaded rows
+    uint64_t n_copies;           // device<->host copy calls issued by offload/thaw since attach
+    uint64_t n_gathers;          // get_rows gather graphs run by offload since attach
 };
 
 ASRKF_API struct asrkf_kv_params asrkf_kv_default_params(void);

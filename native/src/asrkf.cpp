@@ -70,6 +70,7 @@ struct asrkf_kv_params asrkf_kv_default_params(void) {
     asrkf_kv_params params;
     params.pinned_host      = true;
     params.host_chunk_cells = 0;
+    params.force_gather     = false;
     return params;
 }
 
@@ -86,7 +87,7 @@ asrkf_kv_t asrkf_kv_attach(struct llama_context * ctx, struct asrkf_kv_params pa
         ctx->synchronize();
         auto * kv = new asrkf_kv;
         try {
-            kv->kvf = new llama_kv_freeze(ctx, params.pinned_host, params.host_chunk_cells);
+            kv->kvf = new llama_kv_freeze(ctx, params.pinned_host, params.host_chunk_cells, params.force_gather);
         } catch (...) {
             delete kv;
             throw;
@@ -151,6 +152,8 @@ int32_t asrkf_kv_get_info(asrkf_kv_t kv, struct asrkf_kv_info * info) {
         info->kv_bytes_per_token = kvf.store.token_bytes();
         info->host_bytes         = kvf.store.bytes_allocated();
         info->host_bytes_used    = kvf.store.bytes_used();
+        info->n_copies           = kvf.n_copies;
+        info->n_gathers          = kvf.n_gathers;
     });
 }
 

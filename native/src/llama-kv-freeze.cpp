@@ -7,6 +7,8 @@
 #include "llama-kv-cache-iswa.h"
 #include "llama-model.h"
 
+#include "ggml-cpp.h"
+
 #include <algorithm>
 #include <cinttypes>
 #include <cstdarg>
@@ -55,7 +57,8 @@ void llama_kv_freeze_check_unique(const std::vector<llama_pos> & pos, const char
 // construction
 //
 
-llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_t host_chunk_cells) : lctx(lctx) {
+llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_t host_chunk_cells, bool force_gather)
+    : lctx(lctx), force_gather(force_gather) {
     const llama_model & model = lctx->model;
 
     llama_memory_i * mem = lctx->memory.get();
@@ -269,6 +272,10 @@ std::vector<uint32_t> llama_kv_freeze::cells_of(llama_seq_id seq_id, const std::
 
 ggml_backend_t llama_kv_freeze::backend_for(const ggml_tensor * t) {
     ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(t->buffer));
+    if (!dev && ggml_backend_buffer_is_host(t->buffer)) {
+        // ggml's plain CPU buffer type names no device
+        dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    }
     if (!dev) {
         return nullptr;
     }
@@ -282,6 +289,7 @@ ggml_backend_t llama_kv_freeze::backend_for(const ggml_tensor * t) {
 }
 
 void llama_kv_freeze::read(const ggml_tensor * t, size_t offset, size_t size, void * dst) {
+    n_copies++;
     if (ggml_backend_buffer_is_host(t->buffer)) {
         memcpy(dst, (const uint8_t *) t->data + offset, size);
     } else if (ggml_backend_t backend = backend_for(t)) {
@@ -292,6 +300,7 @@ void llama_kv_freeze::read(const ggml_tensor * t, size_t offset, size_t size, vo
 }
 
 void llama_kv_freeze::write(ggml_tensor * t, size_t offset, size_t size, const void * src) {
+    n_copies++;
     if (ggml_backend_buffer_is_host(t->buffer)) {
         memcpy((uint8_t *) t->data + offset, src, size);
     } else if (ggml_backend_t backend = backend_for(t)) {
@@ -307,6 +316,89 @@ void llama_kv_freeze::finish_copies() {
             ggml_backend_synchronize(backend);
         }
     }
+}
+
+bool llama_kv_freeze::can_gather(const ggml_tensor * t) const {
+    // the I32 alias needs whole 4-byte words per row (true when n_embd_gqa % 64 == 0 for q4_0)
+    if (t->nb[1] % 4 != 0 || !t->buffer) {
+        return false;
+    }
+    return force_gather || !ggml_backend_buffer_is_host(t->buffer);
+}
+
+bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows,
+        const std::vector<uint8_t *> & dst) {
+    if (tensors.empty() || rows.empty()) {
+        return true;
+    }
+
+    ggml_backend_t backend = backend_for(tensors[0]);
+    if (!backend) {
+        LLAMA_LOG_WARN("%s: no backend for the device of %s: copying per run of cells\n", __func__, tensors[0]->name);
+        return false;
+    }
+
+    size_t bytes_per_row = 0;
+    for (const auto * t : tensors) {
+        if (backend_for(t) != backend) {
+            LLAMA_LOG_WARN("%s: the cache spans several devices: copying per run of cells\n", __func__);
+            return false;
+        }
+        bytes_per_row += t->nb[1];
+    }
+
+    // bounded device scratch: large offloads go in passes of at most 64 MiB
+    const size_t n_rows  = rows.size();
+    const size_t n_pass  = std::max<size_t>(1, (64u << 20) / bytes_per_row);
+    const size_t n_t     = tensors.size();
+
+    for (size_t r0 = 0; r0 < n_rows; r0 += n_pass) {
+        const size_t n = std::min(n_pass, n_rows - r0);
+
+        ggml_init_params ip = {
+            /*.mem_size   =*/ ggml_tensor_overhead()*(2*n_t + 1) + ggml_graph_overhead_custom(2*n_t + 2, false),
+            /*.mem_buffer =*/ nullptr,
+            /*.no_alloc   =*/ true,
+        };
+        ggml_context_ptr ctx { ggml_init(ip) };
+
+        // the cache viewed as rows of 4-byte words: get_rows copies them bit for bit, whatever the KV type
+        std::vector<ggml_tensor *> outs;
+        ggml_tensor * idx = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, (int64_t) n);
+        for (auto * t : tensors) {
+            ggml_tensor * alias = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_I32, (int64_t) (t->nb[1]/4), ggml_nbytes(t)/t->nb[1]);
+            if (ggml_backend_tensor_alloc(t->buffer, alias, t->data) != GGML_STATUS_SUCCESS) {
+                LLAMA_LOG_WARN("%s: cannot alias %s: copying per run of cells\n", __func__, t->name);
+                return false;
+            }
+            outs.push_back(ggml_get_rows(ctx.get(), alias, idx));
+        }
+
+        ggml_backend_buffer_ptr buf { ggml_backend_alloc_ctx_tensors(ctx.get(), backend) };
+        if (!buf) {
+            LLAMA_LOG_WARN("%s: no device memory for %zu gathered rows: copying per run of cells\n", __func__, n);
+            return false;
+        }
+
+        ggml_cgraph * gf = ggml_new_graph_custom(ctx.get(), 2*n_t + 2, false);
+        for (auto * out : outs) {
+            ggml_build_forward_expand(gf, out);
+        }
+
+        ggml_backend_tensor_set(idx, rows.data() + r0, 0, n*sizeof(int32_t));
+        if (ggml_backend_graph_compute(backend, gf) != GGML_STATUS_SUCCESS) {
+            throw llama_kv_freeze_error(KVF_EBACKEND, "offload: the gather graph failed on the device");
+        }
+        n_gathers++;
+        n_copies += n_t;
+        for (size_t i = 0; i < n_t; ++i) {
+            ggml_backend_tensor_get_async(backend, outs[i], dst[i] + r0*tensors[i]->nb[1], 0, n*tensors[i]->nb[1]);
+        }
+        // the scratch buffer is freed at the end of this pass
+        ggml_backend_synchronize(backend);
+    }
+
+    return true;
 }
 
 // runs of i where cells and slots both advance by one: each run is one copy per layer and tensor
@@ -405,6 +497,54 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
 
     std::vector<uint8_t> staging;
 
+    // K (and V unless transposed) of every layer: one gather per tensor where the device can, else a copy per run
+    std::vector<ggml_tensor *> gather_t;
+    std::vector<uint8_t *>     gather_dst;
+    std::vector<std::pair<uint32_t, bool>> gather_what; // (layer, is_v)
+
+    // gathered rows land back to back: straight into the slots when they are one run in one chunk
+    const bool slots_contiguous = runs.size() == 1 || std::all_of(slot.begin(), slot.end(), [&](const llama_kv_host_slot & sl) {
+        return sl.chunk == slot[0].chunk && sl.index == slot[0].index + (&sl - slot.data());
+    });
+    std::vector<std::vector<uint8_t>> gather_staging;
+
+    for (uint32_t il = 0; il < layer_k.size(); ++il) {
+        for (const bool is_v : { false, true }) {
+            ggml_tensor * t = is_v ? layer_v[il] : layer_k[il];
+            if ((is_v && kv->v_trans) || !can_gather(t)) {
+                continue;
+            }
+            gather_t.push_back(t);
+            gather_what.emplace_back(il, is_v);
+            if (slots_contiguous) {
+                gather_dst.push_back(is_v ? store.v_row(slot[0], il) : store.k_row(slot[0], il));
+            } else {
+                gather_staging.emplace_back(cell.size()*t->nb[1]);
+                gather_dst.push_back(gather_staging.back().data());
+            }
+        }
+    }
+
+    std::vector<int32_t> rows(cell.size());
+    for (size_t i = 0; i < cell.size(); ++i) {
+        rows[i] = (int32_t) (strm*kv_size + cell[i]);
+    }
+    if (!gather(gather_t, rows, gather_dst)) {
+        gather_t.clear();
+        gather_what.clear();
+        gather_staging.clear();
+    }
+    for (size_t g = 0; g < gather_staging.size(); ++g) {
+        const auto [il, is_v] = gather_what[g];
+        const size_t rb = gather_t[g]->nb[1];
+        for (size_t i = 0; i < cell.size(); ++i) {
+            memcpy(is_v ? store.v_row(slot[i], il) : store.k_row(slot[i], il), gather_staging[g].data() + i*rb, rb);
+        }
+    }
+    auto gathered = [&](uint32_t il, bool is_v) {
+        return std::find(gather_what.begin(), gather_what.end(), std::make_pair(il, is_v)) != gather_what.end();
+    };
+
     for (uint32_t il = 0; il < layer_k.size(); ++il) {
         ggml_tensor * k = layer_k[il];
         ggml_tensor * v = layer_v[il];
@@ -414,8 +554,10 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
 
         for (const auto & r : runs) {
             const size_t row0 = strm*kv_size + cell[r.first];
-            read(k, row0*k->nb[1], r.n*kb, store.k_row(slot[r.first], il));
-            if (!kv->v_trans) {
+            if (!gathered(il, false)) {
+                read(k, row0*k->nb[1], r.n*kb, store.k_row(slot[r.first], il));
+            }
+            if (!kv->v_trans && !gathered(il, true)) {
                 read(v, row0*v->nb[1], r.n*vb, store.v_row(slot[r.first], il));
             }
         }

@@ -42,7 +42,7 @@ struct llama_kv_freeze_record {
 
 // the controller state of one llama_context: cell-state operations, the host store and the importance output
 struct llama_kv_freeze {
-    llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_t host_chunk_cells);
+    llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_t host_chunk_cells, bool force_gather);
     ~llama_kv_freeze();
 
     llama_kv_freeze(const llama_kv_freeze &) = delete;
@@ -53,6 +53,9 @@ struct llama_kv_freeze {
     llama_kv_cache * kv   = nullptr;
 
     bool iswa = false;
+
+    // gather rows with get_rows also when the cache is in host memory (there a memcpy per run is as fast)
+    bool force_gather = false;
 
     //
     // operations (validate everything first, then change; throw llama_kv_freeze_error)
@@ -119,6 +122,10 @@ struct llama_kv_freeze {
     std::vector<ggml_tensor *> layer_v;
     std::vector<int32_t>       layer_il;
 
+    // copy calls and gather graphs issued so far: what the batching saves is visible from outside
+    uint64_t n_copies  = 0;
+    uint64_t n_gathers = 0;
+
     uint32_t n_frozen_cells() const;
     bool     v_trans() const;
 
@@ -130,6 +137,11 @@ private:
     std::map<ggml_backend_dev_t, ggml_backend_t> backends;
 
     ggml_backend_t backend_for(const ggml_tensor * t);
+
+    // rows (global row ids) of each tensor into dst[i] (n rows back to back): one get_rows per tensor on the
+    // device holding it, one copy back per tensor; false when the tensors' rows cannot be gathered that way
+    bool gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<uint8_t *> & dst);
+    bool can_gather(const ggml_tensor * t) const;
 
     void read (const ggml_tensor * t, size_t offset, size_t size, void * dst);
     void write(ggml_tensor * t, size_t offset, size_t size, const void * src);

@@ -127,10 +127,17 @@ void llama_kv_host_store::release(const llama_kv_host_slot & slot) {
     c->used[slot.index] = 0;
     c->n_used--;
 
+    // keep one empty chunk: offload/thaw cycles would otherwise pay fresh page faults every time
     if (c->n_used == 0) {
-        c.reset();
-        while (!chunks.empty() && !chunks.back()) {
-            chunks.pop_back();
+        uint32_t n_empty = 0;
+        for (const auto & other : chunks) {
+            n_empty += other && other->n_used == 0;
+        }
+        if (n_empty > 1) {
+            c.reset();
+            while (!chunks.empty() && !chunks.back()) {
+                chunks.pop_back();
+            }
         }
     }
 }
@@ -149,15 +156,26 @@ uint8_t * llama_kv_host_store::v_row(const llama_kv_host_slot & slot, uint32_t i
     return c->base + c->n_slots*(layer_prefix[il_kv] + k_bytes[il_kv]) + (size_t) slot.index*v_bytes[il_kv];
 }
 
-// 64-bit multiply-xorshift over 8-byte words: detects corruption at memory speed, not meant to be cryptographic
+// 64-bit multiply-xorshift over 8-byte words in four independent lanes (the multiply latency, not memory, would
+// bound a single chain): detects corruption at memory speed, not meant to be cryptographic
 static uint64_t checksum_update(uint64_t h, const uint8_t * data, size_t size) {
     const uint64_t prime = 0x100000001b3ull;
 
+    uint64_t lane[4] = { h, h ^ 0x9e3779b97f4a7c15ull, h ^ 0xc2b2ae3d27d4eb4full, h ^ 0x165667b19e3779f9ull };
+
     size_t i = 0;
-    for (; i + 8 <= size; i += 8) {
-        uint64_t w;
-        memcpy(&w, data + i, 8);
-        h = (h ^ w)*prime;
+    for (; i + 32 <= size; i += 32) {
+        for (int l = 0; l < 4; ++l) {
+            uint64_t w;
+            memcpy(&w, data + i + 8*l, 8);
+            lane[l] = (lane[l] ^ w)*prime;
+            lane[l] ^= lane[l] >> 29;
+        }
+    }
+
+    h = lane[0];
+    for (int l = 1; l < 4; ++l) {
+        h = (h ^ lane[l])*prime;
         h ^= h >> 29;
     }
     for (; i < size; ++i) {

@@ -16,6 +16,7 @@ typedef struct asrkf_kv * asrkf_kv_t;
 struct asrkf_kv_params {
     bool     pinned_host;
     uint32_t host_chunk_cells;
+    bool     force_gather;
 };
 
 struct asrkf_kv_info {
@@ -36,6 +37,8 @@ struct asrkf_kv_info {
     uint64_t kv_bytes_per_token;
     uint64_t host_bytes;
     uint64_t host_bytes_used;
+    uint64_t n_copies;
+    uint64_t n_gathers;
 };
 
 struct asrkf_kv_params asrkf_kv_default_params(void);

@@ -93,12 +93,15 @@ class KVInfo:
     kv_bytes_per_token: int
     host_bytes: int
     host_bytes_used: int
+    n_copies: int
+    n_gathers: int
 
 
-def default_params(*, pinned_host: bool = True, host_chunk_cells: int = 0):
+def default_params(*, pinned_host: bool = True, host_chunk_cells: int = 0, force_gather: bool = False):
     params = lib.asrkf_kv_default_params()
     params.pinned_host = pinned_host
     params.host_chunk_cells = host_chunk_cells
+    params.force_gather = force_gather
     return params
 
 
@@ -108,10 +111,10 @@ class KVCache:
     Keep the llama context alive while this is open; if it is freed first, every call raises AsrkfError (code -4).
     """
 
-    def __init__(self, *, ctx, pinned_host: bool = True, host_chunk_cells: int = 0):
+    def __init__(self, *, ctx, pinned_host: bool = True, host_chunk_cells: int = 0, force_gather: bool = False):
         self._ctx_ref = ctx  # keeps llama-cpp-python's wrapper (and so the context) alive
-        handle = lib.asrkf_kv_attach(_ctx_pointer(ctx), default_params(pinned_host=pinned_host,
-                                                                       host_chunk_cells=host_chunk_cells))
+        params = default_params(pinned_host=pinned_host, host_chunk_cells=host_chunk_cells, force_gather=force_gather)
+        handle = lib.asrkf_kv_attach(_ctx_pointer(ctx), params)
         if handle == ffi.NULL:
             raise AsrkfError("attach", -5, ffi.string(lib.asrkf_last_error()).decode("utf-8", "replace"))
         self.handle = handle
