@@ -1,5 +1,7 @@
 #include "llama-kv-freeze.h"
 
+#include "asrkf.h"
+
 #include "llama-arch.h"
 #include "llama-context.h"
 #include "llama-impl.h"
@@ -33,22 +35,12 @@ static std::string fmt_error(const char * fmt, ...) {
 
 #define KVF_FAIL(code, ...) throw llama_kv_freeze_error(code, fmt_error(__VA_ARGS__))
 
-// codes of asrkf.h
-enum : int32_t {
-    KVF_EINVAL       = -1,
-    KVF_EREFUSED     = -2,
-    KVF_ECHECKSUM    = -3,
-    KVF_EFREED       = -4,
-    KVF_EUNSUPPORTED = -5,
-    KVF_EBACKEND     = -6,
-};
-
 void llama_kv_freeze_check_unique(const std::vector<llama_pos> & pos, const char * op) {
     std::vector<llama_pos> sorted = pos;
     std::sort(sorted.begin(), sorted.end());
     for (size_t i = 1; i < sorted.size(); ++i) {
         if (sorted[i] == sorted[i - 1]) {
-            KVF_FAIL(KVF_EINVAL, "%s: position %d is given twice", op, sorted[i]);
+            KVF_FAIL(ASRKF_EINVAL, "%s: position %d is given twice", op, sorted[i]);
         }
     }
 }
@@ -63,7 +55,7 @@ llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_
 
     llama_memory_i * mem = lctx->memory.get();
     if (!mem) {
-        KVF_FAIL(KVF_EUNSUPPORTED, "the context has no KV cache (architecture %s)", llm_arch_name(model.arch));
+        KVF_FAIL(ASRKF_EUNSUPPORTED, "the context has no KV cache (architecture %s)", llm_arch_name(model.arch));
     }
 
     if (auto * plain = dynamic_cast<llama_kv_cache *>(mem)) {
@@ -72,22 +64,22 @@ llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_
         kv   = swa->get_base();
         iswa = true;
     } else {
-        KVF_FAIL(KVF_EUNSUPPORTED,
+        KVF_FAIL(ASRKF_EUNSUPPORTED,
                 "architecture %s uses a recurrent, hybrid or sparse-attention memory; only standard and iSWA KV caches can be frozen",
                 llm_arch_name(model.arch));
     }
 
     if (kv->other) {
-        KVF_FAIL(KVF_EUNSUPPORTED, "architecture %s shares KV cells between caches", llm_arch_name(model.arch));
+        KVF_FAIL(ASRKF_EUNSUPPORTED, "architecture %s shares KV cells between caches", llm_arch_name(model.arch));
     }
     if (kv->layers.empty()) {
-        KVF_FAIL(KVF_EUNSUPPORTED, "architecture %s has no full-attention layers to manage", llm_arch_name(model.arch));
+        KVF_FAIL(ASRKF_EUNSUPPORTED, "architecture %s has no full-attention layers to manage", llm_arch_name(model.arch));
     }
     if (kv->n_stream != 1) {
-        KVF_FAIL(KVF_EUNSUPPORTED, "the KV cache has %u streams: create the context with kv_unified = true or n_seq_max = 1", kv->n_stream);
+        KVF_FAIL(ASRKF_EUNSUPPORTED, "the KV cache has %u streams: create the context with kv_unified = true or n_seq_max = 1", kv->n_stream);
     }
     if (lctx->cparams.kv_freeze) {
-        KVF_FAIL(KVF_EREFUSED, "a freeze controller is already attached to this context");
+        KVF_FAIL(ASRKF_EREFUSED, "a freeze controller is already attached to this context");
     }
 
     std::vector<size_t> k_row_bytes;
@@ -97,7 +89,7 @@ llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_
 
     for (const auto & layer : kv->layers) {
         if (!layer.k || !layer.v) {
-            KVF_FAIL(KVF_EUNSUPPORTED, "architecture %s stores K without V (MLA); not supported", llm_arch_name(model.arch));
+            KVF_FAIL(ASRKF_EUNSUPPORTED, "architecture %s stores K without V (MLA); not supported", llm_arch_name(model.arch));
         }
 
         layer_k.push_back(layer.k);
@@ -182,7 +174,7 @@ void llama_kv_freeze::bump_graph() const {
 
 void llama_kv_freeze::sync() const {
     if (!lctx) {
-        KVF_FAIL(KVF_EFREED, "the llama_context of this handle was freed");
+        KVF_FAIL(ASRKF_EFREED, "the llama_context of this handle was freed");
     }
     lctx->synchronize();
 }
@@ -193,7 +185,7 @@ void llama_kv_freeze::sync() const {
 
 uint32_t llama_kv_freeze::stream(llama_seq_id seq_id) const {
     if (seq_id < 0 || (size_t) seq_id >= kv->seq_to_stream.size()) {
-        KVF_FAIL(KVF_EINVAL, "sequence id %d is out of range [0, %zu)", seq_id, kv->seq_to_stream.size());
+        KVF_FAIL(ASRKF_EINVAL, "sequence id %d is out of range [0, %zu)", seq_id, kv->seq_to_stream.size());
     }
     return kv->seq_to_stream[seq_id];
 }
@@ -252,13 +244,13 @@ std::vector<uint32_t> llama_kv_freeze::cells_of(llama_seq_id seq_id, const std::
         auto it = sp.lower_bound({p, 0u});
         if (it == sp.end() || it->first != p) {
             if (records.count({seq_id, p})) {
-                KVF_FAIL(KVF_EINVAL, "%s: position %d of sequence %d is offloaded, not resident", op, p, seq_id);
+                KVF_FAIL(ASRKF_EINVAL, "%s: position %d of sequence %d is offloaded, not resident", op, p, seq_id);
             }
-            KVF_FAIL(KVF_EINVAL, "%s: position %d is not in sequence %d", op, p, seq_id);
+            KVF_FAIL(ASRKF_EINVAL, "%s: position %d is not in sequence %d", op, p, seq_id);
         }
         auto next = std::next(it);
         if (next != sp.end() && next->first == p) {
-            KVF_FAIL(KVF_EINVAL, "%s: position %d of sequence %d occupies several cells", op, p, seq_id);
+            KVF_FAIL(ASRKF_EINVAL, "%s: position %d of sequence %d occupies several cells", op, p, seq_id);
         }
         res.push_back(it->second);
     }
@@ -387,7 +379,7 @@ bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const s
 
         ggml_backend_tensor_set(idx, rows.data() + r0, 0, n*sizeof(int32_t));
         if (ggml_backend_graph_compute(backend, gf) != GGML_STATUS_SUCCESS) {
-            throw llama_kv_freeze_error(KVF_EBACKEND, "offload: the gather graph failed on the device");
+            throw llama_kv_freeze_error(ASRKF_EBACKEND, "offload: the gather graph failed on the device");
         }
         n_gathers++;
         n_copies += n_t;
@@ -454,7 +446,7 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
     auto & c = cells(seq_id);
 
     if (c.get_has_shift()) {
-        KVF_FAIL(KVF_EREFUSED, "offload: a K-shift is pending; decode once (or call llama_memory_update) first");
+        KVF_FAIL(ASRKF_EREFUSED, "offload: a K-shift is pending; decode once (or call llama_memory_update) first");
     }
 
     std::vector<uint32_t> idx = cells_of(seq_id, pos, "offload");
@@ -462,10 +454,10 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
     const llama_pos pos_max = c.seq_pos_max(seq_id);
     for (size_t i = 0; i < idx.size(); ++i) {
         if (pos[i] == pos_max) {
-            KVF_FAIL(KVF_EREFUSED, "offload: position %d is the newest of sequence %d; the next token must attend it", pos[i], seq_id);
+            KVF_FAIL(ASRKF_EREFUSED, "offload: position %d is the newest of sequence %d; the next token must attend it", pos[i], seq_id);
         }
         if (c.seq_count(idx[i]) != 1) {
-            KVF_FAIL(KVF_EREFUSED, "offload: the cell of position %d is shared with another sequence", pos[i]);
+            KVF_FAIL(ASRKF_EREFUSED, "offload: the cell of position %d is shared with another sequence", pos[i]);
         }
     }
 
@@ -487,7 +479,7 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
     try {
         slot = store.alloc((uint32_t) cell.size());
     } catch (const std::bad_alloc &) {
-        KVF_FAIL(KVF_EBACKEND, "offload: out of host memory for %zu tokens (%zu bytes each)", cell.size(), store.token_bytes());
+        KVF_FAIL(ASRKF_EBACKEND, "offload: out of host memory for %zu tokens (%zu bytes each)", cell.size(), store.token_bytes());
     }
 
     const auto runs = kvf_runs(cell, slot);
@@ -626,9 +618,9 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
             const auto & sp = c.seq_pos_get(seq_id);
             auto r = sp.lower_bound({p, 0u});
             if (r != sp.end() && r->first == p) {
-                KVF_FAIL(KVF_EINVAL, "thaw: position %d of sequence %d is resident, not offloaded", p, seq_id);
+                KVF_FAIL(ASRKF_EINVAL, "thaw: position %d of sequence %d is resident, not offloaded", p, seq_id);
             }
-            KVF_FAIL(KVF_EINVAL, "thaw: position %d of sequence %d is not offloaded", p, seq_id);
+            KVF_FAIL(ASRKF_EINVAL, "thaw: position %d of sequence %d is not offloaded", p, seq_id);
         }
         rec.push_back(&it->second);
     }
@@ -636,7 +628,7 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
     // verify before touching the cache: a corrupted row must not reach attention
     for (size_t i = 0; i < rec.size(); ++i) {
         if (store.checksum(rec[i]->slot) != rec[i]->checksum) {
-            KVF_FAIL(KVF_ECHECKSUM, "thaw: the host copy of position %d of sequence %d failed its checksum; nothing was restored",
+            KVF_FAIL(ASRKF_ECHECKSUM, "thaw: the host copy of position %d of sequence %d failed its checksum; nothing was restored",
                     sorted[i], seq_id);
         }
     }
@@ -672,7 +664,7 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
             }
         }
         if (cell.size() < n) {
-            KVF_FAIL(KVF_EREFUSED, "thaw: %u positions need %u free cells, the cache has %u", n, n, (uint32_t) cell.size());
+            KVF_FAIL(ASRKF_EREFUSED, "thaw: %u positions need %u free cells, the cache has %u", n, n, (uint32_t) cell.size());
         }
     }
 
@@ -751,19 +743,19 @@ void llama_kv_freeze::host_k(llama_seq_id seq_id, int32_t il, const std::vector<
 
     const int32_t ikv = layer_index(il);
     if (ikv < 0) {
-        KVF_FAIL(KVF_EINVAL, "host_k: layer %d has no K/V in the managed cache", il);
+        KVF_FAIL(ASRKF_EINVAL, "host_k: layer %d has no K/V in the managed cache", il);
     }
     stream(seq_id);
 
     const size_t kb = store.k_row_bytes(ikv);
     if (size < pos.size()*kb) {
-        KVF_FAIL(KVF_EINVAL, "host_k: the output holds %zu bytes, %zu positions need %zu", size, pos.size(), pos.size()*kb);
+        KVF_FAIL(ASRKF_EINVAL, "host_k: the output holds %zu bytes, %zu positions need %zu", size, pos.size(), pos.size()*kb);
     }
 
     for (size_t i = 0; i < pos.size(); ++i) {
         auto it = records.find({seq_id, pos[i]});
         if (it == records.end()) {
-            KVF_FAIL(KVF_EINVAL, "host_k: position %d of sequence %d is not offloaded", pos[i], seq_id);
+            KVF_FAIL(ASRKF_EINVAL, "host_k: position %d of sequence %d is not offloaded", pos[i], seq_id);
         }
     }
     for (size_t i = 0; i < pos.size(); ++i) {
@@ -776,10 +768,10 @@ void llama_kv_freeze::debug_corrupt(llama_seq_id seq_id, llama_pos pos, uint64_t
 
     auto it = records.find({seq_id, pos});
     if (it == records.end()) {
-        KVF_FAIL(KVF_EINVAL, "debug_corrupt: position %d of sequence %d is not offloaded", pos, seq_id);
+        KVF_FAIL(ASRKF_EINVAL, "debug_corrupt: position %d of sequence %d is not offloaded", pos, seq_id);
     }
     if (byte >= store.token_bytes()) {
-        KVF_FAIL(KVF_EINVAL, "debug_corrupt: byte %" PRIu64 " is past the %zu bytes of a token", byte, store.token_bytes());
+        KVF_FAIL(ASRKF_EINVAL, "debug_corrupt: byte %" PRIu64 " is past the %zu bytes of a token", byte, store.token_bytes());
     }
 
     // walk the per-layer rows to find the byte
@@ -811,15 +803,15 @@ void llama_kv_freeze::check() const {
         const auto & sp = c.seq_pos_get(key.first);
         auto it = sp.lower_bound({key.second, 0u});
         if (it != sp.end() && it->first == key.second) {
-            KVF_FAIL(KVF_EINVAL, "check: position %d of sequence %d is both resident and offloaded", key.second, key.first);
+            KVF_FAIL(ASRKF_EINVAL, "check: position %d of sequence %d is both resident and offloaded", key.second, key.first);
         }
         if (store.checksum(rec.slot) != rec.checksum) {
-            KVF_FAIL(KVF_ECHECKSUM, "check: the host copy of position %d of sequence %d failed its checksum", key.second, key.first);
+            KVF_FAIL(ASRKF_ECHECKSUM, "check: the host copy of position %d of sequence %d failed its checksum", key.second, key.first);
         }
     }
 
     if (store.bytes_used() != records.size()*store.token_bytes()) {
-        KVF_FAIL(KVF_EINVAL, "check: the host store holds %zu bytes for %zu records", store.bytes_used(), records.size());
+        KVF_FAIL(ASRKF_EINVAL, "check: the host store holds %zu bytes for %zu records", store.bytes_used(), records.size());
     }
 
     for (uint32_t i = 0; i < c.size(); ++i) {
@@ -827,7 +819,7 @@ void llama_kv_freeze::check() const {
             continue;
         }
         if (c.seq_get_all(i).none()) {
-            KVF_FAIL(KVF_EINVAL, "check: cell %u has a position but no sequence", i);
+            KVF_FAIL(ASRKF_EINVAL, "check: cell %u has a position but no sequence", i);
         }
     }
 }

@@ -3,6 +3,8 @@
 
 #include "llama-kv-freeze.h"
 
+#include "asrkf.h"
+
 #include "llama-context.h"
 #include "llama-graph.h"
 #include "llama-hparams.h"
@@ -154,7 +156,7 @@ void llama_kv_freeze::set_importance(const llama_kv_freeze_importance_params & p
 
     if (p.enabled) {
         if (p.n_q < 1 || (uint32_t) p.n_q > lctx->cparams.n_ubatch) {
-            throw llama_kv_freeze_error(-1, "set_importance: n_q = " + std::to_string(p.n_q) +
+            throw llama_kv_freeze_error(ASRKF_EINVAL, "set_importance: n_q = " + std::to_string(p.n_q) +
                     " must be in [1, n_ubatch = " + std::to_string(lctx->cparams.n_ubatch) + "]");
         }
         if (p.layers.empty()) {
@@ -163,11 +165,11 @@ void llama_kv_freeze::set_importance(const llama_kv_freeze_importance_params & p
         std::sort(p.layers.begin(), p.layers.end());
         for (size_t i = 0; i < p.layers.size(); ++i) {
             if (layer_index(p.layers[i]) < 0) {
-                throw llama_kv_freeze_error(-1, "set_importance: layer " + std::to_string(p.layers[i]) +
+                throw llama_kv_freeze_error(ASRKF_EINVAL, "set_importance: layer " + std::to_string(p.layers[i]) +
                         " has no K/V in the managed cache (window layers of iSWA models and shared layers cannot be scored)");
             }
             if (i > 0 && p.layers[i] == p.layers[i - 1]) {
-                throw llama_kv_freeze_error(-1, "set_importance: layer " + std::to_string(p.layers[i]) + " is given twice");
+                throw llama_kv_freeze_error(ASRKF_EINVAL, "set_importance: layer " + std::to_string(p.layers[i]) + " is given twice");
             }
         }
     } else {
@@ -185,13 +187,13 @@ void llama_kv_freeze::importance(llama_seq_id seq_id, std::vector<llama_pos> & p
     stream(seq_id);
 
     if (!imp.enabled) {
-        throw llama_kv_freeze_error(-2, "importance: the importance output is off (asrkf_kv_set_importance)");
+        throw llama_kv_freeze_error(ASRKF_EREFUSED, "importance: the importance output is off (asrkf_kv_set_importance)");
     }
     if (!input_active || !input_active->importance) {
-        throw llama_kv_freeze_error(-2, "importance: no decode has run with the importance output on");
+        throw llama_kv_freeze_error(ASRKF_EREFUSED, "importance: no decode has run with the importance output on");
     }
     if (input_epoch != epoch) {
-        throw llama_kv_freeze_error(-2, "importance: cells moved (offload, thaw or removal) since the last decode; decode again first");
+        throw llama_kv_freeze_error(ASRKF_EREFUSED, "importance: cells moved (offload, thaw or removal) since the last decode; decode again first");
     }
 
     ggml_tensor * t = input_active->importance;
@@ -215,10 +217,10 @@ void llama_kv_freeze::query(int32_t il, std::vector<float> & out, int32_t & n_q,
     sync();
 
     if (!imp.enabled || !imp.export_q) {
-        throw llama_kv_freeze_error(-2, "query: the query export is off (asrkf_kv_set_importance with export_q)");
+        throw llama_kv_freeze_error(ASRKF_EREFUSED, "query: the query export is off (asrkf_kv_set_importance with export_q)");
     }
     if (!input_active) {
-        throw llama_kv_freeze_error(-2, "query: no decode has run with the query export on");
+        throw llama_kv_freeze_error(ASRKF_EREFUSED, "query: no decode has run with the query export on");
     }
 
     for (const auto & [l, t] : input_active->queries) {
@@ -233,5 +235,5 @@ void llama_kv_freeze::query(int32_t il, std::vector<float> & out, int32_t & n_q,
         return;
     }
 
-    throw llama_kv_freeze_error(-1, "query: layer " + std::to_string(il) + " is not one of the selected importance layers");
+    throw llama_kv_freeze_error(ASRKF_EINVAL, "query: layer " + std::to_string(il) + " is not one of the selected importance layers");
 }
