@@ -135,3 +135,43 @@ def test_frozen_cells_are_released_on_close(tiny_path):
         with KVCache(ctx=s.context) as kv:
             assert kv.info().n_frozen == 0
             assert np.all(kv.cells()[1] == 1)
+
+
+def test_shift_onto_offloaded_positions_is_refused(filled):
+    s, kv = filled
+    before = snapshot(kv)
+    # moves [50, end) down onto 5.., where 10..12 are offloaded: a thaw would then give them two cells
+    llama_cpp.llama_memory_seq_add(s.context.memory, 0, 50, -1, -45)
+    assert snapshot(kv) == before
+    llama_cpp.llama_memory_seq_add(s.context.memory, 0, 50, -1, 10)  # away from them: allowed
+    assert s.pos_max() == 109
+    kv.check()
+
+
+def two_sequence_session(tiny_path):
+    return session(tiny_path, n_ctx=256, flash_attn="on", n_batch=64, n_ubatch=64, n_seq_max=2)
+
+
+def test_shared_cells_are_neither_frozen_nor_copied_over_offloaded_positions(tiny_path):
+    with two_sequence_session(tiny_path) as s, KVCache(ctx=s.context) as kv:
+        s.decode(random_tokens(40, seed=21), 0)
+        llama_cpp.llama_memory_seq_cp(s.context.memory, 0, 1, 0, 20)  # seq 1 shares the prefix
+        with pytest.raises(AsrkfError) as err:
+            kv.freeze([5])
+        assert err.value.code == -2 and "shared" in err.value.message
+        kv.freeze([30])  # not shared
+        kv.offload([25])
+        before = snapshot(kv)
+        llama_cpp.llama_memory_seq_cp(s.context.memory, 0, 1, 20, 30)  # would lose position 25 for seq 1
+        assert snapshot(kv) == before
+        assert len(kv.cells(1)[0]) == 20
+
+
+def test_importance_of_another_sequence_is_refused(tiny_path):
+    with two_sequence_session(tiny_path) as s, KVCache(ctx=s.context) as kv:
+        kv.set_importance(True, n_q=1)
+        s.decode(random_tokens(30, seed=22), 0)
+        assert len(kv.importance(0)[0]) == 30
+        with pytest.raises(AsrkfError) as err:
+            kv.importance(1)
+        assert "sequence 0" in err.value.message

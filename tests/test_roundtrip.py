@@ -1,5 +1,6 @@
 """offload -> thaw must give back exactly the computation that never offloaded."""
 
+import llama_cpp
 import numpy as np
 import pytest
 
@@ -105,3 +106,10 @@ def test_iswa_model_manages_the_full_attention_cache(gemma3_path):
     with session(gemma3_path, n_ctx=512, n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
         info = kv.info()
         assert info.iswa and info.n_layer_kv < info.n_layer
+        s.decode(tokens[:100], 0)
+        kv.offload([20, 21])
+        # a refused shift must not reach the window layers' cache either
+        llama_cpp.llama_memory_seq_add(s.context.memory, 0, 50, -1, -35)
+        assert s.pos_max() == 99 and kv.offloaded().tolist() == [20, 21]
+        kv.thaw([20, 21])
+        kv.check()

@@ -130,8 +130,10 @@ ASRKF_API int32_t asrkf_kv_thaw(asrkf_kv_t kv, int32_t seq_id, const int32_t * p
 ASRKF_API int32_t asrkf_kv_set_importance(asrkf_kv_t kv, bool enabled, int32_t n_q, const int32_t * layers, int32_t n_layers, bool export_q);
 
 // scores of the latest decode, for the resident cells of seq_id (frozen ones included: shadow mask)
-// score = attention probability summed over heads, the last n_q queries and the selected layers
-// refused (-2) when no decode ran with importance on, or the cells changed since (offload, thaw, seq_rm)
+// score = attention probability summed over heads, the last n_q queries and the selected layers; the queries are
+// the last n_q tokens of the decode's last ubatch (fewer if that ubatch is shorter)
+// refused (-2) when no decode ran with importance on, the cells changed since (offload, thaw, seq_rm), or those
+// queries were not all of seq_id
 ASRKF_API int32_t asrkf_kv_importance(asrkf_kv_t kv, int32_t seq_id, int32_t * pos, float * score, int32_t cap, int32_t * n_out);
 
 // query vectors of the latest decode for one selected layer, in the space of the stored K (after RoPE and the

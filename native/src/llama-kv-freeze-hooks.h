@@ -20,9 +20,12 @@ void llama_kv_freeze_on_clear   (llama_kv_freeze * kvf);
 void llama_kv_freeze_on_seq_rm  (llama_kv_freeze * kvf, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
 void llama_kv_freeze_on_seq_keep(llama_kv_freeze * kvf, llama_seq_id seq_id);
 
-// llama_kv_cache: false (and an error logged) when [p0, p1) of seq_id (-1: any) holds offloaded positions,
-// so that shifts, copies and state save/load cannot silently skip them
-bool llama_kv_freeze_allow_edit(const llama_kv_freeze * kvf, const char * op, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+// llama_kv_cache(_iswa): false (and an error logged) when the edit would skip offloaded positions or land on them:
+// a shift or copy over them, or a snapshot without them
+bool llama_kv_freeze_allow_seq_cp (const llama_kv_freeze * kvf, llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1);
+bool llama_kv_freeze_allow_seq_add(const llama_kv_freeze * kvf, llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift);
+bool llama_kv_freeze_allow_seq_div(const llama_kv_freeze * kvf, llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d);
+bool llama_kv_freeze_allow_state  (const llama_kv_freeze * kvf, const char * op, llama_seq_id seq_id);
 
 // llama_context destructor
 void llama_kv_freeze_on_context_free(llama_context * lctx);

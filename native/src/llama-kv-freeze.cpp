@@ -162,6 +162,9 @@ void llama_kv_freeze::on_context_free() {
     records.clear();
     store.clear();
 
+    kv->freeze = nullptr;
+    lctx->cparams.kv_freeze = nullptr;
+
     lctx = nullptr;
     kv   = nullptr;
 }
@@ -426,7 +429,13 @@ void llama_kv_freeze::freeze(llama_seq_id seq_id, const std::vector<llama_pos> &
 
     const auto idx = cells_of(seq_id, pos, op);
 
+    // the flag is per cell: on a cell shared with another sequence it would freeze that sequence too
     auto & c = cells(seq_id);
+    for (size_t i = 0; i < idx.size(); ++i) {
+        if (c.seq_count(idx[i]) != 1) {
+            KVF_FAIL(ASRKF_EREFUSED, "%s: the cell of position %d is shared with another sequence", op, pos[i]);
+        }
+    }
     for (const uint32_t i : idx) {
         c.set_frozen(i, frozen);
     }
@@ -482,9 +491,38 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
         KVF_FAIL(ASRKF_EBACKEND, "offload: out of host memory for %zu tokens (%zu bytes each)", cell.size(), store.token_bytes());
     }
 
+    // nothing in the cache changes until every row is on the host and recorded
+    try {
+        copy_to_host(stream(seq_id), cell, slot);
+
+        for (uint32_t i = 0; i < cell.size(); ++i) {
+            llama_kv_freeze_record rec;
+            rec.slot     = slot[i];
+            rec.ext      = c.ext_get(cell[i]);
+            rec.checksum = store.checksum(slot[i]);
+            rec.cell     = cell[i];
+
+            records.emplace(std::make_pair(seq_id, cpos[i]), rec);
+        }
+    } catch (...) {
+        finish_copies();
+        for (uint32_t i = 0; i < cell.size(); ++i) {
+            records.erase({seq_id, cpos[i]}); // new keys only: these positions were resident
+            store.release(slot[i]);
+        }
+        throw;
+    }
+
+    for (const uint32_t i : cell) {
+        c.rm(i);
+    }
+
+    epoch++;
+}
+
+void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & cell, const std::vector<llama_kv_host_slot> & slot) {
     const auto runs = kvf_runs(cell, slot);
 
-    const uint32_t strm    = stream(seq_id);
     const uint64_t kv_size = kv->get_size();
 
     std::vector<uint8_t> staging;
@@ -577,20 +615,6 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
     }
 
     finish_copies();
-
-    for (uint32_t i = 0; i < cell.size(); ++i) {
-        llama_kv_freeze_record rec;
-        rec.slot     = slot[i];
-        rec.ext      = c.ext_get(cell[i]);
-        rec.checksum = store.checksum(slot[i]);
-        rec.cell     = cell[i];
-
-        records[{seq_id, cpos[i]}] = rec;
-
-        c.rm(cell[i]);
-    }
-
-    epoch++;
 }
 
 //
@@ -612,14 +636,14 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
     std::sort(sorted.begin(), sorted.end());
 
     std::vector<const llama_kv_freeze_record *> rec;
+    const auto & sp = c.seq_pos_get(seq_id);
     for (const llama_pos p : sorted) {
+        auto r = sp.lower_bound({p, 0u});
+        if (r != sp.end() && r->first == p) {
+            KVF_FAIL(ASRKF_EINVAL, "thaw: position %d of sequence %d is resident, not offloaded", p, seq_id);
+        }
         auto it = records.find({seq_id, p});
         if (it == records.end()) {
-            const auto & sp = c.seq_pos_get(seq_id);
-            auto r = sp.lower_bound({p, 0u});
-            if (r != sp.end() && r->first == p) {
-                KVF_FAIL(ASRKF_EINVAL, "thaw: position %d of sequence %d is resident, not offloaded", p, seq_id);
-            }
             KVF_FAIL(ASRKF_EINVAL, "thaw: position %d of sequence %d is not offloaded", p, seq_id);
         }
         rec.push_back(&it->second);
@@ -892,13 +916,36 @@ void llama_kv_freeze_on_seq_keep(llama_kv_freeze * kvf, llama_seq_id seq_id) {
     kvf->on_seq_keep(seq_id);
 }
 
-bool llama_kv_freeze_allow_edit(const llama_kv_freeze * kvf, const char * op, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
-    if (!kvf->has_offloaded(seq_id, p0, p1)) {
-        return true;
-    }
-    LLAMA_LOG_ERROR("%s: refused: sequence %d has positions offloaded to host memory in [%d, %d); thaw them first\n",
-            op, seq_id, p0, p1);
+static bool kvf_refuse(const char * op, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    LLAMA_LOG_ERROR("%s: refused: sequence %d has positions offloaded to host memory in [%d, %d) that this would "
+            "skip or overwrite; thaw them first\n", op, seq_id, p0, p1 < 0 ? std::numeric_limits<llama_pos>::max() : p1);
     return false;
+}
+
+bool llama_kv_freeze_allow_seq_cp(const llama_kv_freeze * kvf, llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) {
+    // the source would lose them in the copy; the target would get a resident twin of its own offloaded positions
+    for (const llama_seq_id s : { seq_id_src, seq_id_dst }) {
+        if (kvf->has_offloaded(s, p0, p1)) {
+            return kvf_refuse("seq_cp", s, p0, p1);
+        }
+    }
+    return true;
+}
+
+bool llama_kv_freeze_allow_seq_add(const llama_kv_freeze * kvf, llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift) {
+    // the moved range and where it lands
+    const llama_pos lo = std::min(std::max(p0, 0), std::max(p0, 0) + shift);
+    const llama_pos hi = p1 < 0 ? -1 : std::max(p1, p1 + shift);
+    return !kvf->has_offloaded(seq_id, lo, hi) || kvf_refuse("seq_add", seq_id, lo, hi);
+}
+
+bool llama_kv_freeze_allow_seq_div(const llama_kv_freeze * kvf, llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {
+    const llama_pos lo = d > 0 ? std::max(p0, 0) / d : 0;
+    return !kvf->has_offloaded(seq_id, lo, p1) || kvf_refuse("seq_div", seq_id, lo, p1);
+}
+
+bool llama_kv_freeze_allow_state(const llama_kv_freeze * kvf, const char * op, llama_seq_id seq_id) {
+    return !kvf->has_offloaded(seq_id, 0, -1) || kvf_refuse(op, seq_id, 0, -1);
 }
 
 void llama_kv_freeze_on_context_free(llama_context * lctx) {

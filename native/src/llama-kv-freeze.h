@@ -107,6 +107,7 @@ struct llama_kv_freeze {
     // the input of the graph that ran last, and the cell epoch when it ran
     llm_graph_input_kv_freeze * input_active = nullptr;
     uint64_t                    input_epoch  = 0;
+    llama_seq_id                input_seq    = -1;
 
     // the input being built (between build_input and the end of the graph)
     llm_graph_input_kv_freeze * input_building = nullptr;
@@ -142,6 +143,9 @@ private:
     // device holding it, one copy back per tensor; false when the tensors' rows cannot be gathered that way
     bool gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<uint8_t *> & dst);
     bool can_gather(const ggml_tensor * t) const;
+
+    // K/V rows of the cells into the slots (cells ascending; slots from store.alloc)
+    void copy_to_host(uint32_t strm, const std::vector<uint32_t> & cell, const std::vector<llama_kv_host_slot> & slot);
 
     void read (const ggml_tensor * t, size_t offset, size_t size, void * dst);
     void write(ggml_tensor * t, size_t offset, size_t size, const void * src);

@@ -40,6 +40,14 @@ public:
         if (kvf) {
             kvf->input_active = this;
             kvf->input_epoch  = kvf->epoch;
+
+            // the sequence whose queries are scored; -1 when the last n_q tokens mix sequences
+            kvf->input_seq = ubatch->seq_id[ubatch->n_tokens - 1][0];
+            for (uint32_t i = ubatch->n_tokens - n_q; i < ubatch->n_tokens; ++i) {
+                if (ubatch->n_seq_id[i] != 1 || ubatch->seq_id[i][0] != kvf->input_seq) {
+                    kvf->input_seq = -1;
+                }
+            }
         }
     }
 
@@ -194,6 +202,11 @@ void llama_kv_freeze::importance(llama_seq_id seq_id, std::vector<llama_pos> & p
     }
     if (input_epoch != epoch) {
         throw llama_kv_freeze_error(ASRKF_EREFUSED, "importance: cells moved (offload, thaw or removal) since the last decode; decode again first");
+    }
+    if (input_seq != seq_id) {
+        throw llama_kv_freeze_error(ASRKF_EREFUSED, "importance: the last decode scored the queries of " +
+                (input_seq < 0 ? std::string("several sequences") : "sequence " + std::to_string(input_seq)) +
+                ", not of sequence " + std::to_string(seq_id));
     }
 
     ggml_tensor * t = input_active->importance;

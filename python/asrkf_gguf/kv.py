@@ -199,7 +199,7 @@ class KVCache:
 
     def set_importance(self, enabled: bool = True, *, n_q: int = 1, layers: Optional[Sequence[int]] = None,
                        export_q: bool = False) -> None:
-        ls = _positions(layers or [])
+        ls = _positions([] if layers is None else layers)
         _check("set_importance", lib.asrkf_kv_set_importance(self._h(), enabled, n_q, _i32(ls), ls.size, export_q))
 
     def importance(self, seq_id: int = 0):
