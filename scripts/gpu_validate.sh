@@ -3,6 +3,7 @@
 # model and KV cache on the GPU, and measure offload/thaw throughput between device and pinned host memory.
 #   .device/llama.cpp : unpatched llama.cpp of llama-cpp-python 0.3.36 (vendor/llama.cpp, trimmed)
 #   .device/whl       : wheels missing there (cffi, pycparser, gguf, diskcache, llama-cpp-python built pure)
+# scripts/prepare_device_carry.sh fills both; then call the device tool with carry [".device"].
 set -euo pipefail
 OUT=${OUT:-/tmp/asrkf-out}
 mkdir -p "$OUT"

@@ -24,7 +24,7 @@ def scores_and_reference(path, fa):
         s.decode(tokens[N:], N)
         kv.offload(range(N))
         d = info.n_embd_head_k
-        k = {il: kv.host_k(il, range(N), row_bytes=2 * info.n_head_kv * d).view(np.float16).astype(np.float64)
+        k = {il: kv.host_k(il, range(N)).view(np.float16).astype(np.float64)
              .reshape(N, info.n_head_kv, d) for il in range(info.n_layer)}
         kv.thaw(range(N))
 

@@ -140,7 +140,10 @@ ASRKF_API int32_t asrkf_kv_importance(asrkf_kv_t kv, int32_t seq_id, int32_t * p
 // rotation applied for quantized K): out[t][h][d], t < n_q, h < n_head, d < n_embd_head_k
 ASRKF_API int32_t asrkf_kv_query(asrkf_kv_t kv, int32_t layer, float * out, int64_t cap, int32_t * n_q, int32_t * n_head, int32_t * n_embd_head);
 
-// raw K bytes (cache type, ggml_row_size(type_k, n_embd_k_gqa) per position) of offloaded positions for one layer
+// bytes of one token's K row and V row in one layer (cache type; layers can differ)
+ASRKF_API int32_t asrkf_kv_row_bytes(asrkf_kv_t kv, int32_t layer, size_t * k_bytes, size_t * v_bytes);
+
+// raw K bytes (asrkf_kv_row_bytes per position, cache type) of offloaded positions for one layer
 ASRKF_API int32_t asrkf_kv_host_k(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int32_t * pos, int32_t n, void * out, size_t size);
 
 // check the invariants of the cell table and the host store; -1 with a message on the first violation

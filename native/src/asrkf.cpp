@@ -243,6 +243,17 @@ int32_t asrkf_kv_query(asrkf_kv_t kv, int32_t layer, float * out, int64_t cap, i
     });
 }
 
+int32_t asrkf_kv_row_bytes(asrkf_kv_t kv, int32_t layer, size_t * k_bytes, size_t * v_bytes) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
+        const int32_t ikv = kvf.layer_index(layer);
+        if (ikv < 0) {
+            throw llama_kv_freeze_error(ASRKF_EINVAL, "row_bytes: layer " + std::to_string(layer) + " has no K/V in the managed cache");
+        }
+        if (k_bytes) { *k_bytes = kvf.store.k_row_bytes(ikv); }
+        if (v_bytes) { *v_bytes = kvf.store.v_row_bytes(ikv); }
+    });
+}
+
 int32_t asrkf_kv_host_k(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int32_t * pos, int32_t n, void * out, size_t size) {
     return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
         if (!out && n > 0) {

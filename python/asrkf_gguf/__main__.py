@@ -36,12 +36,12 @@ def demo(model: str | None, n_cells: int, n_tokens: int) -> int:
         elapsed = time.perf_counter() - t0
         info = kv.info()
         span = kv.offloaded()[:32]
-        k_before = kv.host_k(kv.info().n_layer - 1, span, row_bytes=_k_row_bytes(info))
+        k_before = kv.host_k(kv.info().n_layer - 1, span)
         room = kv.cells()[0][4:4 + len(span)]
         kv.offload(room)
         kv.thaw(span)
         kv.offload(span)
-        intact = np.array_equal(kv.host_k(info.n_layer - 1, span, row_bytes=_k_row_bytes(info)), k_before)
+        intact = np.array_equal(kv.host_k(info.n_layer - 1, span), k_before)
         kv.check()
         print(f"model            {path}")
         print(f"logical tokens   {n_tokens} decoded on a {n_cells}-cell cache ({n_tokens / n_cells:.1f}x)")
@@ -51,11 +51,6 @@ def demo(model: str | None, n_cells: int, n_tokens: int) -> int:
         print(f"time             {elapsed:.2f} s ({n_tokens / elapsed:.0f} tok/s prefill), offload {t_move * 1e3:.1f} ms")
         print(f"span {span[0]}..{span[-1]} thawed and re-offloaded byte-identical: {intact}")
     return 0 if intact else 1
-
-
-def _k_row_bytes(info) -> int:
-    n = info.n_head_kv * info.n_embd_head_k
-    return {1: 2 * n, 8: n // 32 * 34, 2: n // 32 * 18}[info.type_k]
 
 
 def main(argv=None) -> int:

@@ -223,10 +223,16 @@ class KVCache:
         _check("query", lib.asrkf_kv_query(h, layer, ffi.cast("float *", ffi.from_buffer(out)), out.size, nq, nh, nd))
         return out
 
-    def host_k(self, layer: int, pos: Positions, seq_id: int = 0, *, row_bytes: int) -> np.ndarray:
-        """Raw K rows (cache type) of offloaded positions: [n, row_bytes] uint8."""
+    def row_bytes(self, layer: int):
+        """(K, V) bytes of one token in one layer, in the cache's types."""
+        k, v = ffi.new("size_t *"), ffi.new("size_t *")
+        _check("row_bytes", lib.asrkf_kv_row_bytes(self._h(), layer, k, v))
+        return int(k[0]), int(v[0])
+
+    def host_k(self, layer: int, pos: Positions, seq_id: int = 0) -> np.ndarray:
+        """Raw K rows (cache type) of offloaded positions: [n, K row bytes] uint8."""
         p = _positions(pos)
-        out = np.empty((p.size, row_bytes), np.uint8)
+        out = np.empty((p.size, self.row_bytes(layer)[0]), np.uint8)
         _check("host_k", lib.asrkf_kv_host_k(self._h(), seq_id, layer, _i32(p), p.size,
                                              ffi.from_buffer(out), out.nbytes))
         return out
