@@ -113,7 +113,7 @@ def test_one_controller_per_context_and_free_refuses_to_lose_rows(tiny_path):
         kv = KVCache(ctx=s.context)
         with pytest.raises(AsrkfError) as err:
             KVCache(ctx=s.context)
-        assert "already attached" in err.value.message
+        assert err.value.code == -2 and "already attached" in err.value.message
         s.decode(random_tokens(20, seed=17), 0)
         kv.offload([2])
         with pytest.raises(AsrkfError) as err:

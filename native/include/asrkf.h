@@ -95,8 +95,10 @@ struct asrkf_kv_info {
 
 ASRKF_API struct asrkf_kv_params asrkf_kv_default_params(void);
 
-// the message of the last failed call on this thread ("" if none)
+// the message and code of the last failed call on this thread ("" and 0 if none); the code is how a failed
+// asrkf_kv_attach (which returns NULL) says why
 ASRKF_API const char * asrkf_last_error(void);
+ASRKF_API int32_t      asrkf_last_error_code(void);
 
 // attach to ctx; returns NULL on failure (unsupported cache, already attached, ...)
 // the handle must be freed before or after the context; once the context is freed every call returns ASRKF_EFREED

@@ -18,9 +18,16 @@ struct asrkf_kv {
 };
 
 static thread_local std::string g_last_error;
+static thread_local int32_t     g_last_error_code = 0;
+
+static void clear_error() {
+    g_last_error.clear();
+    g_last_error_code = 0;
+}
 
 static int32_t fail(int32_t code, const char * func, const std::string & msg) {
-    g_last_error = msg;
+    g_last_error      = msg;
+    g_last_error_code = code;
     LLAMA_LOG_ERROR("%s: %s\n", func, msg.c_str());
     return code;
 }
@@ -43,7 +50,7 @@ static int32_t guarded(const char * func, asrkf_kv_t kv, F && fn) {
     } catch (const std::exception & err) {
         return fail(ASRKF_EBACKEND, func, err.what());
     }
-    g_last_error.clear();
+    clear_error();
     return ASRKF_OK;
 }
 
@@ -78,6 +85,10 @@ const char * asrkf_last_error(void) {
     return g_last_error.c_str();
 }
 
+int32_t asrkf_last_error_code(void) {
+    return g_last_error_code;
+}
+
 asrkf_kv_t asrkf_kv_attach(struct llama_context * ctx, struct asrkf_kv_params params) {
     if (!ctx) {
         fail(ASRKF_EINVAL, __func__, "ctx is NULL");
@@ -92,7 +103,7 @@ asrkf_kv_t asrkf_kv_attach(struct llama_context * ctx, struct asrkf_kv_params pa
             delete kv;
             throw;
         }
-        g_last_error.clear();
+        clear_error();
         return kv;
     } catch (const llama_kv_freeze_error & err) {
         fail(err.code, __func__, err.what());
@@ -115,7 +126,7 @@ int32_t asrkf_kv_free(asrkf_kv_t kv, bool force) {
     }
     delete kv->kvf;
     delete kv;
-    g_last_error.clear();
+    clear_error();
     return ASRKF_OK;
 }
 

@@ -43,6 +43,7 @@ struct asrkf_kv_info {
 
 struct asrkf_kv_params asrkf_kv_default_params(void);
 const char * asrkf_last_error(void);
+int32_t asrkf_last_error_code(void);
 asrkf_kv_t asrkf_kv_attach(struct llama_context * ctx, struct asrkf_kv_params params);
 int32_t asrkf_kv_free(asrkf_kv_t kv, bool force);
 int32_t asrkf_kv_get_info(asrkf_kv_t kv, struct asrkf_kv_info * info);

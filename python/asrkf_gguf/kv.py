@@ -116,7 +116,7 @@ class KVCache:
         params = default_params(pinned_host=pinned_host, host_chunk_cells=host_chunk_cells, force_gather=force_gather)
         handle = lib.asrkf_kv_attach(_ctx_pointer(ctx), params)
         if handle == ffi.NULL:
-            raise AsrkfError("attach", -5, ffi.string(lib.asrkf_last_error()).decode("utf-8", "replace"))
+            raise AsrkfError("attach", lib.asrkf_last_error_code(), ffi.string(lib.asrkf_last_error()).decode("utf-8", "replace"))
         self.handle = handle
 
     # ---- lifetime

@@ -1,8 +1,12 @@
-"""Tiny random-weight GGUF models (llama / qwen2) for fast tests.
+"""Tiny random-weight GGUF models (llama / qwen2 / mamba) for fast tests.
 
 Written with the ``gguf`` package (gguf-py) in the layout llama.cpp's loader
 expects for these architectures; llama.cpp loads and runs them like real
 models, only the outputs are meaningless.
+
+llama and qwen2 are attention models with a standard KV cache; mamba (Mamba
+v1) is a recurrent model whose memory is not a KV cache, for testing that
+unsupported architectures are refused cleanly.
 """
 
 from __future__ import annotations
@@ -21,12 +25,25 @@ import numpy as np
 __all__ = ["TinyModelSpec", "write_tiny_model", "tiny_model"]
 
 # Bump when the file layout or weight recipe changes, so tiny_model() caches
-# written by an older version are not reused.
+# written by an older version are not reused. One version for the attention
+# archs (llama, qwen2) and one for mamba, so either can change alone.
 _FORMAT_VERSION = 1
+_MAMBA_FORMAT_VERSION = 1
 
-_ARCHS = ("llama", "qwen2")
+_ATTENTION_ARCHS = ("llama", "qwen2")
+_SSM_ARCHS = ("mamba",)
+_ARCHS = _ATTENTION_ARCHS + _SSM_ARCHS
 _DTYPES = {"f32": np.float32, "f16": np.float16}
-_RMS_EPS = {"llama": 1e-5, "qwen2": 1e-6}
+_RMS_EPS = {"llama": 1e-5, "qwen2": 1e-6, "mamba": 1e-5}
+# Fields only the attention archs use, and fields only mamba uses. Each kind of
+# spec leaves the other's fields out of its cache key, so adding the mamba
+# fields did not change the keys (and cached files) of llama/qwen2 specs.
+_ATTENTION_FIELDS = ("n_head", "n_head_kv", "head_dim", "n_ff", "rope_theta")
+_SSM_FIELDS = ("ssm_d_conv", "ssm_d_state", "ssm_dt_rank")
+# Mamba defaults (those of the reference implementation and of
+# convert_hf_to_gguf.py); dt_rank defaults to ceil(n_embd / 16).
+_SSM_D_CONV = 4
+_SSM_D_STATE = 16
 # q4_0 stores 32 values in 18 bytes: a KV row of a multiple of 64 values is a
 # multiple of 36 bytes, so rows of a q4_0 KV cache stay 4-byte aligned.
 _KV_ROW_MULTIPLE = 64
@@ -36,7 +53,15 @@ _MIN_VOCAB = 3 + 256
 
 @dataclass(frozen=True)
 class TinyModelSpec:
-    """Shape of a tiny model. head_dim defaults to n_embd // n_head."""
+    """Shape of a tiny model. head_dim defaults to n_embd // n_head.
+
+    arch="mamba" writes a Mamba (v1) model: it uses n_layer, n_embd, n_vocab,
+    n_ctx_train, seed, dtype and the ssm_* fields (d_inner is 2 * n_embd, the
+    only expansion llama.cpp supports; ssm_d_conv defaults to 4, ssm_d_state
+    to 16, ssm_dt_rank to ceil(n_embd / 16)). The attention fields (n_head,
+    n_head_kv, head_dim, n_ff, rope_theta) must stay at their defaults there,
+    and the ssm_* fields must stay None for llama/qwen2.
+    """
 
     arch: str = "llama"
     n_layer: int = 2
@@ -50,12 +75,35 @@ class TinyModelSpec:
     rope_theta: float = 10000.0
     seed: int = 0
     dtype: str = "f32"  # 2-D weights: "f32" or "f16" (norms and biases stay f32)
+    # mamba only (None: the mamba default; must stay None for llama/qwen2)
+    ssm_d_conv: int | None = None   # conv1d kernel width
+    ssm_d_state: int | None = None  # SSM state size per channel
+    ssm_dt_rank: int | None = None  # rank of the time-step projection
 
     def __post_init__(self) -> None:
         if self.arch not in _ARCHS:
             raise ValueError(f"arch must be one of {_ARCHS}, got {self.arch!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}")
+        if self.arch in _SSM_ARCHS:
+            self._check_mamba()
+        else:
+            self._check_attention()
+        # <unk> <s> </s> + all 256 byte tokens: llama.cpp's SPM tokenizer falls
+        # back to byte tokens and aborts (std::out_of_range) if one is missing.
+        if self.n_vocab < _MIN_VOCAB:
+            raise ValueError(
+                f"n_vocab must be at least {_MIN_VOCAB} (3 special + 256 byte tokens), got {self.n_vocab}"
+            )
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+
+    def _check_attention(self) -> None:
+        for field in _SSM_FIELDS:
+            if getattr(self, field) is not None:
+                raise ValueError(
+                    f"{field} is a Mamba setting; arch={self.arch!r} does not use it, leave it None"
+                )
         for field in ("n_layer", "n_embd", "n_head", "n_head_kv", "n_ff", "n_vocab", "n_ctx_train"):
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
@@ -90,23 +138,54 @@ class TinyModelSpec:
             raise ValueError(
                 f"qwen2 needs n_head * head_dim == n_embd, got {self.n_head} * {self.head_dim} != {self.n_embd}"
             )
-        # <unk> <s> </s> + all 256 byte tokens: llama.cpp's SPM tokenizer falls
-        # back to byte tokens and aborts (std::out_of_range) if one is missing.
-        if self.n_vocab < _MIN_VOCAB:
-            raise ValueError(
-                f"n_vocab must be at least {_MIN_VOCAB} (3 special + 256 byte tokens), got {self.n_vocab}"
-            )
         if not isinstance(self.rope_theta, (int, float)) or not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}")
         # 10000 and 10000.0 are the same spec: keep cache_key the same too.
         object.__setattr__(self, "rope_theta", float(self.rope_theta))
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+
+    def _check_mamba(self) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for field in _ATTENTION_FIELDS:
+            if getattr(self, field) != defaults[field]:
+                raise ValueError(
+                    f"{field} is an attention setting; arch={self.arch!r} does not use it, "
+                    f"leave it at its default ({defaults[field]!r})"
+                )
+        for field in ("n_layer", "n_embd", "n_vocab", "n_ctx_train"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{field} must be a positive int, got {value!r}")
+        resolved = {
+            "ssm_d_conv": _SSM_D_CONV,
+            "ssm_d_state": _SSM_D_STATE,
+            "ssm_dt_rank": -(-self.n_embd // 16),
+        }
+        for field, default in resolved.items():
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, default)
+            value = getattr(self, field)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{field} must be a positive int, got {value!r}")
+        # the conv state holds the last d_conv - 1 inputs: a width of 1 leaves it empty
+        if self.ssm_d_conv < 2:
+            raise ValueError(f"ssm_d_conv must be at least 2, got {self.ssm_d_conv}")
+
+    @property
+    def ssm_d_inner(self) -> int | None:
+        """Mamba's inner width: 2 * n_embd (the only expansion llama.cpp supports); None for attention archs."""
+        return 2 * self.n_embd if self.arch in _SSM_ARCHS else None
 
     @property
     def cache_key(self) -> str:
         """Stable hash of the spec and the writer's format version."""
-        data = {"format": _FORMAT_VERSION, **dataclasses.asdict(self)}
+        fields = dataclasses.asdict(self)
+        if self.arch in _SSM_ARCHS:
+            unused, version = _ATTENTION_FIELDS, _MAMBA_FORMAT_VERSION
+        else:
+            unused, version = _SSM_FIELDS, _FORMAT_VERSION
+        for field in unused:
+            del fields[field]
+        data = {"format": version, **fields}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -157,14 +236,24 @@ def _add_metadata(writer, spec: TinyModelSpec, gguf) -> None:
     writer.add_context_length(spec.n_ctx_train)
     writer.add_embedding_length(spec.n_embd)
     writer.add_block_count(spec.n_layer)
-    writer.add_feed_forward_length(spec.n_ff)
-    writer.add_head_count(spec.n_head)
-    writer.add_head_count_kv(spec.n_head_kv)
-    # Explicit head sizes so head_dim != n_embd // n_head works (llama arch).
-    writer.add_key_length(spec.head_dim)
-    writer.add_value_length(spec.head_dim)
-    writer.add_rope_dimension_count(spec.head_dim)
-    writer.add_rope_freq_base(float(spec.rope_theta))
+    if spec.arch in _SSM_ARCHS:
+        # As convert_hf_to_gguf.py writes Mamba: no attention heads, no FFN.
+        writer.add_feed_forward_length(0)
+        writer.add_head_count(0)
+        writer.add_ssm_conv_kernel(spec.ssm_d_conv)
+        writer.add_ssm_inner_size(spec.ssm_d_inner)
+        writer.add_ssm_state_size(spec.ssm_d_state)
+        writer.add_ssm_time_step_rank(spec.ssm_dt_rank)
+        writer.add_ssm_dt_b_c_rms(False)  # classic Mamba (not Falcon-Mamba)
+    else:
+        writer.add_feed_forward_length(spec.n_ff)
+        writer.add_head_count(spec.n_head)
+        writer.add_head_count_kv(spec.n_head_kv)
+        # Explicit head sizes so head_dim != n_embd // n_head works (llama arch).
+        writer.add_key_length(spec.head_dim)
+        writer.add_value_length(spec.head_dim)
+        writer.add_rope_dimension_count(spec.head_dim)
+        writer.add_rope_freq_base(float(spec.rope_theta))
     writer.add_layer_norm_rms_eps(_RMS_EPS[spec.arch])
     writer.add_vocab_size(spec.n_vocab)
 
@@ -208,18 +297,42 @@ def _tensors(spec: TinyModelSpec, gguf):
     names = gguf.TENSOR_NAMES
     M = gguf.MODEL_TENSOR
 
-    def weight(rows: int, cols: int, std: float | None = None) -> np.ndarray:
+    def weight(rows: int, cols: int, std: float | None = None, dtype=None) -> np.ndarray:
         # std 1/sqrt(fan_in) keeps activations O(1) through each projection,
         # so attention scores and logits have real spread (std 0.02 would make
         # attention almost uniform and logits almost flat, hiding KV-cache errors).
         std = 1.0 / np.sqrt(cols) if std is None else std
-        return (rng.standard_normal((rows, cols)) * std).astype(wtype)
+        return (rng.standard_normal((rows, cols)) * std).astype(wtype if dtype is None else dtype)
 
     def vector(n: int, std: float) -> np.ndarray:
         return (rng.standard_normal(n) * std).astype(np.float32)
 
     def ones(n: int) -> np.ndarray:
         return np.ones(n, dtype=np.float32)
+
+    if spec.arch in _SSM_ARCHS:
+        yield names[M.TOKEN_EMBD] + ".weight", weight(spec.n_vocab, spec.n_embd, std=1.0)
+        d_inner, d_state, dt_rank = spec.ssm_d_inner, spec.ssm_d_state, spec.ssm_dt_rank
+        # Mamba's S4D-real init: A = -exp(A_log) = -(1..d_state) for every channel.
+        ssm_a = np.tile(-np.arange(1, d_state + 1, dtype=np.float32), (d_inner, 1))
+        for il in range(spec.n_layer):
+            n = lambda t: names[t].format(bid=il)  # noqa: E731,B023 - used within this iteration
+            yield n(M.ATTN_NORM) + ".weight", ones(spec.n_embd)
+            yield n(M.SSM_IN) + ".weight", weight(2 * d_inner, spec.n_embd)  # x and z halves
+            # llama.cpp's ssm_conv and ssm_scan want the conv kernel and A in f32
+            yield n(M.SSM_CONV1D) + ".weight", weight(d_inner, spec.ssm_d_conv, dtype=np.float32)
+            yield n(M.SSM_CONV1D) + ".bias", vector(d_inner, 0.1)
+            yield n(M.SSM_X) + ".weight", weight(dt_rank + 2 * d_state, d_inner)  # dt, B, C
+            yield n(M.SSM_DT) + ".weight", weight(d_inner, dt_rank)
+            # bias = softplus^-1(dt) with dt log-uniform in [1e-3, 1e-1], as Mamba initializes it
+            dt = np.exp(rng.uniform(np.log(1e-3), np.log(1e-1), d_inner))
+            yield n(M.SSM_DT) + ".bias", (dt + np.log(-np.expm1(-dt))).astype(np.float32)
+            yield n(M.SSM_A), ssm_a  # no ".weight" suffix for A and D
+            yield n(M.SSM_D), ones(d_inner)
+            yield n(M.SSM_OUT) + ".weight", weight(spec.n_embd, d_inner)
+        yield names[M.OUTPUT_NORM] + ".weight", ones(spec.n_embd)
+        yield names[M.OUTPUT] + ".weight", weight(spec.n_vocab, spec.n_embd)
+        return
 
     n_q = spec.n_head * spec.head_dim
     n_kv = spec.n_head_kv * spec.head_dim
