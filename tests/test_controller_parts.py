@@ -1,0 +1,108 @@
+"""Unit tests of the controller's parts on synthetic data: schedule, token table, entropy levels, policies."""
+
+import numpy as np
+import pytest
+
+from asrkf_gguf import CellState
+from asrkf_gguf.entropy import EntropyMonitor, Recovery, entropy_of
+from asrkf_gguf.policies import POLICIES, AsrkfPolicy, H2OPolicy, WindowPolicy, make_policy
+from asrkf_gguf.schedule import TokenTable, freeze_durations
+
+
+def test_freeze_durations_grow_like_sqrt():
+    c = np.array([0, 1, 2, 3, 4, 8, 9, 16, 100])
+    np.testing.assert_array_equal(freeze_durations(c, 1.0), [1, 1, 1, 1, 2, 2, 3, 4, 10])
+    np.testing.assert_array_equal(freeze_durations(c, 2.0), [1, 1, 1, 1, 1, 1, 1, 2, 5])
+    with pytest.raises(ValueError):
+        freeze_durations(c, 0)
+    with pytest.raises(ValueError):
+        freeze_durations(np.array([-1]), 1.0)
+
+
+def test_table_grows_and_accounts_for_every_position():
+    t = TokenTable(capacity=4)
+    t.append(10)
+    assert t.n == 10 and t.capacity >= 10 and t.counts()["active"] == 10
+    t.freeze(np.array([2, 3]), step=5, k=1.0, period=4)
+    t.state[[6]] = CellState.OFFLOADED
+    assert t.counts() == {"active": 7, "frozen": 2, "offloaded": 1}
+    t.check()
+    # c = 1 -> one period; a second judgement (c = 4 after more) lengthens it like sqrt
+    np.testing.assert_array_equal(t.frozen_until[[2, 3]], [9, 9])
+    np.testing.assert_array_equal(t.expired(8), [])
+    np.testing.assert_array_equal(t.expired(9), [2, 3])
+    t.low_count[2] = 3
+    t.freeze(np.array([2]), step=20, k=1.0, period=4)
+    assert t.frozen_until[2] == 20 + 2 * 4
+
+
+def test_observe_keeps_a_running_score_and_a_total():
+    t = TokenTable()
+    t.append(3)
+    for _ in range(50):
+        t.observe(np.array([0, 1, 2]), np.array([1.0, 0.5, 0.0]), ema=0.2)
+    np.testing.assert_allclose(t.score[:3], [1.0, 0.5, 0.0], atol=1e-4)
+    np.testing.assert_allclose(t.mass[:3], [50, 25, 0])
+    with pytest.raises(ValueError):
+        t.observe(np.array([3]), np.array([1.0]), ema=0.2)
+
+
+def test_entropy_of_matches_the_definition():
+    logits = np.array([2.0, 1.0, 0.0, -1.0])
+    p = np.exp(logits) / np.exp(logits).sum()
+    assert entropy_of(logits) == pytest.approx(-(p * np.log(p)).sum())
+    assert entropy_of(np.zeros(8)) == pytest.approx(np.log(8))
+    assert entropy_of(np.array([1e4, 0.0])) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_entropy_spikes_escalate_through_four_levels_and_cool_down():
+    m = EntropyMonitor(alpha=0.1, z_spike=3.0, warmup=20, cooldown=5)
+    rng = np.random.default_rng(0)
+    assert all(m.update(2.0 + 0.05 * rng.standard_normal()) is None for _ in range(40))
+    levels = [m.update(6.0) for _ in range(6)]
+    # a persisting spike escalates SR -> WR -> FR -> RR and stays at RR (the running stats adapt slowly)
+    assert levels[:4] == [Recovery.SR, Recovery.WR, Recovery.FR, Recovery.RR]
+    assert all(level in (Recovery.RR, None) for level in levels[4:])
+    for _ in range(60):
+        m.update(2.0 + 0.05 * rng.standard_normal())
+    assert m.level == 0
+    assert m.update(9.0) == Recovery.SR  # after a quiet stretch it starts again from the mildest level
+
+
+def test_a_lasting_entropy_regime_stops_escalating():
+    m = EntropyMonitor(alpha=0.1, z_spike=3.0, warmup=10, cooldown=5)
+    for _ in range(30):
+        m.update(1.0)
+    levels = [m.update(4.0) for _ in range(200)]
+    assert levels[:4] == [Recovery.SR, Recovery.WR, Recovery.FR, Recovery.RR]
+    assert levels[-20:] == [None] * 20 and m.level == 0
+
+
+def table_with_scores(scores):
+    t = TokenTable()
+    t.append(len(scores))
+    t.observe(np.arange(len(scores)), np.asarray(scores, np.float32), ema=1.0)
+    return t
+
+
+def test_policies_protect_sinks_and_recent_and_pick_the_lowest():
+    scores = np.array([0.0, 0.0, 5, 1, 4, 2, 3, 0.0, 0.0, 0.0])
+    t = table_with_scores(scores)
+    asrkf = AsrkfPolicy(n_sinks=2, recent=3)
+    np.testing.assert_array_equal(asrkf.candidates(t, CellState.ACTIVE), [2, 3, 4, 5, 6])
+    np.testing.assert_array_equal(asrkf.lowest(t, CellState.ACTIVE, 2), [3, 5])
+    np.testing.assert_array_equal(WindowPolicy(n_sinks=2, recent=3).lowest(t, CellState.ACTIVE, 2), [2, 3])
+    np.testing.assert_array_equal(H2OPolicy(n_sinks=2, recent=3).lowest(t, CellState.ACTIVE, 1), [3])
+    assert make_policy("full").lowest(t, CellState.ACTIVE, 5).size == 0
+    np.testing.assert_array_equal(asrkf.judged_low(t), [3])  # below the 25% quantile of {5, 1, 4, 2, 3}
+
+
+def test_policy_registry_and_validation():
+    assert set(POLICIES) == {"full", "window", "h2o", "asrkf"}
+    assert not POLICIES["window"].reversible and not POLICIES["h2o"].reversible and POLICIES["asrkf"].reversible
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("lru")
+    with pytest.raises(ValueError):
+        AsrkfPolicy(k=0)
+    with pytest.raises(ValueError):
+        WindowPolicy(recent=0)
