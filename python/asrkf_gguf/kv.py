@@ -21,6 +21,7 @@ class CellState(enum.IntEnum):
     ACTIVE = 1
     FROZEN = 2
     OFFLOADED = 3
+    DROPPED = 4  # eviction baselines only (window, h2o): removed for good; never produced by the native core
 
 
 _CODES = {
@@ -114,7 +115,9 @@ class KVCache:
     def __init__(self, *, ctx, pinned_host: bool = True, host_chunk_cells: int = 0, force_gather: bool = False):
         self._ctx_ref = ctx  # keeps llama-cpp-python's wrapper (and so the context) alive
         params = default_params(pinned_host=pinned_host, host_chunk_cells=host_chunk_cells, force_gather=force_gather)
-        handle = lib.asrkf_kv_attach(_ctx_pointer(ctx), params)
+        ctx_ptr = _ctx_pointer(ctx)
+        self._ctx_address = int(ffi.cast("uintptr_t", ctx_ptr))
+        handle = lib.asrkf_kv_attach(ctx_ptr, params)
         if handle == ffi.NULL:
             raise AsrkfError("attach", lib.asrkf_last_error_code(), ffi.string(lib.asrkf_last_error()).decode("utf-8", "replace"))
         self.handle = handle
@@ -194,6 +197,21 @@ class KVCache:
     def thaw(self, pos: Positions, seq_id: int = 0, *, frozen: bool = False) -> None:
         p = _positions(pos)
         _check("thaw", lib.asrkf_kv_thaw(self._h(), seq_id, _i32(p), p.size, frozen))
+
+    def drop(self, pos: Positions, seq_id: int = 0) -> None:
+        """Remove positions for good (llama_memory_seq_rm, one call per run of consecutive positions).
+
+        Only the eviction baselines do this; their host copies, if any, go too.
+        """
+        import llama_cpp
+
+        self._h()
+        p = np.unique(_positions(pos))
+        if p.size == 0:
+            return
+        mem = llama_cpp.llama_get_memory(ctypes.c_void_p(self._ctx_address))
+        for run in np.split(p, np.flatnonzero(np.diff(p) != 1) + 1):
+            llama_cpp.llama_memory_seq_rm(mem, seq_id, int(run[0]), int(run[-1]) + 1)
 
     # ---- importance
 

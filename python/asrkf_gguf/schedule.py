@@ -68,6 +68,15 @@ class TokenTable:
         self.state[self.n:need] = CellState.ACTIVE
         self.n = need
 
+    def truncate(self, n: int) -> None:
+        """Forget positions n.. (they were removed from the sequence, e.g. to regenerate them)."""
+        if not 0 <= n <= self.n:
+            raise ValueError(f"cannot truncate {self.n} positions to {n}")
+        for name in ("state", "score", "mass", "low_count", "frozen_until"):
+            getattr(self, name)[n:self.n] = 0
+        self.frozen_at[n:self.n] = -1
+        self.n = n
+
     def observe(self, pos: np.ndarray, importance: np.ndarray, ema: float) -> None:
         """Fold one step's attention mass (native importance output) into the running score and the total."""
         if not 0 < ema <= 1:
@@ -101,7 +110,7 @@ class TokenTable:
     def check(self, kv=None, seq_id: int = 0) -> None:
         """Every position accounted for exactly once; with a KVCache, the table matches the native cell table."""
         s = self.state[: self.n]
-        if not np.isin(s, [CellState.ACTIVE, CellState.FROZEN, CellState.OFFLOADED]).all():
+        if not np.isin(s, [CellState.ACTIVE, CellState.FROZEN, CellState.OFFLOADED, CellState.DROPPED]).all():
             raise AssertionError("a position has no state")
         if kv is None:
             return

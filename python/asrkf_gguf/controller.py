@@ -1,0 +1,192 @@
+"""The ASR-KF-EGR controller: between token steps, decide what to freeze, offload and bring back.
+
+One batched native call per kind of change and step; the decisions are numpy operations on the TokenTable.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import numpy as np
+
+from .entropy import EntropyMonitor, Recovery, entropy_of
+from .kv import CellState, KVCache
+from .policies import AsrkfPolicy, Policy
+from .schedule import TokenTable, freeze_durations
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    budget_cells: int               # device cells for ACTIVE + FROZEN tokens (at most the context's n_ctx)
+    ema: float = 0.3                # weight of the newest importance in the running score
+    n_q: int = 1                    # queries scored per step
+    importance_layers: Optional[tuple] = None  # model layers scored (None: all full-attention layers)
+    wr_window: int = 32             # WR unfreezes what was frozen in the last wr_window steps
+    rr_tokens: int = 4              # RR regenerates this many tokens (the generator does it)
+
+    def __post_init__(self):
+        if self.budget_cells < 1 or not 0 < self.ema <= 1 or self.n_q < 1 or self.wr_window < 1 or self.rr_tokens < 0:
+            raise ValueError("ControllerConfig: budget_cells >= 1, 0 < ema <= 1, n_q >= 1, wr_window >= 1, "
+                             "rr_tokens >= 0 are required")
+
+
+@dataclass
+class ControllerStats:
+    freezes: int = 0
+    unfreezes: int = 0
+    offloads: int = 0
+    thaws: int = 0
+    drops: int = 0
+    recoveries: Dict[str, int] = field(default_factory=lambda: {r.name: 0 for r in Recovery})
+    active_peak: int = 0
+    active_sum: int = 0
+    resident_peak: int = 0
+    host_bytes_peak: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+
+
+class Controller:
+    """Owns the token table of one sequence and keeps the KV cache within budget through a KVCache."""
+
+    def __init__(self, kv: KVCache, policy: Policy, config: ControllerConfig, *, seq_id: int = 0):
+        info = kv.info()
+        if policy.uses_budget and config.budget_cells > info.n_cells:
+            raise ValueError(f"budget of {config.budget_cells} cells exceeds the context's {info.n_cells} cells")
+        if policy.uses_budget and config.budget_cells <= policy.n_sinks + policy.recent:
+            raise ValueError(f"budget of {config.budget_cells} cells leaves no room beyond the protected "
+                             f"{policy.n_sinks} sink and {policy.recent} recent tokens")
+        self.kv = kv
+        self.policy = policy
+        self.config = config
+        self.seq_id = seq_id
+        self.table = TokenTable()
+        self.entropy = EntropyMonitor()
+        self.stats = ControllerStats()
+        self.step = 0
+        self.scores_importance = policy.name in ("asrkf", "h2o")
+        if self.scores_importance:
+            kv.set_importance(True, n_q=config.n_q, layers=config.importance_layers)
+
+    # ---- per step
+
+    def on_decoded(self, n_new: int, logits: Optional[np.ndarray] = None) -> Optional[Recovery]:
+        """Account for n_new tokens just decoded at the next positions; returns the recovery level applied."""
+        t0 = time.perf_counter()
+        self.table.append(n_new)
+        if self.scores_importance:
+            pos, score = self.kv.importance(self.seq_id)
+            self.table.observe(pos, score, self.config.ema)
+        level = None
+        if logits is not None:
+            level = self.entropy.update(entropy_of(logits))
+        self.step += 1
+        if isinstance(self.policy, AsrkfPolicy):
+            if level is not None:
+                self._recover(level)
+            if self.step % self.policy.period == 0:
+                self._reevaluate()
+        self._account()
+        self.stats.seconds += time.perf_counter() - t0
+        return level
+
+    def make_room(self, n_next: int) -> None:
+        """Before decoding n_next tokens: move or drop tokens so that resident + n_next fits the budget."""
+        if not self.policy.uses_budget:
+            return
+        t0 = time.perf_counter()
+        counts = self.table.counts()
+        excess = counts["active"] + counts["frozen"] + n_next - self.config.budget_cells
+        if excess > 0:
+            if self.policy.reversible:
+                self._offload(excess)
+            else:
+                self._drop(excess)
+        self.stats.seconds += time.perf_counter() - t0
+
+    # ---- decisions
+
+    def _reevaluate(self) -> None:
+        """Expired freezes come back; frozen tokens whose shadow score rose come back early; low ones freeze."""
+        t = self.table
+        frozen = t.positions(CellState.FROZEN)
+        active_scores = t.score[t.positions(CellState.ACTIVE)]
+        back = t.expired(self.step)
+        if frozen.size and active_scores.size:
+            risen = frozen[t.score[frozen] >= np.median(active_scores)]
+            back = np.union1d(back, risen)
+        self._unfreeze(back)
+        low = self.policy.judged_low(t)
+        if low.size:
+            self.kv.freeze(low, self.seq_id)
+            t.freeze(low, self.step, self.policy.k, self.policy.period)
+            self.stats.freezes += int(low.size)
+
+    def _recover(self, level: Recovery) -> None:
+        t = self.table
+        self.stats.recoveries[level.name] += 1
+        frozen = t.positions(CellState.FROZEN)
+        if level == Recovery.SR:
+            self._unfreeze(frozen[freeze_durations(t.low_count[frozen], self.policy.k) > 1])
+        elif level == Recovery.WR:
+            self._unfreeze(frozen[t.frozen_at[frozen] >= self.step - self.config.wr_window])
+        else:  # FR, RR: forget every judgement; the best-scored tokens, offloaded or not, take the device cells
+            t.low_count[: t.n] = 0
+            self._unfreeze(frozen)
+            movable = self.policy.candidates(t, CellState.ACTIVE)
+            off = t.positions(CellState.OFFLOADED)
+            counts = t.counts()
+            room = max(0, self.config.budget_cells - counts["active"] - counts["frozen"] - self.config.rr_tokens - 1)
+            pool = np.concatenate([movable, off])
+            keep = pool[np.argsort(-t.score[pool], kind="stable")[: movable.size + room]]
+            out, back = np.setdiff1d(movable, keep), np.intersect1d(off, keep)
+            if out.size:
+                self.kv.offload(out, self.seq_id)
+                t.state[out] = CellState.OFFLOADED
+                self.stats.offloads += int(out.size)
+            if back.size:
+                self.kv.thaw(back, self.seq_id)
+                t.state[back] = CellState.ACTIVE
+                self.stats.thaws += int(back.size)
+
+    def _unfreeze(self, pos: np.ndarray) -> None:
+        if pos.size:
+            self.kv.unfreeze(pos, self.seq_id)
+            self.table.state[pos] = CellState.ACTIVE
+            self.stats.unfreezes += int(pos.size)
+
+    def _offload(self, n: int) -> None:
+        """Longest-frozen first (ties: lowest score), then the lowest-scored active tokens."""
+        t = self.table
+        frozen = self.policy.candidates(t, CellState.FROZEN)
+        order = np.lexsort((t.score[frozen], t.frozen_at[frozen]))
+        pick = frozen[order[:n]]
+        if pick.size < n:
+            pick = np.concatenate([pick, self.policy.lowest(t, CellState.ACTIVE, n - pick.size)])
+        if pick.size < n:
+            raise RuntimeError(f"cannot make room for {n} tokens: only {pick.size} are movable within the budget "
+                               f"({self.config.budget_cells} cells)")
+        pick = np.sort(pick)
+        self.kv.offload(pick, self.seq_id)
+        t.state[pick] = CellState.OFFLOADED
+        self.stats.offloads += int(pick.size)
+
+    def _drop(self, n: int) -> None:
+        t = self.table
+        pick = self.policy.lowest(t, CellState.ACTIVE, n)
+        if pick.size < n:
+            raise RuntimeError(f"cannot make room for {n} tokens within the budget ({self.config.budget_cells} cells)")
+        self.kv.drop(pick, self.seq_id)
+        t.state[pick] = CellState.DROPPED
+        self.stats.drops += int(pick.size)
+
+    def _account(self) -> None:
+        c = self.table.counts()
+        s = self.stats
+        s.steps += 1
+        s.active_peak = max(s.active_peak, c["active"])
+        s.active_sum += c["active"]
+        s.resident_peak = max(s.resident_peak, c["active"] + c["frozen"])
+        s.host_bytes_peak = max(s.host_bytes_peak, self.kv.info().host_bytes_used)

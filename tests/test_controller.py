@@ -1,0 +1,87 @@
+"""The controller on the real library: invariants at every step, baselines, budget, recovery paths."""
+
+import numpy as np
+import pytest
+
+from asrkf_gguf import CellState, KVCache
+from asrkf_gguf.controller import Controller, ControllerConfig
+from asrkf_gguf.entropy import Recovery
+from asrkf_gguf.generate import generate_greedy
+from asrkf_gguf.policies import make_policy
+from conftest import random_tokens, session
+
+
+def run(path, policy, prompt, max_tokens, budget, n_ctx, **policy_params):
+    with session(path, n_ctx=n_ctx, flash_attn="on", n_batch=128, n_ubatch=128) as s, KVCache(ctx=s.context) as kv:
+        ctl = Controller(kv, make_policy(policy, **policy_params), ControllerConfig(budget_cells=budget))
+        res = generate_greedy(s, ctl, prompt, max_tokens, check_every_step=True)
+        return res, ctl.stats, ctl.table.counts()
+
+
+def test_full_policy_reproduces_plain_greedy(demo_model_path):
+    prompt = random_tokens(200, seed=40, vocab=40000)
+    with session(demo_model_path, n_ctx=512, flash_attn="on", n_batch=128, n_ubatch=128) as s:
+        logits = s.decode(prompt, 0)
+        plain = []
+        for i in range(24):
+            plain.append(int(np.argmax(logits)))
+            logits = s.decode([plain[-1]], len(prompt) + i)
+    res, stats, counts = run(demo_model_path, "full", prompt, 24, budget=512, n_ctx=512)
+    assert res.tokens == plain
+    assert stats.freezes == stats.offloads == stats.drops == 0
+
+
+def test_asrkf_at_a_quarter_budget_accounts_for_every_position(demo_model_path):
+    prompt = random_tokens(1500, seed=41, vocab=40000)
+    budget = 1500 // 4
+    res, stats, counts = run(demo_model_path, "asrkf", prompt, 48, budget=budget, n_ctx=budget,
+                             recent=64, period=8)
+    assert len(res.tokens) == 48 and all(np.isfinite(l).all() for l in res.logits)
+    assert counts["dropped"] == 0
+    assert sum(counts.values()) == 1500 + 48   # nothing lost
+    assert counts["offloaded"] >= 1500 - budget
+    assert counts["active"] + counts["frozen"] <= budget
+    assert stats.freezes > 0 and stats.offloads > 0 and stats.resident_peak <= budget
+
+
+@pytest.mark.parametrize("policy", ["window", "h2o"])
+def test_eviction_baselines_drop_for_good_within_budget(tiny_path, policy):
+    prompt = random_tokens(600, seed=42)
+    res, stats, counts = run(tiny_path, policy, prompt, 32, budget=200, n_ctx=256, recent=32)
+    assert counts["offloaded"] == 0 and counts["dropped"] >= 600 + 32 - 200
+    assert counts["active"] <= 200 and stats.drops == counts["dropped"]
+
+
+def test_budget_that_leaves_no_room_is_refused(tiny_path):
+    with session(tiny_path, n_ctx=128) as s, KVCache(ctx=s.context) as kv:
+        with pytest.raises(ValueError, match="protected"):
+            Controller(kv, make_policy("asrkf", n_sinks=4, recent=64), ControllerConfig(budget_cells=60))
+        with pytest.raises(ValueError, match="exceeds"):
+            Controller(kv, make_policy("asrkf"), ControllerConfig(budget_cells=4096))
+
+
+@pytest.mark.parametrize("level", list(Recovery))
+def test_every_recovery_level_keeps_the_cache_consistent(tiny_path, level):
+    prompt = random_tokens(300, seed=43)
+    with session(tiny_path, n_ctx=160, flash_attn="on", n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        ctl = Controller(kv, make_policy("asrkf", recent=16, period=2), ControllerConfig(budget_cells=150))
+        generate_greedy(s, ctl, prompt, 16, check_every_step=True)
+        before = ctl.table.counts()
+        assert before["frozen"] + before["offloaded"] > 0
+        ctl._recover(level)
+        ctl.table.check(kv)
+        after = ctl.table.counts()
+        assert sum(after.values()) == sum(before.values())
+        if level >= Recovery.FR:
+            # nothing frozen; the movable tokens on the device are the best-scored of all movable ones
+            t = ctl.table
+            assert after["frozen"] == 0 and after["active"] <= 150
+            on_device = ctl.policy.candidates(t, CellState.ACTIVE)
+            off = t.positions(CellState.OFFLOADED)
+            assert t.score[off].max() <= t.score[on_device].min()
+        assert ctl.stats.recoveries[level.name] == 1
+        # and decoding goes on
+        ctl.make_room(1)
+        logits = s.decode([5], ctl.table.n)
+        ctl.on_decoded(1, logits)
+        ctl.table.check(kv)
