@@ -6,7 +6,7 @@ import pytest
 from asrkf_gguf import CellState, KVCache
 from asrkf_gguf.controller import Controller, ControllerConfig
 from asrkf_gguf.entropy import Recovery
-from asrkf_gguf.generate import generate_greedy
+from asrkf_gguf.generate import generate
 from asrkf_gguf.policies import make_policy
 from conftest import random_tokens, session
 
@@ -14,7 +14,7 @@ from conftest import random_tokens, session
 def run(path, policy, prompt, max_tokens, budget, n_ctx, **policy_params):
     with session(path, n_ctx=n_ctx, flash_attn="on", n_batch=128, n_ubatch=128) as s, KVCache(ctx=s.context) as kv:
         ctl = Controller(kv, make_policy(policy, **policy_params), ControllerConfig(budget_cells=budget))
-        res = generate_greedy(s, ctl, prompt, max_tokens, check_every_step=True)
+        res = generate(s, ctl, prompt, max_tokens, check_every_step=True)
         return res, ctl.stats, ctl.table.counts()
 
 
@@ -65,7 +65,7 @@ def test_every_recovery_level_keeps_the_cache_consistent(tiny_path, level):
     prompt = random_tokens(300, seed=43)
     with session(tiny_path, n_ctx=160, flash_attn="on", n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
         ctl = Controller(kv, make_policy("asrkf", recent=16, period=2), ControllerConfig(budget_cells=150))
-        generate_greedy(s, ctl, prompt, 16, check_every_step=True)
+        generate(s, ctl, prompt, 16, check_every_step=True)
         before = ctl.table.counts()
         assert before["frozen"] + before["offloaded"] > 0
         ctl._recover(level)

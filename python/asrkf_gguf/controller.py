@@ -66,6 +66,7 @@ class Controller:
         self.entropy = EntropyMonitor()
         self.stats = ControllerStats()
         self.step = 0
+        self.bytes_per_token = info.kv_bytes_per_token
         self.scores_importance = policy.name in ("asrkf", "h2o")
         if self.scores_importance:
             kv.set_importance(True, n_q=config.n_q, layers=config.importance_layers)
@@ -189,4 +190,5 @@ class Controller:
         s.active_peak = max(s.active_peak, c["active"])
         s.active_sum += c["active"]
         s.resident_peak = max(s.resident_peak, c["active"] + c["frozen"])
-        s.host_bytes_peak = max(s.host_bytes_peak, self.kv.info().host_bytes_used)
+        # the host store holds exactly kv_bytes_per_token per offloaded token (asrkf_kv_check verifies it)
+        s.host_bytes_peak = max(s.host_bytes_peak, c["offloaded"] * self.bytes_per_token)

@@ -1,13 +1,13 @@
-"""Greedy generation under a controller: prefill in chunks that fit the budget, then one token per step.
+"""Generation under a controller: prefill in chunks that fit the budget, then one token per step.
 
-The sampling Engine of the next milestone builds on the same loop; greedy keeps this one deterministic, which is
-what the tests and the quality comparisons need.
+Positions continue from where the sequence stands, so the same call serves every turn of a chat.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Sequence
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
@@ -16,24 +16,53 @@ from .entropy import Recovery
 from .llama import LlamaSession
 
 
+def greedy(logits: np.ndarray) -> int:
+    return int(np.argmax(logits))
+
+
+def sampler(temperature: float, seed: int) -> Callable[[np.ndarray], int]:
+    """Softmax sampling at a temperature (0: greedy), reproducible for a seed."""
+    if temperature < 0:
+        raise ValueError(f"temperature cannot be negative, got {temperature}")
+    if temperature == 0:
+        return greedy
+    rng = np.random.default_rng(seed)
+
+    def pick(logits: np.ndarray) -> int:
+        z = (np.asarray(logits, np.float64) - np.max(logits)) / temperature
+        p = np.exp(z)
+        return int(rng.choice(p.size, p=p / p.sum()))
+
+    return pick
+
+
 @dataclass
-class GreedyResult:
+class GenerationResult:
     tokens: List[int]
-    logits: List[np.ndarray]  # the distribution each generated token was taken from
-    rewalks: int
+    logits: List[np.ndarray] = field(repr=False)  # the distribution each generated token was taken from
+    rewalks: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    n_prompt: int = 0
 
 
-def generate_greedy(session: LlamaSession, controller: Controller, prompt: Sequence[int], max_tokens: int,
-                    *, check_every_step: bool = False) -> GreedyResult:
+def generate(session: LlamaSession, controller: Controller, prompt: Sequence[int], max_tokens: int, *,
+             pick: Callable[[np.ndarray], int] = greedy, stop_at_eog: bool = False,
+             on_token: Optional[Callable[[int], None]] = None,
+             on_prefill: Optional[Callable[[int, int], None]] = None,
+             check_every_step: bool = False) -> GenerationResult:
+    """Decode `prompt` at the next positions of the sequence, then generate up to max_tokens tokens."""
     if not prompt:
         raise ValueError("the prompt is empty")
     if max_tokens < 0:
         raise ValueError("max_tokens cannot be negative")
     chunk = session.options.n_batch
     if controller.policy.uses_budget:
-        # the protected recent window must leave room for a chunk
+        # the protected tokens must leave room for a chunk
         chunk = max(1, min(chunk, controller.config.budget_cells - controller.policy.n_protected(controller.table) - 1))
-    pos = 0
+
+    t0 = time.perf_counter()
+    pos = controller.table.n
     logits = None
     for start in range(0, len(prompt), chunk):
         part = list(prompt[start:start + chunk])
@@ -41,32 +70,46 @@ def generate_greedy(session: LlamaSession, controller: Controller, prompt: Seque
         logits = session.decode(part, pos)
         pos += len(part)
         controller.on_decoded(len(part), None)
+        if on_prefill:
+            on_prefill(start + len(part), len(prompt))
         if check_every_step:
             controller.table.check(controller.kv, controller.seq_id)
+    res = GenerationResult(tokens=[], logits=[], n_prompt=len(prompt))
+    res.prefill_seconds = time.perf_counter() - t0
 
-    tokens: List[int] = []
-    history: List[np.ndarray] = []
-    rewalks = 0
+    t0 = time.perf_counter()
     k = controller.config.rr_tokens
-    while len(tokens) < max_tokens:
-        token = int(np.argmax(logits))
-        tokens.append(token)
-        history.append(logits)
+    emitted = 0  # tokens passed to on_token: held back k steps, since a rewalk can take back the last k
+    eog = False
+    while len(res.tokens) < max_tokens:
+        token = pick(logits)
+        res.tokens.append(token)
+        res.logits.append(logits)
+        if stop_at_eog and session.is_eog(token):
+            eog = True
+            break
+        while on_token and emitted < len(res.tokens) - k:
+            on_token(res.tokens[emitted])
+            emitted += 1
         controller.make_room(1)
         logits = session.decode([token], pos)
         pos += 1
         level = controller.on_decoded(1, logits)
-        if level == Recovery.RR and k > 0 and len(tokens) > k:
+        if level == Recovery.RR and k > 0 and len(res.tokens) > k:
             # rewalk: the cache was just restored (FR); take back the last k tokens and decode again from there
-            keep = len(tokens) - k
+            keep = len(res.tokens) - k
             pos -= k + 1
             session.seq_rm(pos, -1)
             controller.table.truncate(pos)
-            del tokens[keep:], history[keep:]
-            logits = session.decode([tokens[-1]], pos)
+            del res.tokens[keep:], res.logits[keep:]
+            logits = session.decode([res.tokens[-1]], pos)
             pos += 1
             controller.on_decoded(1, None)
-            rewalks += 1
+            res.rewalks += 1
         if check_every_step:
             controller.table.check(controller.kv, controller.seq_id)
-    return GreedyResult(tokens=tokens, logits=history, rewalks=rewalks)
+    while on_token and emitted < len(res.tokens) - (1 if eog else 0):
+        on_token(res.tokens[emitted])
+        emitted += 1
+    res.decode_seconds = time.perf_counter() - t0
+    return res

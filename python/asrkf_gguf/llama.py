@@ -116,6 +116,71 @@ class LlamaSession:
         ptr = llama_cpp.llama_get_logits_ith(self.ctx, -1)
         return np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,)).copy()
 
+    # ---- text
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list:
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self.model.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            raise ValueError(f"tokenization failed ({n})")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.model.vocab, token))
+
+    def chat_prompt(self, messages: Sequence[dict], *, add_assistant: bool = True) -> str:
+        """The model's own chat template (from the GGUF) applied to [{role, content}, ...]."""
+        tmpl = llama_cpp.llama_model_chat_template(self.model.model, None)
+        if not tmpl:
+            raise ValueError("the model has no chat template")
+        chat = (llama_cpp.llama_chat_message * len(messages))()
+        keep = []  # the encoded strings must outlive the call
+        for i, m in enumerate(messages):
+            role, content = m["role"].encode(), m["content"].encode()
+            keep += [role, content]
+            chat[i].role, chat[i].content = role, content
+        size = 256 + 2 * sum(len(m["content"]) + len(m["role"]) for m in messages)
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_chat_apply_template(tmpl, chat, len(messages), add_assistant, buf, size)
+            if n < 0:
+                raise ValueError("the model's chat template is not one llama.cpp can apply")
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", "replace")
+            size = n
+        raise ValueError("chat template output kept growing")
+
+    @staticmethod
+    def n_ctx_train(model_path: str) -> int:
+        """The training context of a GGUF, from its metadata (loads the vocabulary only)."""
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.vocab_only = True
+        model = llama_cpp.llama_model_load_from_file(model_path.encode(), mparams)
+        if not model:
+            raise ValueError(f"could not load {model_path}")
+        try:
+            def meta(key: str) -> str:
+                buf = ctypes.create_string_buffer(256)
+                n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+                return buf.value.decode() if n >= 0 else ""
+
+            value = meta(meta("general.architecture") + ".context_length")
+            if not value.isdigit():
+                raise ValueError(f"{model_path} does not say its training context")
+            return int(value)
+        finally:
+            llama_cpp.llama_model_free(model)
+
     def seq_rm(self, p0: int, p1: int) -> bool:
         return bool(llama_cpp.llama_memory_seq_rm(self.context.memory, 0, p0, p1))
 
