@@ -18,13 +18,14 @@ def scores_and_reference(path, fa):
         s.decode(tokens[:N], 0)
         pos, score = kv.importance()
         info = kv.info()
-        q = {il: kv.query(il) for il in range(info.n_layer)}
+        q = {il: kv.query(il)[0] for il in range(info.n_layer)}
+        assert kv.query(0)[1] == pytest.approx(1 / np.sqrt(info.n_embd_head_k))
         # one more token so that every scored position can be offloaded, then read K from the host copy
         kv.set_importance(False)
         s.decode(tokens[N:], N)
         kv.offload(range(N))
         d = info.n_embd_head_k
-        k = {il: kv.host_k(il, range(N)).view(np.float16).astype(np.float64)
+        k = {il: kv.k_rows(il, range(N)).view(np.float16).astype(np.float64)
              .reshape(N, info.n_head_kv, d) for il in range(info.n_layer)}
         kv.thaw(range(N))
 

@@ -22,7 +22,7 @@ def test_decode_past_4x_n_ctx_with_rolling_offload(tiny_path):
         for start in range(0, n_total, CHUNK):
             ref.decode(tokens[start:start + CHUNK], start)
         ref_kv.offload(span)
-        k_ref = [ref_kv.host_k(il, span) for il in range(2)]
+        k_ref = [ref_kv.k_rows(il, span) for il in range(2)]
         ref_kv.thaw(span)
 
     with session(tiny_path, n_ctx=N_CELLS, **opts) as s, KVCache(ctx=s.context) as kv:
@@ -43,7 +43,7 @@ def test_decode_past_4x_n_ctx_with_rolling_offload(tiny_path):
         kv.check()
 
         assert set(span) <= set(kv.offloaded().tolist())
-        k_got = [kv.host_k(il, span) for il in range(2)]
+        k_got = [kv.k_rows(il, span) for il in range(2)]
         for a, b in zip(k_ref, k_got):
             assert np.array_equal(a, b)
 
@@ -55,7 +55,7 @@ def test_decode_past_4x_n_ctx_with_rolling_offload(tiny_path):
         # and the thawed rows are the same bytes: send them back and compare
         kv.offload(span)
         for il in range(2):
-            assert np.array_equal(kv.host_k(il, span), k_ref[il])
+            assert np.array_equal(kv.k_rows(il, span), k_ref[il])
         logits = s.decode([5], n_total)
         assert np.all(np.isfinite(logits))
 

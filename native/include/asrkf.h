@@ -139,14 +139,19 @@ ASRKF_API int32_t asrkf_kv_set_importance(asrkf_kv_t kv, bool enabled, int32_t n
 ASRKF_API int32_t asrkf_kv_importance(asrkf_kv_t kv, int32_t seq_id, int32_t * pos, float * score, int32_t cap, int32_t * n_out);
 
 // query vectors of the latest decode for one selected layer, in the space of the stored K (after RoPE and the
-// rotation applied for quantized K): out[t][h][d], t < n_q, h < n_head, d < n_embd_head_k
-ASRKF_API int32_t asrkf_kv_query(asrkf_kv_t kv, int32_t layer, float * out, int64_t cap, int32_t * n_q, int32_t * n_head, int32_t * n_embd_head);
+// rotation applied for quantized K): out[t][h][d], t < n_q, h < n_head, d < n_embd_head_k; kq_scale is the scale
+// the model applies to q.k before the softmax in that layer
+ASRKF_API int32_t asrkf_kv_query(asrkf_kv_t kv, int32_t layer, float * out, int64_t cap, int32_t * n_q, int32_t * n_head, int32_t * n_embd_head, float * kq_scale);
+
+// model layer ids with K/V in the managed cache, ascending (iSWA: the full-attention layers); *n_out is the count
+ASRKF_API int32_t asrkf_kv_layers(asrkf_kv_t kv, int32_t * layers, int32_t cap, int32_t * n_out);
 
 // bytes of one token's K row and V row in one layer (cache type; layers can differ)
 ASRKF_API int32_t asrkf_kv_row_bytes(asrkf_kv_t kv, int32_t layer, size_t * k_bytes, size_t * v_bytes);
 
-// raw K bytes (asrkf_kv_row_bytes per position, cache type) of offloaded positions for one layer
-ASRKF_API int32_t asrkf_kv_host_k(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int32_t * pos, int32_t n, void * out, size_t size);
+// raw K bytes (asrkf_kv_row_bytes per position, cache type, stored space) of positions for one layer: offloaded
+// ones from the host copy, resident ones read from their cell; with asrkf_kv_query, the host can score any token
+ASRKF_API int32_t asrkf_kv_k_rows(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int32_t * pos, int32_t n, void * out, size_t size);
 
 // check the invariants of the cell table and the host store; -1 with a message on the first violation
 ASRKF_API int32_t asrkf_kv_check(asrkf_kv_t kv);

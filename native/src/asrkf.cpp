@@ -9,6 +9,7 @@
 #include "llama-kv-cache.h"
 #include "llama-model.h"
 
+#include <algorithm>
 #include <cstring>
 #include <new>
 #include <string>
@@ -236,11 +237,12 @@ int32_t asrkf_kv_importance(asrkf_kv_t kv, int32_t seq_id, int32_t * pos, float 
     });
 }
 
-int32_t asrkf_kv_query(asrkf_kv_t kv, int32_t layer, float * out, int64_t cap, int32_t * n_q, int32_t * n_head, int32_t * n_embd_head) {
+int32_t asrkf_kv_query(asrkf_kv_t kv, int32_t layer, float * out, int64_t cap, int32_t * n_q, int32_t * n_head, int32_t * n_embd_head, float * kq_scale) {
     return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
         std::vector<float> q;
         int32_t nq = 0, nh = 0, ne = 0;
-        kvf.query(layer, q, nq, nh, ne);
+        float scale = 0.0f;
+        kvf.query(layer, q, nq, nh, ne, scale);
         if (out && cap < (int64_t) q.size()) {
             throw llama_kv_freeze_error(ASRKF_EINVAL, "query: the output holds " + std::to_string(cap) + " floats, " +
                     std::to_string(q.size()) + " are needed");
@@ -251,6 +253,18 @@ int32_t asrkf_kv_query(asrkf_kv_t kv, int32_t layer, float * out, int64_t cap, i
         if (n_q)         { *n_q = nq; }
         if (n_head)      { *n_head = nh; }
         if (n_embd_head) { *n_embd_head = ne; }
+        if (kq_scale)    { *kq_scale = scale; }
+    });
+}
+
+int32_t asrkf_kv_layers(asrkf_kv_t kv, int32_t * layers, int32_t cap, int32_t * n_out) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
+        std::vector<int32_t> sorted = kvf.layer_il;
+        std::sort(sorted.begin(), sorted.end());
+        copy_out(sorted, layers, cap);
+        if (n_out) {
+            *n_out = (int32_t) sorted.size();
+        }
     });
 }
 
@@ -265,12 +279,12 @@ int32_t asrkf_kv_row_bytes(asrkf_kv_t kv, int32_t layer, size_t * k_bytes, size_
     });
 }
 
-int32_t asrkf_kv_host_k(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int32_t * pos, int32_t n, void * out, size_t size) {
+int32_t asrkf_kv_k_rows(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int32_t * pos, int32_t n, void * out, size_t size) {
     return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
         if (!out && n > 0) {
-            throw llama_kv_freeze_error(ASRKF_EINVAL, "host_k: out is NULL");
+            throw llama_kv_freeze_error(ASRKF_EINVAL, "k_rows: out is NULL");
         }
-        kvf.host_k(seq_id, layer, positions(pos, n), (uint8_t *) out, size);
+        kvf.k_rows(seq_id, layer, positions(pos, n), (uint8_t *) out, size);
     });
 }
 

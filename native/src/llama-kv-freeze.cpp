@@ -762,29 +762,43 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
 // host reads
 //
 
-void llama_kv_freeze::host_k(llama_seq_id seq_id, int32_t il, const std::vector<llama_pos> & pos, uint8_t * out, size_t size) const {
+void llama_kv_freeze::k_rows(llama_seq_id seq_id, int32_t il, const std::vector<llama_pos> & pos, uint8_t * out, size_t size) {
     sync();
 
     const int32_t ikv = layer_index(il);
     if (ikv < 0) {
-        KVF_FAIL(ASRKF_EINVAL, "host_k: layer %d has no K/V in the managed cache", il);
+        KVF_FAIL(ASRKF_EINVAL, "k_rows: layer %d has no K/V in the managed cache", il);
     }
-    stream(seq_id);
+    const uint32_t strm = stream(seq_id);
 
     const size_t kb = store.k_row_bytes(ikv);
     if (size < pos.size()*kb) {
-        KVF_FAIL(ASRKF_EINVAL, "host_k: the output holds %zu bytes, %zu positions need %zu", size, pos.size(), pos.size()*kb);
+        KVF_FAIL(ASRKF_EINVAL, "k_rows: the output holds %zu bytes, %zu positions need %zu", size, pos.size(), pos.size()*kb);
     }
 
+    // each position is offloaded (host copy) or resident (read from its cell); validate all before copying
+    const auto & sp = cells(seq_id).seq_pos_get(seq_id);
+    std::vector<int64_t> cell(pos.size(), -1);
     for (size_t i = 0; i < pos.size(); ++i) {
-        auto it = records.find({seq_id, pos[i]});
-        if (it == records.end()) {
-            KVF_FAIL(ASRKF_EINVAL, "host_k: position %d of sequence %d is not offloaded", pos[i], seq_id);
+        if (records.count({seq_id, pos[i]})) {
+            continue;
+        }
+        auto it = sp.lower_bound({pos[i], 0u});
+        if (it == sp.end() || it->first != pos[i]) {
+            KVF_FAIL(ASRKF_EINVAL, "k_rows: position %d is not in sequence %d", pos[i], seq_id);
+        }
+        cell[i] = it->second;
+    }
+
+    ggml_tensor * k = layer_k[ikv];
+    for (size_t i = 0; i < pos.size(); ++i) {
+        if (cell[i] < 0) {
+            memcpy(out + i*kb, store.k_row(records.at({seq_id, pos[i]}).slot, ikv), kb);
+        } else {
+            read(k, (strm*kv->get_size() + (size_t) cell[i])*k->nb[1], kb, out + i*kb);
         }
     }
-    for (size_t i = 0; i < pos.size(); ++i) {
-        memcpy(out + i*kb, store.k_row(records.at({seq_id, pos[i]}).slot, ikv), kb);
-    }
+    finish_copies();
 }
 
 void llama_kv_freeze::debug_corrupt(llama_seq_id seq_id, llama_pos pos, uint64_t byte) {

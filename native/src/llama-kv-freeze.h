@@ -69,8 +69,8 @@ struct llama_kv_freeze {
 
     // (pos, score) of the resident cells of seq_id after the latest decode
     void importance(llama_seq_id seq_id, std::vector<llama_pos> & pos, std::vector<float> & score) const;
-    void query(int32_t il, std::vector<float> & out, int32_t & n_q, int32_t & n_head, int32_t & n_embd_head) const;
-    void host_k(llama_seq_id seq_id, int32_t il, const std::vector<llama_pos> & pos, uint8_t * out, size_t size) const;
+    void query(int32_t il, std::vector<float> & out, int32_t & n_q, int32_t & n_head, int32_t & n_embd_head, float & kq_scale) const;
+    void k_rows(llama_seq_id seq_id, int32_t il, const std::vector<llama_pos> & pos, uint8_t * out, size_t size);
 
     // resident cells of seq_id ordered by position: (pos, cell)
     std::vector<std::pair<llama_pos, uint32_t>> resident(llama_seq_id seq_id) const;

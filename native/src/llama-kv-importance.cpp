@@ -71,7 +71,12 @@ public:
     ggml_tensor * importance  = nullptr; // [1, n_kv], summed over the selected layers
     int32_t       n_q         = 0;
 
-    std::vector<std::pair<int32_t, ggml_tensor *>> queries; // (layer, [n_embd_head, n_head, n_q])
+    struct query_out {
+        int32_t       il;
+        ggml_tensor * q;        // [n_embd_head, n_head, n_q]
+        float         kq_scale;
+    };
+    std::vector<query_out> queries;
 };
 
 void llama_kv_freeze_input_detach(llm_graph_input_kv_freeze * inp) {
@@ -149,7 +154,7 @@ void llama_kv_freeze_build_layer(llama_kv_freeze * kvf, ggml_context * ctx0, ggm
         ggml_format_name(qe, "kv_freeze_query_l%d", il);
         ggml_set_output(qe);
         ggml_build_forward_expand(gf, qe);
-        inp->queries.emplace_back(il, qe);
+        inp->queries.push_back({il, qe, kq_scale});
     }
 }
 
@@ -226,7 +231,7 @@ void llama_kv_freeze::importance(llama_seq_id seq_id, std::vector<llama_pos> & p
     }
 }
 
-void llama_kv_freeze::query(int32_t il, std::vector<float> & out, int32_t & n_q, int32_t & n_head, int32_t & n_embd_head) const {
+void llama_kv_freeze::query(int32_t il, std::vector<float> & out, int32_t & n_q, int32_t & n_head, int32_t & n_embd_head, float & kq_scale) const {
     sync();
 
     if (!imp.enabled || !imp.export_q) {
@@ -236,10 +241,12 @@ void llama_kv_freeze::query(int32_t il, std::vector<float> & out, int32_t & n_q,
         throw llama_kv_freeze_error(ASRKF_EREFUSED, "query: no decode has run with the query export on");
     }
 
-    for (const auto & [l, t] : input_active->queries) {
-        if (l != il) {
+    for (const auto & qo : input_active->queries) {
+        if (qo.il != il) {
             continue;
         }
+        const ggml_tensor * t = qo.q;
+        kq_scale = qo.kq_scale;
         n_embd_head = (int32_t) t->ne[0];
         n_head      = (int32_t) t->ne[1];
         n_q         = (int32_t) t->ne[2];

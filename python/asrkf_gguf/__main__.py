@@ -38,12 +38,12 @@ def demo(model: str | None, n_cells: int, n_tokens: int) -> int:
         elapsed = time.perf_counter() - t0
         info = kv.info()
         span = kv.offloaded()[:32]
-        k_before = kv.host_k(kv.info().n_layer - 1, span)
+        k_before = kv.k_rows(kv.info().n_layer - 1, span)
         room = kv.cells()[0][4:4 + len(span)]
         kv.offload(room)
         kv.thaw(span)
         kv.offload(span)
-        intact = np.array_equal(kv.host_k(info.n_layer - 1, span), k_before)
+        intact = np.array_equal(kv.k_rows(info.n_layer - 1, span), k_before)
         kv.check()
         print(f"model            {path}")
         print(f"logical tokens   {n_tokens} decoded on a {n_cells}-cell cache ({n_tokens / n_cells:.1f}x)")

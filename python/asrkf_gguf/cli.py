@@ -129,7 +129,8 @@ def run(args) -> int:
                 raise UsageError(f"the conversation needs {controller.table.n + len(tokens) + args.max_tokens} "
                                  f"positions, more than --ctx {ctx}")
             res = generate(session, controller, tokens, args.max_tokens, pick=pick, stop_at_eog=True,
-                           on_token=stream, on_prefill=progress if len(tokens) > 512 else None)
+                           on_token=stream, on_prefill=progress if len(tokens) > 512 else None,
+                           recall=policy.reversible)
             text_tokens = [t for t in res.tokens if not session.is_eog(t)]
             reply = b"".join(session.piece(t) for t in text_tokens).decode("utf-8", "replace")
             replies.append(reply)

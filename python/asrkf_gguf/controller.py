@@ -21,7 +21,7 @@ from .schedule import TokenTable, freeze_durations
 class ControllerConfig:
     budget_cells: int               # device cells for ACTIVE + FROZEN tokens (at most the context's n_ctx)
     ema: float = 0.3                # weight of the newest importance in the running score
-    n_q: int = 1                    # queries scored per step
+    n_q: int = 4                    # queries scored per step (the last tokens of a prompt: the question)
     importance_layers: Optional[tuple] = None  # model layers scored (None: all full-attention layers)
     wr_window: int = 32             # WR unfreezes what was frozen in the last wr_window steps
     rr_tokens: int = 4              # RR regenerates this many tokens (the generator does it)
@@ -39,6 +39,7 @@ class ControllerStats:
     offloads: int = 0
     thaws: int = 0
     drops: int = 0
+    recalls: int = 0
     recoveries: Dict[str, int] = field(default_factory=lambda: {r.name: 0 for r in Recovery})
     active_peak: int = 0
     active_sum: int = 0
@@ -69,7 +70,10 @@ class Controller:
         self.bytes_per_token = info.kv_bytes_per_token
         self.scores_importance = policy.name in ("asrkf", "h2o")
         if self.scores_importance:
-            kv.set_importance(True, n_q=config.n_q, layers=config.importance_layers)
+            # the queries are exported too: recall scores offloaded tokens with them on the host
+            kv.set_importance(True, n_q=config.n_q, layers=config.importance_layers,
+                              export_q=policy.reversible)
+            self.layers = list(config.importance_layers) if config.importance_layers else kv.layers().tolist()
 
     # ---- per step
 
@@ -106,6 +110,40 @@ class Controller:
             else:
                 self._drop(excess)
         self.stats.seconds += time.perf_counter() - t0
+
+    def recall(self) -> int:
+        """After a prompt (a new turn): score every movable token, resident or offloaded, with the newest queries
+        and give the movable device cells to the best. Returns how many tokens were brought back."""
+        if not (self.scores_importance and self.policy.reversible):
+            return 0
+        t0 = time.perf_counter()
+        from .recall import recall_mass
+
+        t = self.table
+        movable = np.concatenate([self.policy.candidates(t, s) for s in
+                                  (CellState.ACTIVE, CellState.FROZEN, CellState.OFFLOADED)])
+        off = t.positions(CellState.OFFLOADED)
+        if movable.size == 0 or off.size == 0:
+            return 0
+        mass = recall_mass(self.kv, movable, self.layers, self.seq_id).astype(np.float32)
+        t.score[movable] = mass  # the new question's view replaces the running score
+        n_resident = int(np.count_nonzero(t.state[movable] != CellState.OFFLOADED))
+        keep = movable[np.argsort(-mass, kind="stable")[:n_resident]]
+        resident = movable[t.state[movable] != CellState.OFFLOADED]
+        out = np.setdiff1d(resident, keep)
+        back = np.intersect1d(off, keep)
+        self._unfreeze(np.intersect1d(t.positions(CellState.FROZEN), keep))
+        if out.size:
+            self.kv.offload(out, self.seq_id)
+            t.state[out] = CellState.OFFLOADED
+            self.stats.offloads += int(out.size)
+        if back.size:
+            self.kv.thaw(back, self.seq_id)
+            t.state[back] = CellState.ACTIVE
+            self.stats.thaws += int(back.size)
+        self.stats.recalls += 1
+        self.stats.seconds += time.perf_counter() - t0
+        return int(back.size)
 
     # ---- decisions
 

@@ -50,7 +50,7 @@ def generate(session: LlamaSession, controller: Controller, prompt: Sequence[int
              pick: Callable[[np.ndarray], int] = greedy, stop_at_eog: bool = False,
              on_token: Optional[Callable[[int], None]] = None,
              on_prefill: Optional[Callable[[int, int], None]] = None,
-             check_every_step: bool = False) -> GenerationResult:
+             recall: bool = False, check_every_step: bool = False) -> GenerationResult:
     """Decode `prompt` at the next positions of the sequence, then generate up to max_tokens tokens."""
     if not prompt:
         raise ValueError("the prompt is empty")
@@ -72,6 +72,16 @@ def generate(session: LlamaSession, controller: Controller, prompt: Sequence[int
         controller.on_decoded(len(part), None)
         if on_prefill:
             on_prefill(start + len(part), len(prompt))
+        if check_every_step:
+            controller.table.check(controller.kv, controller.seq_id)
+    if recall and controller.recall() > 0:
+        # the first token must see what the question brought back: decode the prompt's last token again
+        pos -= 1
+        session.seq_rm(pos, -1)
+        controller.table.truncate(pos)
+        logits = session.decode([prompt[-1]], pos)
+        pos += 1
+        controller.on_decoded(1, None)
         if check_every_step:
             controller.table.check(controller.kv, controller.seq_id)
     res = GenerationResult(tokens=[], logits=[], n_prompt=len(prompt))

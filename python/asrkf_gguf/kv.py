@@ -232,13 +232,25 @@ class KVCache:
                                                          ffi.cast("float *", ffi.from_buffer(score)), n[0], n))
         return pos, score
 
-    def query(self, layer: int) -> np.ndarray:
-        """Query vectors of the latest decode for one importance layer: [n_q, n_head, n_embd_head] float32."""
+    def query(self, layer: int):
+        """Query vectors of the latest decode for one importance layer, [n_q, n_head, n_embd_head] float32, and
+        the scale the model applies to q.k in that layer."""
         h = self._h()
         nq, nh, nd = ffi.new("int32_t *"), ffi.new("int32_t *"), ffi.new("int32_t *")
-        _check("query", lib.asrkf_kv_query(h, layer, ffi.NULL, 0, nq, nh, nd))
+        scale = ffi.new("float *")
+        _check("query", lib.asrkf_kv_query(h, layer, ffi.NULL, 0, nq, nh, nd, scale))
         out = np.empty((nq[0], nh[0], nd[0]), np.float32)
-        _check("query", lib.asrkf_kv_query(h, layer, ffi.cast("float *", ffi.from_buffer(out)), out.size, nq, nh, nd))
+        _check("query", lib.asrkf_kv_query(h, layer, ffi.cast("float *", ffi.from_buffer(out)), out.size,
+                                           nq, nh, nd, scale))
+        return out, float(scale[0])
+
+    def layers(self) -> np.ndarray:
+        """Model layer ids whose K/V the handle manages (iSWA models: the full-attention layers)."""
+        h = self._h()
+        n = ffi.new("int32_t *")
+        _check("layers", lib.asrkf_kv_layers(h, ffi.NULL, 0, n))
+        out = np.empty(n[0], np.int32)
+        _check("layers", lib.asrkf_kv_layers(h, _i32(out), n[0], n))
         return out
 
     def row_bytes(self, layer: int):
@@ -247,11 +259,11 @@ class KVCache:
         _check("row_bytes", lib.asrkf_kv_row_bytes(self._h(), layer, k, v))
         return int(k[0]), int(v[0])
 
-    def host_k(self, layer: int, pos: Positions, seq_id: int = 0) -> np.ndarray:
-        """Raw K rows (cache type) of offloaded positions: [n, K row bytes] uint8."""
+    def k_rows(self, layer: int, pos: Positions, seq_id: int = 0) -> np.ndarray:
+        """Raw K rows (cache type, stored space) of positions, offloaded or resident: [n, K row bytes] uint8."""
         p = _positions(pos)
         out = np.empty((p.size, self.row_bytes(layer)[0]), np.uint8)
-        _check("host_k", lib.asrkf_kv_host_k(self._h(), seq_id, layer, _i32(p), p.size,
+        _check("k_rows", lib.asrkf_kv_k_rows(self._h(), seq_id, layer, _i32(p), p.size,
                                              ffi.from_buffer(out), out.nbytes))
         return out
 

@@ -1,0 +1,69 @@
+"""Recall for a new query: score every token of the sequence, resident or offloaded, against the newest queries,
+on the host, and give the device cells to the best.
+
+Why host-side exact scoring: the importance output only sees resident cells, and a question asked after the
+freeze/offload decisions is exactly the case where the answer sits in offloaded tokens. The native core exports
+the last queries in the stored-K space (after RoPE, and after the rotation llama.cpp applies to quantized K) and
+reads K rows of any position, so q.k here is the logit attention would compute. The mass is summed over heads,
+queries and layers like the importance output, so the two are on the same scale.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GGML_TYPE_F16 = 1
+GGML_TYPE_Q4_0 = 2
+GGML_TYPE_Q8_0 = 8
+
+
+def dequantize_rows(raw: np.ndarray, ggml_type: int, n_values: int) -> np.ndarray:
+    """K rows in a KV cache type -> float32 [n, n_values] (f16, q8_0, q4_0: the types the KV cache takes)."""
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    n = raw.shape[0]
+    if ggml_type == GGML_TYPE_F16:
+        return raw.view(np.float16).reshape(n, n_values).astype(np.float32)
+    if ggml_type == GGML_TYPE_Q8_0:  # blocks of 32: f16 scale + 32 int8
+        blocks = raw.reshape(n, n_values // 32, 34)
+        d = blocks[:, :, :2].copy().view(np.float16).astype(np.float32)
+        q = blocks[:, :, 2:].view(np.int8).astype(np.float32)
+        return (d * q).reshape(n, n_values)
+    if ggml_type == GGML_TYPE_Q4_0:  # blocks of 32: f16 scale + 16 bytes, low nibbles first, offset 8
+        blocks = raw.reshape(n, n_values // 32, 18)
+        d = blocks[:, :, :2].copy().view(np.float16).astype(np.float32)
+        qs = blocks[:, :, 2:]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float32) - 8.0
+        return (d * q).reshape(n, n_values)
+    raise ValueError(f"recall cannot read K of ggml type {ggml_type}")
+
+
+def attention_mass(q: np.ndarray, k: np.ndarray, scale: float, q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
+    """Causal softmax attention of queries q [n_q, n_head, d] at positions q_pos over keys k [n_tok, n_head_kv, d]
+    at k_pos, summed over queries and heads: [n_tok]. GQA: head h reads KV head h // (n_head / n_head_kv)."""
+    n_q, n_head, d = q.shape
+    n_tok, n_head_kv, _ = k.shape
+    group = n_head // n_head_kv
+    qg = q.reshape(n_q, n_head_kv, group, d)
+    logits = np.einsum("tkgd,jkd->tkgj", qg, k, optimize=True) * scale   # [n_q, n_head_kv, group, n_tok]
+    later = np.asarray(k_pos)[None, :] > np.asarray(q_pos)[:, None]          # [n_q, n_tok]: a query sees no later key
+    logits = np.where(later[:, None, None, :], -np.inf, logits)
+    logits -= logits.max(axis=-1, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(axis=-1, keepdims=True)
+    return p.sum(axis=(0, 1, 2))
+
+
+def recall_mass(kv, positions: np.ndarray, layers, seq_id: int = 0) -> np.ndarray:
+    """Attention mass the latest decode's last queries (the newest positions of the sequence) give each of
+    `positions`, resident or offloaded."""
+    info = kv.info()
+    d = info.n_embd_head_k
+    newest = int(kv.cells(seq_id)[0].max())
+    positions = np.asarray(positions)
+    mass = np.zeros(len(positions), np.float64)
+    for il in layers:
+        q, scale = kv.query(il)
+        q_pos = np.arange(newest - q.shape[0] + 1, newest + 1)
+        k = dequantize_rows(kv.k_rows(il, positions, seq_id), info.type_k, info.n_head_kv * d)
+        mass += attention_mass(q, k.reshape(len(positions), info.n_head_kv, d), scale, q_pos, positions)
+    return mass
