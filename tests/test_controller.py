@@ -85,3 +85,10 @@ def test_every_recovery_level_keeps_the_cache_consistent(tiny_path, level):
         logits = s.decode([5], ctl.table.n)
         ctl.on_decoded(1, logits)
         ctl.table.check(kv)
+
+
+def test_a_prompt_many_times_the_budget_prefills_in_fitting_chunks(tiny_path):
+    # chunks must leave room beside the protected tokens at every step, not only at the first
+    prompt = random_tokens(1500, seed=44)
+    res, stats, counts = run(tiny_path, "asrkf", prompt, 4, budget=150, n_ctx=256, recent=64)
+    assert counts["active"] + counts["frozen"] <= 150 and sum(counts.values()) == 1504

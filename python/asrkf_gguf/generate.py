@@ -58,8 +58,9 @@ def generate(session: LlamaSession, controller: Controller, prompt: Sequence[int
         raise ValueError("max_tokens cannot be negative")
     chunk = session.options.n_batch
     if controller.policy.uses_budget:
-        # the protected tokens must leave room for a chunk
-        chunk = max(1, min(chunk, controller.config.budget_cells - controller.policy.n_protected(controller.table) - 1))
+        # a chunk must fit beside the tokens that never move (sinks + recent window), whatever has been decoded
+        protected = controller.policy.n_sinks + controller.policy.recent
+        chunk = max(1, min(chunk, controller.config.budget_cells - protected - 1))
 
     t0 = time.perf_counter()
     pos = controller.table.n

@@ -48,8 +48,6 @@ class Policy(abc.ABC):
         take = np.argsort(s, kind="stable")[: min(n, pos.size)]
         return np.sort(pos[take])
 
-    def n_protected(self, table: TokenTable) -> int:
-        return min(table.n, self.n_sinks + self.recent)
 
 
 @dataclass
