@@ -21,7 +21,7 @@ from .schedule import TokenTable, freeze_durations
 class ControllerConfig:
     budget_cells: int               # device cells for ACTIVE + FROZEN tokens (at most the context's n_ctx)
     ema: float = 0.3                # weight of the newest importance in the running score
-    n_q: int = 4                    # queries scored per step (the last tokens of a prompt: the question)
+    n_q: int = 32                   # queries scored per step (the last tokens of a prompt: the question)
     importance_layers: Optional[tuple] = None  # model layers scored (None: all full-attention layers)
     wr_window: int = 32             # WR unfreezes what was frozen in the last wr_window steps
     rr_tokens: int = 4              # RR regenerates this many tokens (the generator does it)
