@@ -133,14 +133,7 @@ class Controller:
         out = np.setdiff1d(resident, keep)
         back = np.intersect1d(off, keep)
         self._unfreeze(np.intersect1d(t.positions(CellState.FROZEN), keep))
-        if out.size:
-            self.kv.offload(out, self.seq_id)
-            t.state[out] = CellState.OFFLOADED
-            self.stats.offloads += int(out.size)
-        if back.size:
-            self.kv.thaw(back, self.seq_id)
-            t.state[back] = CellState.ACTIVE
-            self.stats.thaws += int(back.size)
+        self._swap(out, back)
         self.stats.recalls += 1
         self.stats.seconds += time.perf_counter() - t0
         return int(back.size)
@@ -180,15 +173,19 @@ class Controller:
             room = max(0, self.config.budget_cells - counts["active"] - counts["frozen"] - self.config.rr_tokens - 1)
             pool = np.concatenate([movable, off])
             keep = pool[np.argsort(-t.score[pool], kind="stable")[: movable.size + room]]
-            out, back = np.setdiff1d(movable, keep), np.intersect1d(off, keep)
-            if out.size:
-                self.kv.offload(out, self.seq_id)
-                t.state[out] = CellState.OFFLOADED
-                self.stats.offloads += int(out.size)
-            if back.size:
-                self.kv.thaw(back, self.seq_id)
-                t.state[back] = CellState.ACTIVE
-                self.stats.thaws += int(back.size)
+            self._swap(np.setdiff1d(movable, keep), np.intersect1d(off, keep))
+
+    def _swap(self, out: np.ndarray, back: np.ndarray) -> None:
+        """Offload `out`, then thaw `back` into the cells that freed: one batched native call each."""
+        t = self.table
+        if out.size:
+            self.kv.offload(out, self.seq_id)
+            t.state[out] = CellState.OFFLOADED
+            self.stats.offloads += int(out.size)
+        if back.size:
+            self.kv.thaw(back, self.seq_id)
+            t.state[back] = CellState.ACTIVE
+            self.stats.thaws += int(back.size)
 
     def _unfreeze(self, pos: np.ndarray) -> None:
         if pos.size:
@@ -207,10 +204,7 @@ class Controller:
         if pick.size < n:
             raise RuntimeError(f"cannot make room for {n} tokens: only {pick.size} are movable within the budget "
                                f"({self.config.budget_cells} cells)")
-        pick = np.sort(pick)
-        self.kv.offload(pick, self.seq_id)
-        t.state[pick] = CellState.OFFLOADED
-        self.stats.offloads += int(pick.size)
+        self._swap(np.sort(pick), pick[:0])
 
     def _drop(self, n: int) -> None:
         t = self.table
