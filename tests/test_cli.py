@@ -48,10 +48,10 @@ def test_turns_file_runs_one_session(demo_model_path, tmp_path):
     (lambda d: [str(d / "text.gguf")], "not a GGUF"),
     (lambda d: [str(d / "truncated.gguf")], "cannot load"),
     (lambda d: ["DEMO", "--kv-budget", "40"], "too small"),
-    (lambda d: ["DEMO", "--policy", "full", "--ctx", "64", "--max-tokens", "60"], "more than --ctx"),
+    (lambda d: ["DEMO", "--policy", "full", "--ctx", "64", "--max-tokens", "60"], "more than ctx"),
     (lambda d: ["DEMO", "--turns-file", str(d / "bad.json")], "not valid JSON"),
     (lambda d: ["DEMO", "--turns-file", str(d / "notlist.json")], "list of non-empty strings"),
-    (lambda d: ["DEMO", "--kv-budget", "lots"], "--kv-budget"),
+    (lambda d: ["DEMO", "--kv-budget", "lots"], "kv_budget"),
 ])
 def test_bad_input_is_one_line_and_nonzero(demo_model_path, tmp_path, make_args, words):
     (tmp_path / "text.gguf").write_text("hello")

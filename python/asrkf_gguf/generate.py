@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+import threading
+from typing import Callable, Generator, List, Optional, Sequence
 
 import numpy as np
 
@@ -47,11 +48,29 @@ class GenerationResult:
 
 
 def generate(session: LlamaSession, controller: Controller, prompt: Sequence[int], max_tokens: int, *,
-             pick: Callable[[np.ndarray], int] = greedy, stop_at_eog: bool = False,
-             on_token: Optional[Callable[[int], None]] = None,
-             on_prefill: Optional[Callable[[int, int], None]] = None,
-             recall: bool = False, check_every_step: bool = False) -> GenerationResult:
-    """Decode `prompt` at the next positions of the sequence, then generate up to max_tokens tokens."""
+             on_token: Optional[Callable[[int], None]] = None, **kwargs) -> GenerationResult:
+    """generate_tokens drained: on_token gets each token as it becomes final."""
+    it = generate_tokens(session, controller, prompt, max_tokens, **kwargs)
+    while True:
+        try:
+            token = next(it)
+        except StopIteration as done:
+            return done.value
+        if on_token:
+            on_token(token)
+
+
+def generate_tokens(session: LlamaSession, controller: Controller, prompt: Sequence[int], max_tokens: int, *,
+                    pick: Callable[[np.ndarray], int] = greedy, stop_at_eog: bool = False,
+                    on_prefill: Optional[Callable[[int, int], None]] = None,
+                    recall: bool = False, cancel: Optional[threading.Event] = None,
+                    check_every_step: bool = False) -> Generator[int, None, GenerationResult]:
+    """Decode `prompt` at the next positions of the sequence, then generate up to max_tokens tokens.
+
+    Yields each generated token once it is final (held back rr_tokens steps, since a rewalk can take back the
+    last ones; an end-of-generation token is not yielded). Returns the GenerationResult. Setting `cancel` stops
+    it between two steps.
+    """
     if not prompt:
         raise ValueError("the prompt is empty")
     if max_tokens < 0:
@@ -90,17 +109,17 @@ def generate(session: LlamaSession, controller: Controller, prompt: Sequence[int
 
     t0 = time.perf_counter()
     k = controller.config.rr_tokens
-    emitted = 0  # tokens passed to on_token: held back k steps, since a rewalk can take back the last k
+    emitted = 0  # tokens yielded: held back k steps, since a rewalk can take back the last k
     eog = False
-    while len(res.tokens) < max_tokens:
+    while len(res.tokens) < max_tokens and not (cancel and cancel.is_set()):
         token = pick(logits)
         res.tokens.append(token)
         res.logits.append(logits)
         if stop_at_eog and session.is_eog(token):
             eog = True
             break
-        while on_token and emitted < len(res.tokens) - k:
-            on_token(res.tokens[emitted])
+        while emitted < len(res.tokens) - k:
+            yield res.tokens[emitted]
             emitted += 1
         controller.make_room(1)
         logits = session.decode([token], pos)
@@ -119,8 +138,8 @@ def generate(session: LlamaSession, controller: Controller, prompt: Sequence[int
             res.rewalks += 1
         if check_every_step:
             controller.table.check(controller.kv, controller.seq_id)
-    while on_token and emitted < len(res.tokens) - (1 if eog else 0):
-        on_token(res.tokens[emitted])
+    while emitted < len(res.tokens) - (1 if eog else 0):
+        yield res.tokens[emitted]
         emitted += 1
     res.decode_seconds = time.perf_counter() - t0
     return res
