@@ -60,9 +60,27 @@ def test_an_abandoned_turn_is_taken_back(engine):
     assert "".join(engine.chat("Hi", max_tokens=4)) is not None
 
 
+def test_generate_starts_a_new_conversation(engine):
+    engine.chat("Remember the word apple.", max_tokens=4)
+    text = "".join(engine.generate([{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "Say hi."}], max_tokens=8))
+    assert text and len(engine.messages) == 3 and engine.messages[0]["role"] == "system"
+    n = engine.controller.table.n
+    engine.controller.table.check(engine.kv)
+    raw = "".join(engine.generate("The capital of France is", max_tokens=6))
+    assert raw and engine.controller.table.n < n + 20
+    with pytest.raises(EngineError, match="raw prompt"):
+        engine.chat("and Spain?")
+    engine.reset()
+    assert engine.controller.table.n == 0 and engine.kv.info().n_cells_used == 0
+    assert "".join(engine.chat("Hello", max_tokens=4))
+
+
 def test_bad_input(engine, demo_model_path, tmp_path):
     with pytest.raises(EngineError):
-        next(engine.chat(""))
+        engine.chat("")
+    with pytest.raises(EngineError):
+        engine.generate([{"role": "user"}])
     with pytest.raises(EngineError, match="too small"):
         Engine(demo_model_path, ctx=2048, kv_budget=32)
     bad = tmp_path / "x.gguf"

@@ -75,6 +75,12 @@ class Controller:
                               export_q=policy.reversible)
             self.layers = list(config.importance_layers) if config.importance_layers else kv.layers().tolist()
 
+    def reset(self) -> None:
+        """Forget the sequence (after it was cleared from the cache); the statistics keep counting."""
+        self.table = TokenTable()
+        self.entropy = EntropyMonitor()
+        self.step = 0
+
     # ---- per step
 
     def on_decoded(self, n_new: int, logits: Optional[np.ndarray] = None) -> Optional[Recovery]:

@@ -83,6 +83,7 @@ class Engine:
 
         self.messages: List[Dict[str, str]] = []
         self._consumed = ""  # conversation text whose tokens are in the cache
+        self._raw = False    # the sequence holds a raw prompt, not a chat
         self._lock = threading.Lock()
         self._cancel = threading.Event()
         self.n_prompt_tokens = 0
@@ -108,11 +109,41 @@ class Engine:
         """Stop the running generation after the current token (any thread)."""
         self._cancel.set()
 
+    def reset(self) -> None:
+        """Start a new conversation: the cache and the host copies are cleared."""
+        with self._lock:
+            self.session.clear()
+            self.controller.reset()
+            self.messages = []
+            self._consumed = ""
+            self._raw = False
+
     def chat(self, message: str, *, max_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
              on_prefill: Optional[Callable[[int, int], None]] = None) -> Iterator[str]:
         """Add a user turn and stream the assistant's reply as text pieces (the KV cache carries the whole chat)."""
         if not isinstance(message, str) or not message:
             raise EngineError("the message must be a non-empty string")
+        if self._raw:
+            raise EngineError("the conversation started from a raw prompt; use generate(messages) or reset() to chat")
+        return self._turn(self.messages + [{"role": "user", "content": message}], max_tokens, temperature, seed,
+                          on_prefill)
+
+    def generate(self, prompt: Union[str, List[Dict[str, str]]], *, max_tokens: int = 256, temperature: float = 0.0,
+                 seed: int = 0, on_prefill: Optional[Callable[[int, int], None]] = None) -> Iterator[str]:
+        """Stream a reply in a new conversation: to `messages` ([{role, content}, ...], chat template applied)
+        or to a raw text prompt (no template). chat() continues the conversation afterwards."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise EngineError("the prompt is empty")
+            self.reset()
+            return self._turn(None, max_tokens, temperature, seed, on_prefill, raw=prompt)
+        if not prompt or not all(isinstance(m, dict) and m.get("role") and isinstance(m.get("content"), str)
+                                 for m in prompt):
+            raise EngineError("messages must be a non-empty list of {role, content} dicts")
+        self.reset()
+        return self._turn(list(prompt), max_tokens, temperature, seed, on_prefill)
+
+    def _turn(self, messages, max_tokens, temperature, seed, on_prefill, raw: Optional[str] = None) -> Iterator[str]:
         if max_tokens < 0:
             raise EngineError("max_tokens cannot be negative")
         if not self._lock.acquire(blocking=False):
@@ -120,11 +151,14 @@ class Engine:
         try:
             self._cancel.clear()
             s = self.session
-            messages = self.messages + [{"role": "user", "content": message}]
-            full = s.chat_prompt(messages)
-            if not full.startswith(self._consumed):
-                raise EngineError("the chat template rewrites earlier turns; the KV cache cannot be carried over")
-            tokens = s.tokenize(full[len(self._consumed):], add_special=not self._consumed)
+            if raw is not None:
+                full = raw
+                tokens = s.tokenize(raw, add_special=True)
+            else:
+                full = s.chat_prompt(messages)
+                if not full.startswith(self._consumed):
+                    raise EngineError("the chat template rewrites earlier turns; the KV cache cannot be carried over")
+                tokens = s.tokenize(full[len(self._consumed):], add_special=not self._consumed)
             need = self.controller.table.n + len(tokens) + max_tokens
             if need > self.ctx:
                 raise EngineError(f"the conversation needs {need} positions, more than ctx {self.ctx}")
@@ -157,7 +191,8 @@ class Engine:
                 self.controller.table.truncate(start)
                 raise
             reply = b"".join(pieces).decode("utf-8", "replace")
-            self.messages = messages + [{"role": "assistant", "content": reply}]
+            self._raw = raw is not None
+            self.messages = [] if self._raw else messages + [{"role": "assistant", "content": reply}]
             self._consumed = full + reply
             self.n_prompt_tokens += len(tokens)
             self.n_generated_tokens += len(res.tokens)

@@ -181,6 +181,10 @@ class LlamaSession:
         finally:
             llama_cpp.llama_model_free(model)
 
+    def clear(self) -> None:
+        """Empty the KV cache (every sequence; an attached KVCache drops its host copies too)."""
+        llama_cpp.llama_memory_clear(self.context.memory, True)
+
     def seq_rm(self, p0: int, p1: int) -> bool:
         return bool(llama_cpp.llama_memory_seq_rm(self.context.memory, 0, p0, p1))
 
