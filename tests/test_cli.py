@@ -30,6 +30,9 @@ def test_run_json_on_the_demo_model(demo_model_path, tmp_path):
     assert kv["logical_tokens"] == out["n_prompt_tokens"] + 24 > 256
     assert kv["offloaded_tokens_final"] > 0 and kv["host_bytes_peak"] > 0
     assert set(out["events"]["recoveries"]) == {"SR", "WR", "FR", "RR"}
+    log = out["recovery_log"]
+    assert len(log) == sum(out["events"]["recoveries"].values())
+    assert all(e["entropy"] > e["threshold"] and e["level"] in ("SR", "WR", "FR", "RR") for e in log)
     assert set(out["timing"]) == {"prefill_tokens_per_s", "decode_tokens_per_s", "controller_us_per_token"}
 
 

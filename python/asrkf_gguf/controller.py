@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -41,6 +41,8 @@ class ControllerStats:
     drops: int = 0
     recalls: int = 0
     recoveries: Dict[str, int] = field(default_factory=lambda: {r.name: 0 for r in Recovery})
+    # one entry per recovery: step, level, entropy, threshold, tokens brought back to attention, cost
+    recovery_log: List[dict] = field(default_factory=list)
     active_peak: int = 0
     active_sum: int = 0
     resident_peak: int = 0
@@ -92,11 +94,19 @@ class Controller:
             self.table.observe(pos, score, self.config.ema)
         level = None
         if logits is not None:
-            level = self.entropy.update(entropy_of(logits))
+            entropy = entropy_of(logits)
+            level = self.entropy.update(entropy)
         self.step += 1
         if isinstance(self.policy, AsrkfPolicy):
             if level is not None:
+                t1 = time.perf_counter()
+                before = self.stats.unfreezes + self.stats.thaws
                 self._recover(level)
+                self.stats.recovery_log.append({
+                    "step": self.step, "level": level.name, "entropy": round(entropy, 4),
+                    "threshold": round(self.entropy.threshold, 4),
+                    "restored": self.stats.unfreezes + self.stats.thaws - before,
+                    "us": round(1e6 * (time.perf_counter() - t1), 1)})
             if self.step % self.policy.period == 0:
                 self._reevaluate()
         self._account()

@@ -227,6 +227,7 @@ class Engine:
             },
             "events": {"freezes": st.freezes, "unfreezes": st.unfreezes, "offloads": st.offloads,
                        "thaws": st.thaws, "recoveries": dict(st.recoveries)},
+            "recovery_log": list(st.recovery_log),
             "policy": self.policy.name,
             "model": self.model_path,
         }

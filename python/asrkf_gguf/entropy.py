@@ -52,6 +52,7 @@ class EntropyMonitor:
     steps: int = field(default=0, init=False)
     level: int = field(default=0, init=False)
     quiet: int = field(default=0, init=False)
+    threshold: float = field(default=math.inf, init=False)  # the spike threshold of the latest step
 
     def __post_init__(self):
         if not 0 < self.alpha <= 1:
@@ -63,8 +64,9 @@ class EntropyMonitor:
         """Feed one step's entropy; returns the recovery level to apply now, or None."""
         if not math.isfinite(entropy):
             raise ValueError(f"entropy must be finite, got {entropy}")
-        spike = (self.steps >= self.warmup
-                 and entropy > self.mean + self.z_spike * math.sqrt(max(self.var, 1e-12)))
+        self.threshold = self.mean + self.z_spike * math.sqrt(max(self.var, 1e-12)) if self.steps >= self.warmup \
+            else math.inf
+        spike = entropy > self.threshold
 
         if spike:
             self.quiet = 0
