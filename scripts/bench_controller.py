@@ -12,7 +12,6 @@ The controller's work grows with the logical length (numpy over the token table)
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
@@ -23,6 +22,7 @@ from asrkf_gguf.kv import KVCache
 from asrkf_gguf.llama import ContextOptions, LlamaSession
 from asrkf_gguf.policies import make_policy
 from asrkf_gguf.testmodels import TinyModelSpec, tiny_model
+from bench_native import bench_decode  # scripts/ is on the path when this runs as a script
 
 BUDGET = 4096
 
@@ -40,18 +40,6 @@ def controller_us_per_token(n_logical: int, n_gen: int) -> float:
         return 1e6 * (ctl.stats.seconds - before) / n_gen
 
 
-def decode_step_ms(model: str, depth: int, n: int = 32) -> float:
-    with LlamaSession(model, ContextOptions(n_ctx=depth + n + 16, n_batch=512, n_ubatch=512, flash_attn="on")) as s:
-        toks = np.random.default_rng(0).integers(100, 30000, size=depth + n).tolist()
-        s.decode(toks[:depth], 0)
-        times = []
-        for i in range(n):
-            t0 = time.perf_counter()
-            s.decode([toks[depth + i]], depth + i)
-            times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reference-model")
@@ -63,7 +51,7 @@ def main() -> int:
         from asrkf_gguf.models import fetch_qwen_coder_model
 
         ref = str(fetch_qwen_coder_model(progress=False))
-    step_ms = decode_step_ms(ref, BUDGET)
+    step_ms = 1e3 / bench_decode(ref, BUDGET, 32, attach=False)["tokens_per_s"]
     print(f"reference decode step ({ref.split('/')[-1]}, depth {BUDGET}, CPU): {step_ms:.2f} ms\n")
     print("| logical tokens | controller µs/token | share of a decode step |")
     print("|---|---|---|")
