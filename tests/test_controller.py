@@ -92,3 +92,26 @@ def test_a_prompt_many_times_the_budget_prefills_in_fitting_chunks(tiny_path):
     prompt = random_tokens(1500, seed=44)
     res, stats, counts = run(tiny_path, "asrkf", prompt, 4, budget=150, n_ctx=256, recent=64)
     assert counts["active"] + counts["frozen"] <= 150 and sum(counts.values()) == 1504
+
+
+def test_bringing_everything_back_reproduces_the_full_logits(demo_model_path):
+    # the controller moves tokens only after their K/V were computed (prompt within budget, then pressure):
+    # thawing and unfreezing everything must then give the full cache's logits exactly
+    prompt = random_tokens(600, seed=45, vocab=40000)
+    nxt = random_tokens(1, seed=46, vocab=40000)
+    opts = dict(n_ctx=1024, flash_attn="on", n_batch=128, n_ubatch=128)
+    with session(demo_model_path, **opts) as ref:
+        ref.decode(prompt, 0)
+        expected = ref.decode(nxt, len(prompt))
+    with session(demo_model_path, **opts) as s, KVCache(ctx=s.context) as kv:
+        # no re-evaluation during the prompt: a freeze there would change the K/V of the later chunks
+        ctl = Controller(kv, make_policy("asrkf", period=10**6), ControllerConfig(budget_cells=620))
+        generate(s, ctl, prompt, 0)
+        ctl.make_room(300)  # budget pressure: ~280 tokens go to host memory
+        ctl._reevaluate()   # and the low ones among the rest freeze
+        counts = ctl.table.counts()
+        assert counts["offloaded"] > 200 and counts["frozen"] > 0
+        kv.thaw(ctl.table.positions(CellState.OFFLOADED))
+        kv.unfreeze(ctl.table.positions(CellState.FROZEN))
+        got = s.decode(nxt, len(prompt))
+    assert np.array_equal(got, expected)
