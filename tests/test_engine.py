@@ -83,6 +83,14 @@ def test_bad_input(engine, demo_model_path, tmp_path):
         engine.generate([{"role": "user"}])
     with pytest.raises(EngineError, match="too small"):
         Engine(demo_model_path, ctx=2048, kv_budget=32)
+    with pytest.raises(EngineError, match="policy"):
+        Engine(demo_model_path, ctx=2048, policy_params={"k": 0})
+    with pytest.raises(EngineError):
+        Engine(demo_model_path, ctx=2048, controller_params={"ema": 2.0})
+    with Engine(demo_model_path, ctx=2048, kv_budget=512, policy_params={"recent": 32, "period": 4},
+                controller_params={"n_q": 8, "importance_layers": (0, 10)}) as e:
+        assert e.policy.recent == 32 and e.controller.layers == [0, 10]
+        assert "".join(e.chat("Hi", max_tokens=4))
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(EngineError, match="cannot load"):

@@ -48,7 +48,10 @@ class Engine:
     def __init__(self, model_path: Optional[str] = None, *, ctx: Optional[int] = None,
                  kv_budget: Union[int, float, str, None] = None, policy: str = "asrkf", kv_type: str = "f16",
                  flash_attn: str = "auto", n_gpu_layers: int = 0, n_threads: Optional[int] = None,
+                 policy_params: Optional[dict] = None, controller_params: Optional[dict] = None,
                  verbose: bool = False):
+        """policy_params go to the policy (e.g. n_sinks, recent, k, period, low_quantile for asrkf);
+        controller_params to ControllerConfig (ema, n_q, importance_layers, wr_window, rr_tokens)."""
         from .models import fetch_demo_model
 
         self.model_path = model_path or str(fetch_demo_model(progress=verbose))
@@ -58,7 +61,10 @@ class Engine:
             raise EngineError(f"cannot load {self.model_path}: {err}") from None
         if self.ctx < 1:
             raise EngineError("ctx must be positive")
-        self.policy = make_policy(policy)
+        try:
+            self.policy = make_policy(policy, **(policy_params or {}))
+        except (TypeError, ValueError) as err:
+            raise EngineError(f"policy {policy!r}: {err}") from None
         budget = budget_cells(kv_budget, self.ctx) if self.policy.uses_budget else self.ctx
         if self.policy.uses_budget and budget <= self.policy.n_sinks + self.policy.recent:
             raise EngineError(f"a budget of {budget} cells is too small: {self.policy.n_sinks} sink and "
@@ -75,8 +81,8 @@ class Engine:
                 from None
         try:
             self.kv = self._stack.enter_context(KVCache(ctx=self.session.context))
-            self.controller = Controller(self.kv, self.policy,
-                                         ControllerConfig(budget_cells=min(budget, self.kv.info().n_cells)))
+            self.controller = Controller(self.kv, self.policy, ControllerConfig(
+                budget_cells=min(budget, self.kv.info().n_cells), **(controller_params or {})))
         except Exception as err:
             self._stack.close()
             raise EngineError(str(err)) from None
