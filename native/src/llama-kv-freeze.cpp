@@ -790,13 +790,20 @@ void llama_kv_freeze::k_rows(llama_seq_id seq_id, int32_t il, const std::vector<
         cell[i] = it->second;
     }
 
+    // resident rows: one copy per run of consecutive cells that land in consecutive output rows
     ggml_tensor * k = layer_k[ikv];
-    for (size_t i = 0; i < pos.size(); ++i) {
+    for (size_t i = 0; i < pos.size();) {
         if (cell[i] < 0) {
             memcpy(out + i*kb, store.k_row(records.at({seq_id, pos[i]}).slot, ikv), kb);
-        } else {
-            read(k, (strm*kv->get_size() + (size_t) cell[i])*k->nb[1], kb, out + i*kb);
+            ++i;
+            continue;
         }
+        size_t n = 1;
+        while (i + n < pos.size() && cell[i + n] == cell[i] + (int64_t) n) {
+            ++n;
+        }
+        read(k, (strm*kv->get_size() + (size_t) cell[i])*k->nb[1], n*kb, out + i*kb);
+        i += n;
     }
     finish_copies();
 }

@@ -70,8 +70,7 @@ class Controller:
         self.stats = ControllerStats()
         self.step = 0
         self.bytes_per_token = info.kv_bytes_per_token
-        self.scores_importance = policy.name in ("asrkf", "h2o")
-        if self.scores_importance:
+        if policy.uses_importance:
             # the queries are exported too: recall scores offloaded tokens with them on the host
             kv.set_importance(True, n_q=config.n_q, layers=config.importance_layers,
                               export_q=policy.reversible)
@@ -89,7 +88,7 @@ class Controller:
         """Account for n_new tokens just decoded at the next positions; returns the recovery level applied."""
         t0 = time.perf_counter()
         self.table.append(n_new)
-        if self.scores_importance:
+        if self.policy.uses_importance:
             pos, score = self.kv.importance(self.seq_id)
             self.table.observe(pos, score, self.config.ema)
         level = None
@@ -130,7 +129,7 @@ class Controller:
     def recall(self) -> int:
         """After a prompt (a new turn): score every movable token, resident or offloaded, with the newest queries
         and give the movable device cells to the best. Returns how many tokens were brought back."""
-        if not (self.scores_importance and self.policy.reversible):
+        if not (self.policy.uses_importance and self.policy.reversible):
             return 0
         t0 = time.perf_counter()
         from .recall import recall_mass

@@ -25,6 +25,7 @@ class Policy(abc.ABC):
     name: ClassVar[str] = ""
     reversible: ClassVar[bool] = True   # False: evicted tokens are dropped for good (the baselines we beat)
     uses_budget: ClassVar[bool] = True
+    uses_importance: ClassVar[bool] = False  # scores come from the native importance output
 
     def __post_init__(self):
         if self.n_sinks < 0 or self.recent < 1:
@@ -81,6 +82,7 @@ class H2OPolicy(Policy):
 
     name: ClassVar[str] = "h2o"
     reversible: ClassVar[bool] = False
+    uses_importance: ClassVar[bool] = True
 
     def score(self, table: TokenTable) -> np.ndarray:
         return table.mass[: table.n]
@@ -96,6 +98,7 @@ class AsrkfPolicy(Policy):
     low_quantile: float = 0.25  # "low": below this quantile of the movable active tokens' scores
 
     name: ClassVar[str] = "asrkf"
+    uses_importance: ClassVar[bool] = True
 
     def __post_init__(self):
         super().__post_init__()
