@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from asrkf_gguf import CellState, KVCache
-from conftest import KV_CASES, TINY_SPECS, random_tokens, session
+from conftest import KV_CASES, TINY_SPECS, fetched_model, random_tokens, session
 
 SCATTERED = [1, 5, 6, 7, 20, 33, 50, 51, 52, 90, 97]
 
@@ -93,7 +93,7 @@ def test_thaw_elsewhere_when_the_cells_were_reused(tiny_path):
 def gemma3_path():
     from asrkf_gguf.models import fetch_gemma3_model
 
-    return str(fetch_gemma3_model(progress=False))
+    return fetched_model(fetch_gemma3_model)
 
 
 def test_iswa_model_manages_the_full_attention_cache(gemma3_path):

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# One command for a CUDA machine with no network: build the project with CUDA, run the test suite on the GPU,
+# write the benchmark model and run every benchmark (scripts/gpu_bench.py), printing a table and writing JSON.
+#
+#   bash scripts/gpu_bench.sh [build] [test] [bench]      # no argument: all three, in this order
+#
+# Needs, from scripts/prepare_device_carry.sh (run where pip can download):
+#   .device/llama.cpp : the unpatched llama.cpp of llama-cpp-python 0.3.36, trimmed to the CPU and CUDA backends
+#   .device/whl       : wheels the GPU image lacks (cffi, pycparser, gguf, diskcache, llama-cpp-python built pure)
+# Everything it builds or writes stays under $ASRKF_GPU_WORK (default build/gpu, ignored by git); results go to $OUT
+# (default $ASRKF_GPU_WORK/out).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+work=${ASRKF_GPU_WORK:-$root/build/gpu}
+OUT=${OUT:-$work/out}
+mkdir -p "$work" "$OUT"
+phases=${*:-build test bench}
+export PYTHONUNBUFFERED=1
+
+site=$work/site
+if [ ! -d "$site/llama_cpp" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .device/whl/*.whl
+fi
+export PYTHONPATH=$work/asrkf:$site ASRKF_GGUF_CACHE=$work/cache
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+lib=$work/asrkf/asrkf_gguf/lib
+stock=$work/stock-lib
+
+# The image's default compiler (/opt/gcc) built a libggml-cuda whose libstdc++ instances libllama bound to, and
+# model loading crashed; the system compiler plus the version script in CMakeLists.txt keep the backends' symbols
+# their own. ASRKF_CUDA_CMAKE_ARGS overrides the compiler choice.
+cmake_args=${ASRKF_CUDA_CMAKE_ARGS:-"-DCMAKE_C_COMPILER=/usr/bin/gcc -DCMAKE_CXX_COMPILER=/usr/bin/g++ -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++"}
+
+build_stock() {
+    # the unpatched libllama of the same commit, same compiler; it runs on the CUDA build's ggml libraries
+    # (llama.cpp's src/ has no backend-specific code, so one libllama serves every ggml build of its commit)
+    cmake -S .device/llama.cpp -B "$work/stock-build" -G Ninja -DCMAKE_BUILD_TYPE=Release $cmake_args \
+        -DBUILD_SHARED_LIBS=ON -DGGML_CUDA=OFF -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF \
+        -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON '-DCMAKE_INSTALL_RPATH=$ORIGIN' > "$OUT/stock-build.log" 2>&1
+    cmake --build "$work/stock-build" --target llama -j 4 >> "$OUT/stock-build.log" 2>&1
+}
+
+if [[ " $phases " == *" build "* ]]; then
+    t0=$(date +%s)
+    build_stock & stock_pid=$!
+    rm -rf "$work/asrkf"
+    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90} $cmake_args" \
+    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+    ASRKF_LLAMA_CPP_SOURCE="$root/.device/llama.cpp" \
+        python3 -m pip install -q --no-build-isolation --no-deps --target "$work/asrkf" . > "$OUT/build.log" 2>&1 \
+        || { tail -40 "$OUT/build.log"; exit 1; }
+    echo "patched CUDA build: $(( $(date +%s) - t0 )) s"
+    wait $stock_pid || { tail -20 "$OUT/stock-build.log"; exit 1; }
+    rm -rf "$stock" && mkdir -p "$stock"
+    cp -P "$work"/stock-build/bin/libllama.so* "$stock/"
+    for f in "$lib"/libggml*; do ln -s "$f" "$stock/"; done
+    echo "stock libllama: $(( $(date +%s) - t0 )) s"
+    # exported C++ symbols of the CUDA backend: 0 expected with the version script
+    echo "libggml-cuda exports $(nm -D --defined-only "$lib"/libggml-cuda.so* | grep -c ' _Z' || true) C++ symbols"
+fi
+
+if [[ " $phases " == *" test "* ]]; then
+    # the models that must be downloaded are skipped; the written tiny models cover the GPU paths
+    ASRKF_TEST_NO_FETCH=1 ASRKF_TEST_N_GPU_LAYERS=99 python3 -m pytest -q tests -p no:cacheprovider \
+        2>&1 | tee "$OUT/tests.log" | tail -15
+    grep -qE "[0-9]+ passed" "$OUT/tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/tests.log"
+fi
+
+if [[ " $phases " == *" bench "* ]]; then
+    model=$work/llama3-8b-shape-q4_k_m.gguf
+    if [ ! -f "$model" ]; then
+        t0=$(date +%s)
+        python3 scripts/write_bench_model.py "$model.tmp" && mv "$model.tmp" "$model"
+        echo "benchmark model: $(( $(date +%s) - t0 )) s"
+    fi
+    nproc; lscpu | grep -m1 "Model name" || true
+    python3 scripts/gpu_bench.py --model "$model" --stock-lib "$stock" --json "$OUT/gpu_bench.json" ${GPU_BENCH_ARGS:-} \
+        2>&1 | tee "$OUT/bench.log"
+fi
