@@ -4,7 +4,7 @@
 #
 #   bash scripts/gpu_bench.sh [build] [test] [bench]      # no argument: all three, in this order
 #
-# Needs, from scripts/prepare_device_carry.sh (run where pip can download):
+# Needs, in $ASRKF_DEVICE_CARRY (default .device), from scripts/prepare_device_carry.sh (run where pip can download):
 #   .device/llama.cpp : the unpatched llama.cpp of llama-cpp-python 0.3.36, trimmed to the CPU and CUDA backends
 #   .device/whl       : wheels the GPU image lacks (cffi, pycparser, gguf, diskcache, llama-cpp-python built pure)
 # Everything it builds or writes stays under $ASRKF_GPU_WORK (default build/gpu, ignored by git); results go to $OUT
@@ -13,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 work=${ASRKF_GPU_WORK:-$root/build/gpu}
+carry=${ASRKF_DEVICE_CARRY:-$root/.device}
 OUT=${OUT:-$work/out}
 mkdir -p "$work" "$OUT"
 phases=${*:-build test bench}
@@ -20,7 +21,7 @@ export PYTHONUNBUFFERED=1
 
 site=$work/site
 if [ ! -d "$site/llama_cpp" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .device/whl/*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$carry"/whl/*.whl
 fi
 export PYTHONPATH=$work/asrkf:$site ASRKF_GGUF_CACHE=$work/cache
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -35,7 +36,7 @@ cmake_args=${ASRKF_CUDA_CMAKE_ARGS:-"-DCMAKE_C_COMPILER=/usr/bin/gcc -DCMAKE_CXX
 build_stock() {
     # the unpatched libllama of the same commit, same compiler; it runs on the CUDA build's ggml libraries
     # (llama.cpp's src/ has no backend-specific code, so one libllama serves every ggml build of its commit)
-    cmake -S .device/llama.cpp -B "$work/stock-build" -G Ninja -DCMAKE_BUILD_TYPE=Release $cmake_args \
+    cmake -S "$carry/llama.cpp" -B "$work/stock-build" -G Ninja -DCMAKE_BUILD_TYPE=Release $cmake_args \
         -DBUILD_SHARED_LIBS=ON -DGGML_CUDA=OFF -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF \
         -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF \
         -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON '-DCMAKE_INSTALL_RPATH=$ORIGIN' > "$OUT/stock-build.log" 2>&1
@@ -48,7 +49,7 @@ if [[ " $phases " == *" build "* ]]; then
     rm -rf "$work/asrkf"
     CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90} $cmake_args" \
     CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
-    ASRKF_LLAMA_CPP_SOURCE="$root/.device/llama.cpp" \
+    ASRKF_LLAMA_CPP_SOURCE="$carry/llama.cpp" \
         python3 -m pip install -q --no-build-isolation --no-deps --target "$work/asrkf" . > "$OUT/build.log" 2>&1 \
         || { tail -40 "$OUT/build.log"; exit 1; }
     echo "patched CUDA build: $(( $(date +%s) - t0 )) s"
