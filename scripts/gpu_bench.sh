@@ -38,7 +38,7 @@ build_stock() {
     # (llama.cpp's src/ has no backend-specific code, so one libllama serves every ggml build of its commit)
     cmake -S "$carry/llama.cpp" -B "$work/stock-build" -G Ninja -DCMAKE_BUILD_TYPE=Release $cmake_args \
         -DBUILD_SHARED_LIBS=ON -DGGML_CUDA=OFF -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF \
+        -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF \
         -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON '-DCMAKE_INSTALL_RPATH=$ORIGIN' > "$OUT/stock-build.log" 2>&1
     cmake --build "$work/stock-build" --target llama -j 4 >> "$OUT/stock-build.log" 2>&1
 }

@@ -396,6 +396,85 @@ bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const s
     return true;
 }
 
+// thaw's counterpart of gather(): rows[i] of every tensor := row i of src[t], with one set_rows per tensor on the
+// device instead of a copy per run of cells. The cache is viewed as rows of 4-byte words typed F32, and set_rows
+// from F32 to F32 moves them bit for bit, whatever the KV type. false: the caller writes per run.
+bool llama_kv_freeze::scatter(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows,
+        const std::vector<const uint8_t *> & src) {
+    if (tensors.empty() || rows.empty()) {
+        return true;
+    }
+
+    ggml_backend_t backend = backend_for(tensors[0]);
+    if (!backend) {
+        return false;
+    }
+    size_t bytes_per_row = 0;
+    for (const auto * t : tensors) {
+        if (backend_for(t) != backend) {
+            return false;
+        }
+        bytes_per_row += t->nb[1];
+    }
+
+    const size_t n_rows = rows.size();
+    const size_t n_pass = std::max<size_t>(1, (64u << 20) / bytes_per_row);
+    const size_t n_t    = tensors.size();
+
+    for (size_t r0 = 0; r0 < n_rows; r0 += n_pass) {
+        const size_t n = std::min(n_pass, n_rows - r0);
+
+        ggml_init_params ip = {
+            /*.mem_size   =*/ ggml_tensor_overhead()*(3*n_t + 1) + ggml_graph_overhead_custom(3*n_t + 2, false),
+            /*.mem_buffer =*/ nullptr,
+            /*.no_alloc   =*/ true,
+        };
+        ggml_context_ptr ctx { ggml_init(ip) };
+
+        ggml_tensor * idx = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, (int64_t) n);
+        std::vector<ggml_tensor *> ins;
+        std::vector<ggml_tensor *> outs;
+        for (auto * t : tensors) {
+            const int64_t n_words = (int64_t) (t->nb[1]/4);
+            ggml_tensor * alias = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, n_words, ggml_nbytes(t)/t->nb[1]);
+            if (ggml_backend_tensor_alloc(t->buffer, alias, t->data) != GGML_STATUS_SUCCESS) {
+                return false;
+            }
+            ggml_tensor * in = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, n_words, (int64_t) n);
+            ins.push_back(in);
+            outs.push_back(ggml_set_rows(ctx.get(), alias, in, idx));
+        }
+
+        ggml_backend_buffer_ptr buf { ggml_backend_alloc_ctx_tensors(ctx.get(), backend) };
+        if (!buf) {
+            LLAMA_LOG_WARN("%s: no device memory for %zu rows: copying per run of cells\n", __func__, n);
+            return false;
+        }
+
+        ggml_cgraph * gf = ggml_new_graph_custom(ctx.get(), 3*n_t + 2, false);
+        for (auto * out : outs) {
+            ggml_build_forward_expand(gf, out);
+        }
+
+        ggml_backend_tensor_set(idx, rows.data() + r0, 0, n*sizeof(int32_t));
+        for (size_t i = 0; i < n_t; ++i) {
+            ggml_backend_tensor_set_async(backend, ins[i], src[i] + r0*tensors[i]->nb[1], 0, n*tensors[i]->nb[1]);
+        }
+        if (ggml_backend_graph_compute(backend, gf) != GGML_STATUS_SUCCESS) {
+            // nothing was recorded as thawed yet: the caller reports the failure and the host copies stay
+            throw llama_kv_freeze_error(ASRKF_EBACKEND, "thaw: the scatter graph failed on the device");
+        }
+        n_gathers++;
+        n_copies += n_t;
+        ggml_backend_synchronize(backend);
+    }
+
+    return true;
+}
+
+// below this many runs of cells, offload copies per run instead of gathering on the device
+static constexpr size_t kvf_gather_min_runs = 8;
+
 // runs of i where cells and slots both advance by one: each run is one copy per layer and tensor
 struct kvf_run {
     uint32_t first; // index into the cell/slot arrays
@@ -495,11 +574,14 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
     try {
         copy_to_host(stream(seq_id), cell, slot);
 
+        std::vector<uint64_t> sums(cell.size());
+        store.checksums(slot.data(), slot.size(), sums.data());
+
         for (uint32_t i = 0; i < cell.size(); ++i) {
             llama_kv_freeze_record rec;
             rec.slot     = slot[i];
             rec.ext      = c.ext_get(cell[i]);
-            rec.checksum = store.checksum(slot[i]);
+            rec.checksum = sums[i];
             rec.cell     = cell[i];
 
             records.emplace(std::make_pair(seq_id, cpos[i]), rec);
@@ -538,10 +620,13 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
     });
     std::vector<std::vector<uint8_t>> gather_staging;
 
+    // a gather is a graph and a scratch buffer on the device: for a few runs, plain copies cost less
+    const bool few_runs = runs.size() < kvf_gather_min_runs && !force_gather;
+
     for (uint32_t il = 0; il < layer_k.size(); ++il) {
         for (const bool is_v : { false, true }) {
             ggml_tensor * t = is_v ? layer_v[il] : layer_k[il];
-            if ((is_v && kv->v_trans) || !can_gather(t)) {
+            if ((is_v && kv->v_trans) || few_runs || !can_gather(t)) {
                 continue;
             }
             gather_t.push_back(t);
@@ -650,8 +735,14 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
     }
 
     // verify before touching the cache: a corrupted row must not reach attention
+    std::vector<llama_kv_host_slot> rec_slot(rec.size());
+    std::vector<uint64_t>           sums(rec.size());
     for (size_t i = 0; i < rec.size(); ++i) {
-        if (store.checksum(rec[i]->slot) != rec[i]->checksum) {
+        rec_slot[i] = rec[i]->slot;
+    }
+    store.checksums(rec_slot.data(), rec_slot.size(), sums.data());
+    for (size_t i = 0; i < rec.size(); ++i) {
+        if (sums[i] != rec[i]->checksum) {
             KVF_FAIL(ASRKF_ECHECKSUM, "thaw: the host copy of position %d of sequence %d failed its checksum; nothing was restored",
                     sorted[i], seq_id);
         }
@@ -704,6 +795,45 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
 
     std::vector<uint8_t> staging;
 
+    // many runs on a device: one set_rows per tensor (scatter) instead of a copy per run, layer and tensor
+    std::vector<ggml_tensor *>   scatter_t;
+    std::vector<const uint8_t *> scatter_src;
+    std::vector<std::vector<uint8_t>> scatter_staging;
+    if (runs.size() >= kvf_gather_min_runs || force_gather) {
+        const bool slots_contiguous = std::all_of(slot.begin(), slot.end(), [&](const llama_kv_host_slot & sl) {
+            return sl.chunk == slot[0].chunk && sl.index == slot[0].index + (&sl - slot.data());
+        });
+        for (uint32_t il = 0; il < layer_k.size(); ++il) {
+            for (const bool is_v : { false, true }) {
+                ggml_tensor * t = is_v ? layer_v[il] : layer_k[il];
+                if ((is_v && kv->v_trans) || !can_gather(t)) {
+                    continue;
+                }
+                scatter_t.push_back(t);
+                if (slots_contiguous) {
+                    scatter_src.push_back(is_v ? store.v_row(slot[0], il) : store.k_row(slot[0], il));
+                } else {
+                    const size_t rb = t->nb[1];
+                    scatter_staging.emplace_back(n*rb);
+                    for (uint32_t i = 0; i < n; ++i) {
+                        memcpy(scatter_staging.back().data() + i*rb, is_v ? store.v_row(slot[i], il) : store.k_row(slot[i], il), rb);
+                    }
+                    scatter_src.push_back(scatter_staging.back().data());
+                }
+            }
+        }
+        std::vector<int32_t> rows(n);
+        for (uint32_t i = 0; i < n; ++i) {
+            rows[i] = (int32_t) (strm*kv_size + cell[i]);
+        }
+        if (!scatter(scatter_t, rows, scatter_src)) {
+            scatter_t.clear();
+        }
+    }
+    auto scattered = [&](const ggml_tensor * t) {
+        return std::find(scatter_t.begin(), scatter_t.end(), t) != scatter_t.end();
+    };
+
     for (uint32_t il = 0; il < layer_k.size(); ++il) {
         ggml_tensor * k = layer_k[il];
         ggml_tensor * v = layer_v[il];
@@ -713,8 +843,10 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
 
         for (const auto & r : runs) {
             const size_t row0 = strm*kv_size + cell[r.first];
-            write(k, row0*k->nb[1], r.n*kb, store.k_row(slot[r.first], il));
-            if (!kv->v_trans) {
+            if (!scattered(k)) {
+                write(k, row0*k->nb[1], r.n*kb, store.k_row(slot[r.first], il));
+            }
+            if (!kv->v_trans && !scattered(v)) {
                 write(v, row0*v->nb[1], r.n*vb, store.v_row(slot[r.first], il));
             }
         }

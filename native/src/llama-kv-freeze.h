@@ -142,6 +142,7 @@ private:
     // rows (global row ids) of each tensor into dst[i] (n rows back to back): one get_rows per tensor on the
     // device holding it, one copy back per tensor; false when the tensors' rows cannot be gathered that way
     bool gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<uint8_t *> & dst);
+    bool scatter(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<const uint8_t *> & src);
     bool can_gather(const ggml_tensor * t) const;
 
     // K/V rows of the cells into the slots (cells ascending; slots from store.alloc)

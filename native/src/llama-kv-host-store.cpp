@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <new>
+#include <thread>
 
 llama_kv_host_store::chunk::~chunk() {
     if (pinned) {
@@ -192,6 +193,29 @@ uint64_t llama_kv_host_store::checksum(const llama_kv_host_slot & slot) const {
         h = checksum_update(h, v_row(slot, il), v_bytes[il]);
     }
     return h;
+}
+
+void llama_kv_host_store::checksums(const llama_kv_host_slot * slot, size_t n, uint64_t * out) const {
+    // one core hashes a few GB/s while a PCIe/NVLink host link moves tens: big offloads and thaws would wait on
+    // the checksum; below ~16 MiB per thread, starting threads costs more than it saves
+    const size_t min_bytes_per_thread = 16u << 20;
+    const size_t n_cores   = std::max(1u, std::thread::hardware_concurrency());
+    const size_t n_threads = std::min<size_t>({ n_cores, 16, (n*bytes_per_token)/min_bytes_per_thread + 1 });
+
+    auto work = [&](size_t i0, size_t i1) {
+        for (size_t i = i0; i < i1; ++i) {
+            out[i] = checksum(slot[i]);
+        }
+    };
+    const size_t per_thread = (n + n_threads - 1)/n_threads;
+    std::vector<std::thread> threads;
+    for (size_t t = 1; t < n_threads; ++t) {
+        threads.emplace_back(work, std::min(n, t*per_thread), std::min(n, (t + 1)*per_thread));
+    }
+    work(0, std::min(n, per_thread));
+    for (auto & th : threads) {
+        th.join();
+    }
 }
 
 size_t llama_kv_host_store::bytes_allocated() const {

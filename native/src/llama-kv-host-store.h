@@ -35,6 +35,9 @@ public:
     // over every K and V byte of the slot, all layers
     uint64_t checksum(const llama_kv_host_slot & slot) const;
 
+    // checksum() of n slots into out; large batches are split over threads
+    void checksums(const llama_kv_host_slot * slot, size_t n, uint64_t * out) const;
+
     size_t token_bytes()     const { return bytes_per_token; }
     size_t bytes_allocated() const;
     size_t bytes_used()      const;

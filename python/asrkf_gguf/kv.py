@@ -121,6 +121,7 @@ class KVCache:
         if handle == ffi.NULL:
             raise AsrkfError("attach", lib.asrkf_last_error_code(), ffi.string(lib.asrkf_last_error()).decode("utf-8", "replace"))
         self.handle = handle
+        self._n_cells = None  # the context's cell count, read once (it never changes)
 
     # ---- lifetime
 
@@ -224,13 +225,14 @@ class KVCache:
         """(pos, score) of the resident cells after the latest decode; frozen cells are scored too."""
         h = self._h()
         n = ffi.new("int32_t *")
-        _check("importance", lib.asrkf_kv_importance(h, seq_id, ffi.NULL, ffi.NULL, 0, n))
-        pos = np.empty(n[0], np.int32)
-        score = np.empty(n[0], np.float32)
-        if n[0]:
-            _check("importance", lib.asrkf_kv_importance(h, seq_id, _i32(pos),
-                                                         ffi.cast("float *", ffi.from_buffer(score)), n[0], n))
-        return pos, score
+        # one call into a buffer of the context's size: the native side reads the scores off the device each call
+        cap = self.info().n_cells if self._n_cells is None else self._n_cells
+        self._n_cells = cap
+        pos = np.empty(cap, np.int32)
+        score = np.empty(cap, np.float32)
+        _check("importance", lib.asrkf_kv_importance(h, seq_id, _i32(pos), ffi.cast("float *", ffi.from_buffer(score)),
+                                                     cap, n))
+        return pos[: n[0]], score[: n[0]]
 
     def query(self, layer: int):
         """Query vectors of the latest decode for one importance layer, [n_q, n_head, n_embd_head] float32, and

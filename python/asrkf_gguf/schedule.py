@@ -104,8 +104,8 @@ class TokenTable:
         return np.flatnonzero(self.state[: self.n] == state)
 
     def counts(self) -> dict:
-        s = self.state[: self.n]
-        return {st.name.lower(): int(np.count_nonzero(s == st)) for st in CellState}
+        per_state = np.bincount(self.state[: self.n], minlength=len(CellState) + 1)
+        return {st.name.lower(): int(per_state[st]) for st in CellState}
 
     def check(self, kv=None, seq_id: int = 0) -> None:
         """Every position accounted for exactly once; with a KVCache, the table matches the native cell table."""
