@@ -115,3 +115,68 @@ def test_bringing_everything_back_reproduces_the_full_logits(demo_model_path):
         kv.unfreeze(ctl.table.positions(CellState.FROZEN))
         got = s.decode(nxt, len(prompt))
     assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("recovery", [True, False])
+def test_recovery_switch_watches_entropy_but_acts_only_when_on(tiny_path, recovery):
+    # "asrkf without recovery" is a configuration, not a different policy: the entropy is still monitored
+    # (statistics, traces) but no level is applied or returned, so the generator never rewalks either
+    prompt = random_tokens(200, seed=46)
+    calm = np.zeros(64)
+    calm[0] = 30.0                     # one token certain: entropy ~ 0
+    spike = np.zeros(64)               # uniform: entropy log(64)
+    with session(tiny_path, n_ctx=160, flash_attn="on", n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        ctl = Controller(kv, make_policy("asrkf", recent=16, period=2),
+                         ControllerConfig(budget_cells=150, recovery=recovery))
+        steps = []
+        ctl.on_step = steps.append
+        generate(s, ctl, prompt, 0)  # the prompt only: every entropy the monitor sees is ours
+        levels = []
+        for i in range(24):
+            ctl.make_room(1)
+            s.decode([5], ctl.table.n)
+            levels.append(ctl.on_decoded(1, spike if i == 20 else calm))
+        assert ctl.entropy.steps == 24 and steps[-1]["entropy"] is not None
+        if recovery:
+            assert levels[20] == Recovery.SR and ctl.stats.recoveries["SR"] == 1 and len(ctl.stats.recovery_log) == 1
+            assert steps[-4]["recovery"] == "SR"
+        else:
+            assert levels == [None] * 24 and sum(ctl.stats.recoveries.values()) == 0 and not ctl.stats.recovery_log
+            assert all(st["recovery"] is None for st in steps)
+        ctl.table.check(kv)
+
+
+def test_a_full_budget_offloads_a_batch_at_a_time(tiny_path):
+    # one move of offload_batch tokens every few dozen steps, not a one-token device round trip per step
+    prompt = random_tokens(140, seed=47)
+    with session(tiny_path, n_ctx=160, flash_attn="on", n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        ctl = Controller(kv, make_policy("asrkf", recent=16), ControllerConfig(budget_cells=150, offload_batch=20))
+        generate(s, ctl, prompt, 0)
+        moves = []
+        for _ in range(40):
+            before = ctl.stats.offloads
+            ctl.make_room(1)
+            moves.append(ctl.stats.offloads - before)
+            s.decode([5], ctl.table.n)
+            ctl.on_decoded(1, None)
+            c = ctl.table.counts()
+            assert c["active"] + c["frozen"] <= 150
+        assert [m for m in moves if m] == [20, 20]
+        ctl.table.check(kv)
+
+
+def test_score_every_scores_only_every_kth_step(tiny_path):
+    prompt = random_tokens(100, seed=48)
+    with session(tiny_path, n_ctx=256, flash_attn="on", n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        ctl = Controller(kv, make_policy("asrkf", recent=16, period=64), ControllerConfig(budget_cells=200, score_every=3))
+        generate(s, ctl, prompt, 0)  # prompt chunks are always scored
+        assert ctl.table.mass[: len(prompt)].sum() > 0
+        scored = []
+        for _ in range(9):
+            ctl.make_room(1)
+            s.decode([5], ctl.table.n)
+            before = ctl.table.mass.copy()
+            ctl.on_decoded(1, None)
+            scored.append(bool(np.any(ctl.table.mass != before)))
+        assert scored == [(ctl_step + 1) % 3 == 0 for ctl_step in range(ctl.step - 9, ctl.step)]
+        ctl.table.check(kv)

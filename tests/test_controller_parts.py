@@ -106,3 +106,18 @@ def test_policy_registry_and_validation():
         AsrkfPolicy(k=0)
     with pytest.raises(ValueError):
         WindowPolicy(recent=0)
+
+
+def test_recall_pooling_gives_a_span_the_mass_of_its_best_token():
+    from asrkf_gguf.controller import ControllerConfig, pooled_max
+
+    # positions 10..14 are a number: the question attends to its first token only
+    pos = np.array([3, 10, 11, 12, 13, 14, 30])
+    mass = np.array([0.2, 5.0, 0.1, 0.0, 0.1, 0.3, 1.0])
+    out = pooled_max(pos, mass, 3, 40)
+    assert out.tolist() == pytest.approx([0.2, 5.0, 5.0, 5.0, 5.0, 0.3, 1.0])
+    # positions outside `pos` (not movable) lend nothing; half = 0 is the identity
+    assert pooled_max(pos, mass, 0, 40) is mass
+    assert pooled_max(np.array([0, 39]), np.array([1.0, 2.0]), 5, 40).tolist() == [1.0, 2.0]
+    with pytest.raises(ValueError, match="recall_pool"):
+        ControllerConfig(budget_cells=10, recall_pool=-1)

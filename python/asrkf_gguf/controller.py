@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -25,11 +25,24 @@ class ControllerConfig:
     importance_layers: Optional[tuple] = None  # model layers scored (None: all full-attention layers)
     wr_window: int = 32             # WR unfreezes what was frozen in the last wr_window steps
     rr_tokens: int = 4              # RR regenerates this many tokens (the generator does it)
+    # recall ranks a token by the best mass within +-recall_pool positions (SnapKV's pooling): the question
+    # attends to the start of a number or name, not to each of its tokens, and a half-recalled number reads wrong
+    recall_pool: int = 3
+    # entropy recovery SR/WR/FR/RR on spikes; False keeps watching the entropy (stats, traces) but never acts,
+    # which is the "asrkf without recovery" ablation
+    recovery: bool = True
+    # when the budget is full, offload at least this many tokens at once (0: budget_cells // 32): one batched
+    # move every few dozen steps instead of a one-token move per step, which costs a device round trip each
+    offload_batch: int = 0
+    # score (run the importance node) on every score_every-th decode step; prompt chunks are always scored.
+    # Scoring costs about a second attention pass on a GPU (docs/gpu.md); 1 keeps the paper's per-step scores
+    score_every: int = 1
 
     def __post_init__(self):
-        if self.budget_cells < 1 or not 0 < self.ema <= 1 or self.n_q < 1 or self.wr_window < 1 or self.rr_tokens < 0:
+        if self.budget_cells < 1 or not 0 < self.ema <= 1 or self.n_q < 1 or self.wr_window < 1 or self.rr_tokens < 0 \
+                or self.recall_pool < 0 or self.offload_batch < 0 or self.score_every < 1:
             raise ValueError("ControllerConfig: budget_cells >= 1, 0 < ema <= 1, n_q >= 1, wr_window >= 1, "
-                             "rr_tokens >= 0 are required")
+                             "rr_tokens >= 0, recall_pool >= 0, offload_batch >= 0, score_every >= 1 are required")
 
 
 @dataclass
@@ -51,6 +64,16 @@ class ControllerStats:
     seconds: float = 0.0
 
 
+def pooled_max(pos: np.ndarray, value: np.ndarray, half: int, n: int) -> np.ndarray:
+    """value[i] -> the largest value at positions within +-half of pos[i] (positions not in pos count as 0)."""
+    if half == 0 or pos.size == 0:
+        return value
+    full = np.zeros(n + 2 * half, value.dtype)
+    full[pos + half] = value
+    windows = np.lib.stride_tricks.sliding_window_view(full, 2 * half + 1)  # window j covers positions j-half..j+half
+    return windows[pos].max(axis=1)
+
+
 class Controller:
     """Owns the token table of one sequence and keeps the KV cache within budget through a KVCache."""
 
@@ -70,11 +93,20 @@ class Controller:
         self.stats = ControllerStats()
         self.step = 0
         self.bytes_per_token = info.kv_bytes_per_token
+        # called after every step with what the step did (an evaluation traces the freeze/thaw curve with it)
+        self.on_step: Optional[Callable[[dict], None]] = None
+        self.offload_batch = config.offload_batch or max(1, config.budget_cells // 32)
+        self._scoring = False
         if policy.uses_importance:
-            # the queries are exported too: recall scores offloaded tokens with them on the host
-            kv.set_importance(True, n_q=config.n_q, layers=config.importance_layers,
-                              export_q=policy.reversible)
+            self._set_scoring(True)
             self.layers = list(config.importance_layers) if config.importance_layers else kv.layers().tolist()
+
+    def _set_scoring(self, on: bool) -> None:
+        if on != self._scoring:
+            # the queries are exported too: recall scores offloaded tokens with them on the host
+            self.kv.set_importance(on, n_q=self.config.n_q, layers=self.config.importance_layers,
+                                   export_q=self.policy.reversible)
+            self._scoring = on
 
     def reset(self) -> None:
         """Forget the sequence (after it was cleared from the cache); the statistics keep counting."""
@@ -85,17 +117,20 @@ class Controller:
     # ---- per step
 
     def on_decoded(self, n_new: int, logits: Optional[np.ndarray] = None) -> Optional[Recovery]:
-        """Account for n_new tokens just decoded at the next positions; returns the recovery level applied."""
+        """Account for n_new tokens just decoded at the next positions; returns the recovery level applied
+        (None when no recovery ran: no spike, a policy without recovery, or ControllerConfig.recovery off)."""
         t0 = time.perf_counter()
         self.table.append(n_new)
-        if self.policy.uses_importance:
+        if self._scoring:
             pos, score = self.kv.importance(self.seq_id)
             self.table.observe(pos, score, self.config.ema)
-        level = None
+        level = entropy = None
         if logits is not None:
             entropy = entropy_of(logits)
             level = self.entropy.update(entropy)
         self.step += 1
+        if not (isinstance(self.policy, AsrkfPolicy) and self.config.recovery):
+            level = None
         if isinstance(self.policy, AsrkfPolicy):
             if level is not None:
                 t1 = time.perf_counter()
@@ -110,21 +145,32 @@ class Controller:
                 self._reevaluate()
         self._account()
         self.stats.seconds += time.perf_counter() - t0
+        if self.on_step is not None:
+            self.on_step({"step": self.step, "n_new": n_new, **self.table.counts(), "entropy": entropy,
+                          "threshold": self.entropy.threshold if entropy is not None else None,
+                          "recovery": level.name if level is not None else None})
         return level
 
     def make_room(self, n_next: int) -> None:
-        """Before decoding n_next tokens: move or drop tokens so that resident + n_next fits the budget."""
-        if not self.policy.uses_budget:
-            return
+        """Before decoding n_next tokens: move or drop tokens so that resident + n_next fits the budget, and
+        switch scoring on or off for this decode (score_every)."""
         t0 = time.perf_counter()
-        counts = self.table.counts()
-        excess = counts["active"] + counts["frozen"] + n_next - self.config.budget_cells
-        if excess > 0:
-            if self.policy.reversible:
-                self._offload(excess)
-            else:
-                self._drop(excess)
+        if self.policy.uses_importance and self.config.score_every > 1:
+            self._set_scoring(n_next > 1 or (self.step + 1) % self.config.score_every == 0)
+        if self.policy.uses_budget:
+            counts = self.table.counts()
+            excess = counts["active"] + counts["frozen"] + n_next - self.config.budget_cells
+            if excess > 0:
+                if self.policy.reversible:
+                    # a whole batch at once, as far as movable tokens allow
+                    self._offload(max(excess, min(self.offload_batch, self._n_movable())), excess)
+                else:
+                    self._drop(excess)
         self.stats.seconds += time.perf_counter() - t0
+
+    def _n_movable(self) -> int:
+        t = self.table
+        return sum(self.policy.candidates(t, st).size for st in (CellState.ACTIVE, CellState.FROZEN))
 
     def recall(self) -> int:
         """After a prompt (a new turn): score every movable token, resident or offloaded, with the newest queries
@@ -141,6 +187,7 @@ class Controller:
         if movable.size == 0 or off.size == 0:
             return 0
         mass = recall_mass(self.kv, movable, self.layers, self.seq_id).astype(np.float32)
+        mass = pooled_max(movable, mass, self.config.recall_pool, t.n)
         t.score[movable] = mass  # the new question's view replaces the running score
         n_resident = int(np.count_nonzero(t.state[movable] != CellState.OFFLOADED))
         keep = movable[np.argsort(-mass, kind="stable")[:n_resident]]
@@ -208,16 +255,18 @@ class Controller:
             self.table.state[pos] = CellState.ACTIVE
             self.stats.unfreezes += int(pos.size)
 
-    def _offload(self, n: int) -> None:
-        """Longest-frozen first (ties: lowest score), then the lowest-scored active tokens."""
+    def _offload(self, n: int, n_needed: Optional[int] = None) -> None:
+        """Longest-frozen first (ties: lowest score), then the lowest-scored active tokens: n of them, or at
+        least n_needed when fewer are movable."""
+        n_needed = n if n_needed is None else n_needed
         t = self.table
         frozen = self.policy.candidates(t, CellState.FROZEN)
         order = np.lexsort((t.score[frozen], t.frozen_at[frozen]))
         pick = frozen[order[:n]]
         if pick.size < n:
             pick = np.concatenate([pick, self.policy.lowest(t, CellState.ACTIVE, n - pick.size)])
-        if pick.size < n:
-            raise RuntimeError(f"cannot make room for {n} tokens: only {pick.size} are movable within the budget "
+        if pick.size < n_needed:
+            raise RuntimeError(f"cannot make room for {n_needed} tokens: only {pick.size} are movable within the budget "
                                f"({self.config.budget_cells} cells)")
         self._swap(np.sort(pick), pick[:0])
 
