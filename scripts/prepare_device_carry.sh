@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fill .device/ (ignored by git) with what scripts/gpu_validate.sh needs on a GPU machine that cannot download:
+# Fill .device/ (ignored by git) with what scripts/gpu_bench.sh needs on a GPU machine that cannot download:
 # the unpatched llama.cpp source of llama-cpp-python 0.3.36, trimmed to the CPU and CUDA backends (~22 MB), and
 # the wheels missing from that machine's Python 3.12 image. Run from the repository root, with network access.
 set -euo pipefail
