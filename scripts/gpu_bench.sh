@@ -79,4 +79,6 @@ if [[ " $phases " == *" bench "* ]]; then
     nproc; lscpu | grep -m1 "Model name" || true
     python3 scripts/gpu_bench.py --model "$model" --stock-lib "$stock" --json "$OUT/gpu_bench.json" ${GPU_BENCH_ARGS:-} \
         2>&1 | tee "$OUT/bench.log"
+    # the final tables (docs/gpu.md shows them for the H200)
+    python3 scripts/gpu_report.py "$OUT/gpu_bench.json" | tee "$OUT/report.md"
 fi
