@@ -121,3 +121,16 @@ def test_recall_pooling_gives_a_span_the_mass_of_its_best_token():
     assert pooled_max(np.array([0, 39]), np.array([1.0, 2.0]), 5, 40).tolist() == [1.0, 2.0]
     with pytest.raises(ValueError, match="recall_pool"):
         ControllerConfig(budget_cells=10, recall_pool=-1)
+
+
+def test_running_score_is_per_query_and_the_total_is_not():
+    # a prompt chunk scored by 32 queries and a generated token scored by one must land on one scale, or tokens
+    # last scored during a prompt (offloaded ones keep their score) outrank everything scored while generating
+    t = TokenTable()
+    t.append(2)
+    t.observe(np.array([0]), np.array([32.0]), ema=1.0, n_queries=32)  # prompt: 32 queries gave 1.0 each
+    t.observe(np.array([1]), np.array([1.0]), ema=1.0, n_queries=1)    # generation: one query gave 1.0
+    assert t.score[0] == t.score[1] == 1.0
+    assert t.mass[0] == 32.0 and t.mass[1] == 1.0                       # H2O's total counts every query
+    with pytest.raises(ValueError, match="n_queries"):
+        t.observe(np.array([0]), np.array([1.0]), ema=1.0, n_queries=0)

@@ -92,6 +92,7 @@ class Controller:
         self.entropy = EntropyMonitor()
         self.stats = ControllerStats()
         self.step = 0
+        self._n_queries = 1  # queries behind the latest importance output
         self.bytes_per_token = info.kv_bytes_per_token
         # called after every step with what the step did (an evaluation traces the freeze/thaw curve with it)
         self.on_step: Optional[Callable[[dict], None]] = None
@@ -123,7 +124,9 @@ class Controller:
         self.table.append(n_new)
         if self._scoring:
             pos, score = self.kv.importance(self.seq_id)
-            self.table.observe(pos, score, self.config.ema)
+            # the native output sums over the last min(n_q, tokens decoded) queries (chunks fit one ubatch)
+            self._n_queries = min(self.config.n_q, n_new)
+            self.table.observe(pos, score, self.config.ema, self._n_queries)
         level = entropy = None
         if logits is not None:
             entropy = entropy_of(logits)
@@ -188,7 +191,7 @@ class Controller:
             return 0
         mass = recall_mass(self.kv, movable, self.layers, self.seq_id).astype(np.float32)
         mass = pooled_max(movable, mass, self.config.recall_pool, t.n)
-        t.score[movable] = mass  # the new question's view replaces the running score
+        t.score[movable] = mass / self._n_queries  # the new question's view replaces the running score, per query
         n_resident = int(np.count_nonzero(t.state[movable] != CellState.OFFLOADED))
         keep = movable[np.argsort(-mass, kind="stable")[:n_resident]]
         resident = movable[t.state[movable] != CellState.OFFLOADED]

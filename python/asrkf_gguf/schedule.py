@@ -77,15 +77,23 @@ class TokenTable:
         self.frozen_at[n:self.n] = -1
         self.n = n
 
-    def observe(self, pos: np.ndarray, importance: np.ndarray, ema: float) -> None:
-        """Fold one step's attention mass (native importance output) into the running score and the total."""
+    def observe(self, pos: np.ndarray, importance: np.ndarray, ema: float, n_queries: int = 1) -> None:
+        """Fold one step's attention mass (native importance output, summed over n_queries queries) into the
+        running score, per query, and into the total.
+
+        Per query because a prompt chunk is scored by up to n_q queries and a generated token by one: summed, the
+        scores of tokens last seen during a prompt (offloaded ones keep theirs) would outrank every token scored
+        while generating. The total keeps the sum: H2O accumulates the attention of every query."""
         if not 0 < ema <= 1:
             raise ValueError(f"ema must be in (0, 1], got {ema}")
+        if n_queries < 1:
+            raise ValueError(f"n_queries must be positive, got {n_queries}")
         pos = np.asarray(pos)
         if pos.size and (pos.min() < 0 or pos.max() >= self.n):
             raise ValueError(f"positions outside [0, {self.n})")
-        self.score[pos] = (1 - ema) * self.score[pos] + ema * np.asarray(importance, np.float32)
-        self.mass[pos] += np.asarray(importance, np.float32)
+        imp = np.asarray(importance, np.float32)
+        self.score[pos] = (1 - ema) * self.score[pos] + ema * (imp / n_queries)
+        self.mass[pos] += imp
 
     def freeze(self, pos: np.ndarray, step: int, k: float, period: int) -> None:
         """Mark positions frozen for floor(sqrt(c)/k) periods, c counting this judgement too."""
