@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from .cli import UsageError, add_run_parser, run
+from .cli import UsageError, add_eval_parsers, add_run_parser, run, run_eval, run_eval_report
 
 
 def demo(model: str | None, n_cells: int, n_tokens: int) -> int:
@@ -63,10 +63,15 @@ def main(argv=None) -> int:
     d.add_argument("--cells", type=int, default=512, help="device KV cells (default 512)")
     d.add_argument("--tokens", type=int, default=2048, help="logical tokens to decode (default 2048)")
     add_run_parser(sub)
+    add_eval_parsers(sub)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "run":
             return run(args)
+        if args.cmd == "eval":
+            return run_eval(args)
+        if args.cmd == "eval-report":
+            return run_eval_report(args)
         return demo(args.model, args.cells, args.tokens)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""python -m asrkf_gguf run: generate with a device KV budget, streaming or as one JSON object."""
+"""python -m asrkf_gguf run: generate with a device KV budget, streaming or as one JSON object.
+python -m asrkf_gguf eval / eval-report: the quality evaluation grid and its report (asrkf_gguf.evaluation)."""
 
 from __future__ import annotations
 
@@ -110,3 +111,69 @@ def _progress_bar(done: int, total: int) -> None:
     if done >= total:
         sys.stderr.write("\n")
     sys.stderr.flush()
+
+
+# ---- eval
+
+
+def add_eval_parsers(sub) -> None:
+    e = sub.add_parser("eval", help="quality evaluation grid (resumable; results in OUT/results.json)")
+    e.add_argument("--model", default="qwen", help="qwen | demo | gemma | a GGUF path (default: qwen)")
+    e.add_argument("--tasks", default="passkey,passkey-mt",
+                   help="comma list of passkey, passkey-mt, niah, niah-mt, multikey, vartrack, kl")
+    e.add_argument("--ctx", default="2048,4096,8192", help="contexts in tokens (whole case, comma list)")
+    e.add_argument("--budgets", default="0.5,0.33,0.25,0.125", help="device budgets, fractions of the context")
+    e.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths, fractions of the document")
+    e.add_argument("--policies", default="full,full-q8_0,full-q4_0,window,h2o,asrkf-norec,asrkf",
+                   help="settings: full, full-q8_0, full-q4_0 (memory-matched quantized full caches), window, h2o, "
+                        "asrkf-norec (no entropy recovery), asrkf, asrkf-nopool (recall without pooling)")
+    e.add_argument("--kl-tokens", type=int, default=512, help="teacher-forced continuation of the kl task")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    e.add_argument("--redo", default="", help="settings whose finished runs are run again")
+    e.add_argument("--out", required=True, help="results directory (resumed when it holds results.json)")
+    e.add_argument("--no-report", action="store_true", help="do not write OUT/report.md at the end")
+    e.add_argument("--cases-only", action="store_true",
+                   help="only write the cases to OUT/cases/ (e.g. for scripts/kvpress_side_by_side.py)")
+    r = sub.add_parser("eval-report", help="markdown tables and PNG plots from an eval results directory")
+    r.add_argument("dir", help="the --out directory of `eval`")
+    r.add_argument("--budget", type=float, default=0.25, help="budget of the target check and the trace plots")
+
+
+def run_eval(args) -> int:
+    from .evaluation.grid import GridError, GridSpec, parse_list, run_grid
+    from .evaluation.report import write_report
+
+    try:
+        spec = GridSpec(tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+                        ctxs=parse_list(args.ctx, int, "--ctx"),
+                        budgets=parse_list(args.budgets, float, "--budgets"),
+                        depths=parse_list(args.depths, float, "--depths"),
+                        settings=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
+                        seed=args.seed, kl_tokens=args.kl_tokens,
+                        redo=tuple(p.strip() for p in args.redo.split(",") if p.strip()))
+        if args.threads is not None and args.threads < 1:
+            raise GridError("--threads must be positive")
+        results = run_grid(args.model, spec, args.out, n_threads=args.threads, cases_only=args.cases_only)
+        if args.cases_only:
+            print(results.dir / "cases")
+        elif not args.no_report:
+            print(write_report(args.out))
+        else:
+            print(results.path)
+    except GridError as err:
+        raise UsageError(str(err)) from None
+    return 0
+
+
+def run_eval_report(args) -> int:
+    from .evaluation.grid import GridError
+    from .evaluation.report import write_report
+
+    if not 0 < args.budget <= 1:
+        raise UsageError("--budget is a fraction in (0, 1]")
+    try:
+        print(write_report(args.dir, args.budget))
+    except GridError as err:
+        raise UsageError(str(err)) from None
+    return 0

@@ -51,7 +51,7 @@ class Engine:
                  policy_params: Optional[dict] = None, controller_params: Optional[dict] = None,
                  verbose: bool = False):
         """policy_params go to the policy (e.g. n_sinks, recent, k, period, low_quantile for asrkf);
-        controller_params to ControllerConfig (ema, n_q, importance_layers, wr_window, rr_tokens)."""
+        controller_params to ControllerConfig (ema, n_q, importance_layers, wr_window, rr_tokens, recovery)."""
         from .models import fetch_demo_model
 
         self.model_path = model_path or str(fetch_demo_model(progress=verbose))

@@ -1,0 +1,199 @@
+"""Run one case under one setting through the Engine and return a JSON-ready record.
+
+A setting is a policy plus what goes with it: the KV type (the memory-matched alternative a llama.cpp user has
+today is the full cache quantized) and whether entropy recovery acts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ..engine import Engine
+from ..generate import generate
+from .tasks import Case
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    policy: str
+    kv_type: str = "f16"
+    recovery: bool = True
+    recall_pool: Optional[int] = None  # None: the controller's default
+
+    @property
+    def budgeted(self) -> bool:
+        return self.policy != "full"
+
+
+SETTINGS: Dict[str, Setting] = {s.name: s for s in (
+    Setting("full", "full"),
+    Setting("full-q8_0", "full", kv_type="q8_0"),
+    Setting("full-q4_0", "full", kv_type="q4_0"),
+    Setting("window", "window"),
+    Setting("h2o", "h2o"),
+    Setting("asrkf-norec", "asrkf", recovery=False),
+    Setting("asrkf", "asrkf"),
+    Setting("asrkf-nopool", "asrkf", recall_pool=0),  # ablation: recall ranks tokens one by one (the first version)
+)}
+
+KL_TOP_K = 1024  # reference distribution kept as its top-k log-probs + the tail's total (see kl_topk)
+
+
+class Tracer:
+    """Collects the controller's per-step figures (Controller.on_step) as columns."""
+
+    FIELDS = ("step", "n_new", "active", "frozen", "offloaded", "dropped", "entropy", "recovery")
+
+    def __init__(self):
+        self.cols: Dict[str, list] = {f: [] for f in self.FIELDS}
+
+    def __call__(self, rec: dict) -> None:
+        for f in self.FIELDS:
+            v = rec.get(f)
+            self.cols[f].append(round(v, 4) if isinstance(v, float) else v)
+
+
+def engine_for(model_path: str, case: Case, setting: Setting, budget: float, n_threads: Optional[int]) -> Engine:
+    cells = max(1, int(round(budget * case.ctx))) if setting.budgeted else None
+    return Engine(model_path, ctx=case.ctx, kv_budget=cells, policy=setting.policy, kv_type=setting.kv_type,
+                  flash_attn="on",  # quantized V needs it; the same attention path for every setting
+                  n_threads=n_threads, controller_params=controller_params(setting))
+
+
+def controller_params(setting: Setting) -> dict:
+    params = {"recovery": setting.recovery}
+    if setting.recall_pool is not None:
+        params["recall_pool"] = setting.recall_pool
+    return params
+
+
+def run_chat(engine: Engine, case: Case) -> dict:
+    replies, turns = [], []
+    for message, max_tokens in zip(case.turns, case.max_tokens):
+        t0 = time.perf_counter()
+        reply = "".join(engine.chat(message, max_tokens=max_tokens))
+        replies.append(reply)
+        c = engine.controller.table.counts()
+        turns.append({"seconds": round(time.perf_counter() - t0, 3), "logical": engine.controller.table.n, **c})
+    answer = replies[-1]
+    score = case.score(answer)
+    return {"answer": answer, "replies": replies, "expected": list(case.answers), "score": score,
+            "passed": score == 1.0, "turns": turns}
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, np.float64)
+    z = x - x.max()
+    return z - np.log(np.exp(z).sum())
+
+
+def kl_topk(ref_idx: np.ndarray, ref_lp: np.ndarray, lp: np.ndarray) -> float:
+    """KL(P_ref || Q) with P_ref known on its top-k tokens: the tail is one bucket in both distributions.
+
+    Merging outcomes can only lower a KL (data processing), so this is a lower bound of the exact KL, tight when
+    the tail holds little mass (top-1024 of a next-token distribution holds almost all of it)."""
+    p = np.exp(ref_lp)
+    q_lp = lp[ref_idx]
+    kl = float(np.sum(p * (ref_lp - q_lp)))
+    p_tail = max(0.0, 1.0 - float(p.sum()))
+    q_tail = max(1e-300, 1.0 - float(np.exp(q_lp).sum()))
+    if p_tail > 1e-12:
+        kl += p_tail * (np.log(p_tail) - np.log(q_tail))
+    return max(0.0, kl)
+
+
+class ForcedContinuation:
+    """pick() for teacher forcing: returns the real next token of the text and measures the distribution it was
+    given. Indexed by logical position, so a rewalk (RR takes tokens back) re-measures the same steps."""
+
+    def __init__(self, forced: List[int], start: int, controller, ref: Optional[dict]):
+        self.forced, self.start, self.controller, self.ref = forced, start, controller, ref
+        n = len(forced)
+        self.nll = np.zeros(n)
+        self.top1 = np.zeros(n, np.int64)
+        self.kl = np.full(n, np.nan)
+        self.ref_idx = np.zeros((n, KL_TOP_K), np.int64)
+        self.ref_lp = np.zeros((n, KL_TOP_K), np.float32)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        i = self.controller.table.n - self.start
+        lp = log_softmax(logits)
+        self.nll[i] = -lp[self.forced[i]]
+        self.top1[i] = int(np.argmax(lp))
+        if self.ref is None:  # this is the reference: keep its top-k
+            idx = np.argpartition(-lp, KL_TOP_K)[:KL_TOP_K]
+            self.ref_idx[i], self.ref_lp[i] = idx, lp[idx]
+        else:
+            self.kl[i] = kl_topk(self.ref["idx"][i], self.ref["lp"][i].astype(np.float64), lp)
+        return self.forced[i]
+
+
+def run_kl(engine: Engine, case: Case, tokens: List[int], ref: Optional[dict]) -> dict:
+    """Decode the prompt, then the real continuation token by token; compare each distribution with ref's."""
+    n_prompt = case.ctx - case.n_continuation
+    prompt, forced = tokens[:n_prompt], tokens[n_prompt:case.ctx]
+    pick = ForcedContinuation(forced, n_prompt, engine.controller, ref)
+    res = generate(engine.session, engine.controller, prompt, len(forced), pick=pick, recall=True)
+    engine.prefill_seconds, engine.decode_seconds = res.prefill_seconds, res.decode_seconds
+    engine.n_prompt_tokens, engine.n_generated_tokens = len(prompt), len(res.tokens)
+    out = {"n_prompt": n_prompt, "n_continuation": len(forced), "nll_mean": float(pick.nll.mean()),
+           "rewalks": res.rewalks}
+    if ref is None:
+        out["reference"] = {"idx": pick.ref_idx, "lp": pick.ref_lp, "top1": pick.top1}
+    else:
+        out.update({"kl": [round(float(x), 6) for x in pick.kl],
+                    "kl_median": float(np.median(pick.kl)), "kl_p95": float(np.percentile(pick.kl, 95)),
+                    "kl_mean": float(np.mean(pick.kl)),
+                    "top1_agreement": float(np.mean(pick.top1 == ref["top1"]))})
+    return out
+
+
+def run_case(model_path: str, case: Case, setting: Setting, budget: float, *, n_threads: Optional[int] = None,
+             kl_tokens: Optional[List[int]] = None, kl_ref: Optional[dict] = None) -> dict:
+    """One case, one setting, one budget (fraction of case.ctx; ignored by the full-cache settings)."""
+    t0 = time.perf_counter()
+    tracer = Tracer()
+    with engine_for(model_path, case, setting, budget, n_threads) as engine:
+        engine.controller.on_step = tracer
+        if case.task == "kl":
+            outcome = run_kl(engine, case, kl_tokens, kl_ref)
+        else:
+            outcome = run_chat(engine, case)
+        stats = engine.stats()
+    kv = stats["kv"]
+    logical = max(1, kv["logical_tokens"])
+    return {
+        "case": case.key, "task": case.task, "ctx": case.ctx, "depth": case.depth, "seed": case.seed,
+        "setting": setting.name, "setting_detail": asdict(setting),
+        "budget": budget if setting.budgeted else 1.0, "budget_cells": kv["budget_cells"],
+        **outcome,
+        "kv": {**kv, "resident_fraction_peak": kv["resident_cells_peak"] / logical,
+               "active_fraction_mean": kv["active_cells_mean"] / logical},
+        "events": stats["events"], "recovery_log": stats["recovery_log"],
+        "timing": {**stats["timing"], "prefill_s": round(engine.prefill_seconds, 3),
+                   "decode_s": round(engine.decode_seconds, 3), "wall_s": round(time.perf_counter() - t0, 3)},
+        "n_prompt_tokens": stats["n_prompt_tokens"], "n_generated_tokens": stats["n_generated_tokens"],
+        "trace": tracer.cols,
+        "model_file": os.path.basename(model_path),
+    }
+
+
+def save_reference(path: Path, ref: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **ref)
+    os.replace(tmp, path)
+
+
+def load_reference(path: Path) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
