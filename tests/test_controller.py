@@ -180,3 +180,19 @@ def test_score_every_scores_only_every_kth_step(tiny_path):
             scored.append(bool(np.any(ctl.table.mass != before)))
         assert scored == [(ctl_step + 1) % 3 == 0 for ctl_step in range(ctl.step - 9, ctl.step)]
         ctl.table.check(kv)
+
+
+def test_recall_after_an_unscored_one_token_prompt_does_nothing(tiny_path):
+    # score_every > 1: a one-token turn may land on an unscored step; recall then has no queries and must not fail
+    prompt = random_tokens(180, seed=49)
+    with session(tiny_path, n_ctx=160, flash_attn="on", n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        ctl = Controller(kv, make_policy("asrkf", recent=16), ControllerConfig(budget_cells=120, score_every=4))
+        generate(s, ctl, prompt, 0, recall=True)
+        assert ctl.stats.offloads > 0
+        while (ctl.step + 1) % 4 == 0:  # the next decode must be an unscored one
+            ctl.make_room(1)
+            s.decode([5], ctl.table.n)
+            ctl.on_decoded(1, None)
+        generate(s, ctl, [7], 2, recall=True)
+        assert ctl.stats.recalls == 1  # the first prompt's recall ran; the one-token turn's did not
+        ctl.table.check(kv)

@@ -178,7 +178,8 @@ class Controller:
     def recall(self) -> int:
         """After a prompt (a new turn): score every movable token, resident or offloaded, with the newest queries
         and give the movable device cells to the best. Returns how many tokens were brought back."""
-        if not (self.policy.uses_importance and self.policy.reversible):
+        # without scoring on the last decode (score_every > 1 and a one-token prompt) there are no queries to rank by
+        if not (self.policy.uses_importance and self.policy.reversible and self._scoring):
             return 0
         t0 = time.perf_counter()
         from .recall import recall_mass
