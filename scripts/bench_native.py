@@ -26,30 +26,36 @@ def bench_moves(model: str, kv_type: str, fa: str, n_tokens: int, n_move: int, r
                                             n_ubatch=512, n_gpu_layers=n_gpu_layers)) as s, KVCache(ctx=s.context) as kv:
         tokens = np.random.default_rng(0).integers(3, min(s.n_vocab, 30000), size=n_tokens).tolist()
         s.decode(tokens, 0)
-        info = kv.info()
-        rng = np.random.default_rng(1)
-        res = {"kv_type": kv_type, "flash_attn": fa, "bytes_per_token": info.kv_bytes_per_token}
-        for layout in ("contiguous", "scattered"):
-            t_off, t_thaw = [], []
-            for _ in range(reps):
-                if layout == "contiguous":
-                    start = int(rng.integers(4, n_tokens - n_move - 1))
-                    pos = np.arange(start, start + n_move)
-                else:
-                    pos = np.sort(rng.choice(np.arange(4, n_tokens - 1), n_move, replace=False))
-                t0 = time.perf_counter()
-                kv.offload(pos)
-                t1 = time.perf_counter()
-                kv.thaw(pos)
-                t2 = time.perf_counter()
-                t_off.append(t1 - t0)
-                t_thaw.append(t2 - t1)
-            nbytes = n_move * info.kv_bytes_per_token
-            for name, t in (("offload", t_off), ("thaw", t_thaw)):
-                med = float(np.median(t))
-                res[f"{layout}_{name}_GBps"] = nbytes / med / 1e9
-                res[f"{layout}_{name}_us_per_token"] = med / n_move * 1e6
+        res = {"kv_type": kv_type, "flash_attn": fa, "bytes_per_token": kv.info().kv_bytes_per_token}
+        res.update(time_moves(kv, n_tokens, n_move, reps, np.random.default_rng(1)))
         return res
+
+
+def time_moves(kv, n_tokens: int, n_move: int, reps: int, rng, layouts=("contiguous", "scattered")) -> dict:
+    """Median offload and thaw of n_move of the first n_tokens positions, per layout: GB/s and us per token."""
+    bytes_per_token = kv.info().kv_bytes_per_token
+    res = {}
+    for layout in layouts:
+        t_off, t_thaw = [], []
+        for _ in range(reps):
+            if layout == "contiguous":
+                start = int(rng.integers(4, n_tokens - n_move - 1))
+                pos = np.arange(start, start + n_move)
+            else:
+                pos = np.sort(rng.choice(np.arange(4, n_tokens - 1), n_move, replace=False))
+            t0 = time.perf_counter()
+            kv.offload(pos)
+            t1 = time.perf_counter()
+            kv.thaw(pos)
+            t2 = time.perf_counter()
+            t_off.append(t1 - t0)
+            t_thaw.append(t2 - t1)
+        nbytes = n_move * bytes_per_token
+        for name, t in (("offload", t_off), ("thaw", t_thaw)):
+            med = float(np.median(t))
+            res[f"{layout}_{name}_GBps"] = nbytes / med / 1e9
+            res[f"{layout}_{name}_us_per_token"] = med / n_move * 1e6
+    return res
 
 
 def bench_decode(model: str, depth: int, n_gen: int, attach: bool) -> dict:

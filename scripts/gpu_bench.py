@@ -250,30 +250,14 @@ def copy_bandwidth(nbytes: int = 256 << 20) -> dict:
 
 def moves(model: str, kv_type: str, fa: str, n_tokens: int, n_move: int, reps: int, n_gpu_layers: int) -> dict:
     from asrkf_gguf import KVCache
+    from bench_native import time_moves
 
     with _session(model, n_tokens + 64, kv_type, fa, n_gpu_layers) as s, KVCache(ctx=s.context) as kv:
         s.decode(_tokens(n_tokens, 41), 0)
-        info = kv.info()
-        rng = np.random.default_rng(42)
-        res = {"kv_type": kv_type, "flash_attn": fa, "bytes_per_token": info.kv_bytes_per_token, "n_move": n_move}
+        res = {"kv_type": kv_type, "flash_attn": fa, "bytes_per_token": kv.info().kv_bytes_per_token, "n_move": n_move}
+        # f16 with flash attention off stores V transposed: scattered moves copy per channel and run, far too slow
         layouts = ("contiguous",) if fa == "off" else ("contiguous", "scattered")
-        for layout in layouts:
-            t_off, t_thaw = [], []
-            for _ in range(reps):
-                if layout == "contiguous":
-                    start = int(rng.integers(4, n_tokens - n_move - 1))
-                    pos = np.arange(start, start + n_move)
-                else:
-                    pos = np.sort(rng.choice(np.arange(4, n_tokens - 1), n_move, replace=False))
-                t0 = time.perf_counter()
-                kv.offload(pos)
-                t1 = time.perf_counter()
-                kv.thaw(pos)
-                t_off.append(t1 - t0)
-                t_thaw.append(time.perf_counter() - t1)
-            nbytes = n_move * info.kv_bytes_per_token
-            for name, t in (("offload", t_off), ("thaw", t_thaw)):
-                res[f"{layout}_{name}_GBps"] = nbytes / float(np.median(t)) / 1e9
+        res.update(time_moves(kv, n_tokens, n_move, reps, np.random.default_rng(42), layouts))
         kv.check()
     return res
 

@@ -321,31 +321,39 @@ bool llama_kv_freeze::can_gather(const ggml_tensor * t) const {
     return force_gather || !ggml_backend_buffer_is_host(t->buffer);
 }
 
+// the one backend that runs the gather/scatter graph of these tensors, and how many rows go in one pass (the
+// device scratch is bounded to 64 MiB); nullptr: copy per run of cells instead
+ggml_backend_t llama_kv_freeze::rows_backend(const std::vector<ggml_tensor *> & tensors, size_t & n_pass) {
+    ggml_backend_t backend = backend_for(tensors[0]);
+    if (!backend) {
+        LLAMA_LOG_WARN("%s: no backend for the device of %s: copying per run of cells\n", __func__, tensors[0]->name);
+        return nullptr;
+    }
+    size_t bytes_per_row = 0;
+    for (const auto * t : tensors) {
+        if (backend_for(t) != backend) {
+            LLAMA_LOG_WARN("%s: the cache spans several devices: copying per run of cells\n", __func__);
+            return nullptr;
+        }
+        bytes_per_row += t->nb[1];
+    }
+    n_pass = std::max<size_t>(1, (64u << 20) / bytes_per_row);
+    return backend;
+}
+
 bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows,
         const std::vector<uint8_t *> & dst) {
     if (tensors.empty() || rows.empty()) {
         return true;
     }
 
-    ggml_backend_t backend = backend_for(tensors[0]);
+    size_t n_pass = 0;
+    ggml_backend_t backend = rows_backend(tensors, n_pass);
     if (!backend) {
-        LLAMA_LOG_WARN("%s: no backend for the device of %s: copying per run of cells\n", __func__, tensors[0]->name);
         return false;
     }
-
-    size_t bytes_per_row = 0;
-    for (const auto * t : tensors) {
-        if (backend_for(t) != backend) {
-            LLAMA_LOG_WARN("%s: the cache spans several devices: copying per run of cells\n", __func__);
-            return false;
-        }
-        bytes_per_row += t->nb[1];
-    }
-
-    // bounded device scratch: large offloads go in passes of at most 64 MiB
-    const size_t n_rows  = rows.size();
-    const size_t n_pass  = std::max<size_t>(1, (64u << 20) / bytes_per_row);
-    const size_t n_t     = tensors.size();
+    const size_t n_rows = rows.size();
+    const size_t n_t    = tensors.size();
 
     for (size_t r0 = 0; r0 < n_rows; r0 += n_pass) {
         const size_t n = std::min(n_pass, n_rows - r0);
@@ -405,20 +413,12 @@ bool llama_kv_freeze::scatter(const std::vector<ggml_tensor *> & tensors, const 
         return true;
     }
 
-    ggml_backend_t backend = backend_for(tensors[0]);
+    size_t n_pass = 0;
+    ggml_backend_t backend = rows_backend(tensors, n_pass);
     if (!backend) {
         return false;
     }
-    size_t bytes_per_row = 0;
-    for (const auto * t : tensors) {
-        if (backend_for(t) != backend) {
-            return false;
-        }
-        bytes_per_row += t->nb[1];
-    }
-
     const size_t n_rows = rows.size();
-    const size_t n_pass = std::max<size_t>(1, (64u << 20) / bytes_per_row);
     const size_t n_t    = tensors.size();
 
     for (size_t r0 = 0; r0 < n_rows; r0 += n_pass) {
@@ -667,12 +667,16 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
         const size_t kb = store.k_row_bytes(il);
         const size_t vb = store.v_row_bytes(il);
 
-        for (const auto & r : runs) {
+        // decided once per layer, not per run: the lookup scans every gathered tensor
+        const bool copy_k = !gathered(il, false);
+        const bool copy_v = !kv->v_trans && !gathered(il, true);
+        for (size_t ir = 0; (copy_k || copy_v) && ir < runs.size(); ++ir) {
+            const auto & r = runs[ir];
             const size_t row0 = strm*kv_size + cell[r.first];
-            if (!gathered(il, false)) {
+            if (copy_k) {
                 read(k, row0*k->nb[1], r.n*kb, store.k_row(slot[r.first], il));
             }
-            if (!kv->v_trans && !gathered(il, true)) {
+            if (copy_v) {
                 read(v, row0*v->nb[1], r.n*vb, store.v_row(slot[r.first], il));
             }
         }
@@ -841,12 +845,16 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
         const size_t kb = store.k_row_bytes(il);
         const size_t vb = store.v_row_bytes(il);
 
-        for (const auto & r : runs) {
+        // decided once per layer, not per run: the lookup scans every scattered tensor
+        const bool copy_k = !scattered(k);
+        const bool copy_v = !kv->v_trans && !scattered(v);
+        for (size_t ir = 0; (copy_k || copy_v) && ir < runs.size(); ++ir) {
+            const auto & r = runs[ir];
             const size_t row0 = strm*kv_size + cell[r.first];
-            if (!scattered(k)) {
+            if (copy_k) {
                 write(k, row0*k->nb[1], r.n*kb, store.k_row(slot[r.first], il));
             }
-            if (!kv->v_trans && !scattered(v)) {
+            if (copy_v) {
                 write(v, row0*v->nb[1], r.n*vb, store.v_row(slot[r.first], il));
             }
         }

@@ -141,6 +141,7 @@ private:
 
     // rows (global row ids) of each tensor into dst[i] (n rows back to back): one get_rows per tensor on the
     // device holding it, one copy back per tensor; false when the tensors' rows cannot be gathered that way
+    ggml_backend_t rows_backend(const std::vector<ggml_tensor *> & tensors, size_t & n_pass);
     bool gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<uint8_t *> & dst);
     bool scatter(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<const uint8_t *> & src);
     bool can_gather(const ggml_tensor * t) const;
