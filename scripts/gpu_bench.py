@@ -143,7 +143,10 @@ def decode_depths(model: str, depths: list, n_gen: int, attach: bool, n_gpu_laye
             filled = depth
             steps = _timed_steps(s, tokens[depth:depth + n_gen], depth)
             s.seq_rm(depth, -1)
-            out[str(depth)] = {"tokens_per_s": 1.0 / float(np.median(steps)), "ms_p90": 1e3 * float(np.percentile(steps, 90))}
+            # step_s: every timed step (seconds, after the N_WARMUP warm-up steps), for the report's pooled
+            # medians and bootstrap intervals
+            out[str(depth)] = {"tokens_per_s": 1.0 / float(np.median(steps)), "ms_p90": 1e3 * float(np.percentile(steps, 90)),
+                               "step_s": [float(x) for x in steps]}
         if kv:
             kv.close()
     return {"depths": out, "libraries": _loaded_libraries()}
@@ -187,7 +190,7 @@ def _decode_with_controller(s, ctrl, tokens: list, pos0: int):
         t1 = time.perf_counter()
         logits = s.decode([tok], pos0 + i)
         t2 = time.perf_counter()
-        ctrl.on_decoded(1, logits)
+        ctrl.on_decoded(1, logits, entropy=ctrl.graph_entropy())
         t3 = time.perf_counter()
         t_dec.append(t2 - t1)
         t_ctl.append((t1 - t0) + (t3 - t2))
@@ -360,8 +363,9 @@ def run_all(args) -> dict:
         res["decode"] = []
         for rnd in range(args.rounds):
             for name, lib, attach in variants:
-                r = in_subprocess("decode_depths", lib_dir=lib, model=model, depths=depths, n_gen=args.n_gen,
-                                  attach=attach, n_gpu_layers=ngl)
+                # steps are cheap next to a process's load and prefill: 128 timed steps per depth
+                r = in_subprocess("decode_depths", lib_dir=lib, model=model, depths=depths,
+                                  n_gen=max(args.n_gen, N_WARMUP + 128), attach=attach, n_gpu_layers=ngl)
                 r.update(variant=name, round=rnd)
                 res["decode"].append(r)
                 log(f"decode {name} round {rnd}: " + ", ".join(
@@ -421,7 +425,7 @@ def main() -> int:
     ap.add_argument("--stock-lib", help="folder with an unpatched libllama of the same commit beside the ggml libraries")
     ap.add_argument("--n-gpu-layers", type=int, default=99)
     ap.add_argument("--n-gen", type=int, default=72, help="decode steps per measurement (the first 8 are warm-up)")
-    ap.add_argument("--rounds", type=int, default=2, help="stock/patched decode rounds, interleaved")
+    ap.add_argument("--rounds", type=int, default=3, help="stock/patched decode rounds, interleaved")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every context length (dry runs)")
     ap.add_argument("--sections", default="exactness,decode,budget,moves,importance,long")
     ap.add_argument("--json", help="write the results here")

@@ -15,7 +15,70 @@ import numpy as np
 MiB = 2 ** 20
 
 
+N_BOOT = 2000  # bootstrap resamples for the decode confidence intervals
+BOOT_SEED = 0
+
+
+def _pooled_median_s(rounds: list, rng=None, pick_round=None) -> np.ndarray | float:
+    """Median step time over all rounds' steps pooled; with rng, N_BOOT medians of two-level resamples: the
+    rounds pick_round (drawn with replacement, shared by the variants compared, whose rounds ran side by side),
+    then steps within each drawn round."""
+    if rng is None:
+        return float(np.median(np.concatenate(rounds)))
+    n = min(len(r) for r in rounds)
+    steps = np.stack([np.asarray(r[:n]) for r in rounds])                      # [rounds, steps]
+    pick_step = rng.integers(0, n, size=(N_BOOT, pick_round.shape[1], n))
+    draws = steps[pick_round[:, :, None], pick_step]                          # [N_BOOT, rounds, steps]
+    return np.median(draws.reshape(N_BOOT, -1), axis=1)
+
+
+def _decode_table_steps(res: dict) -> str:
+    """Pooled per-step times: median t/s per variant and patched vs stock with a 95% bootstrap interval."""
+    steps, per = defaultdict(list), defaultdict(list)
+    for r in res.get("decode", []):
+        for depth, v in r.get("depths", {}).items():
+            steps[(r["variant"], int(depth))].append(np.asarray(v["step_s"], dtype=float))
+            per[(r["variant"], int(depth))].append(v["tokens_per_s"])
+    variants = [v for v in ("stock", "patched", "patched+handle") if any(k[0] == v for k in steps)]
+    depths = sorted({k[1] for k in steps})
+    rng = np.random.default_rng(BOOT_SEED)
+    out = ["| depth | " + " | ".join(f"{v} t/s pooled (rounds)" for v in variants)
+           + " | patched vs stock [95% CI] |", "|---" * (len(variants) + 2) + "|"]
+    within = []
+    for d in depths:
+        cells = [f"{1.0 / _pooled_median_s(steps[(v, d)]):.1f} ({', '.join(f'{x:.1f}' for x in per[(v, d)])})"
+                 for v in variants]
+        if ("stock", d) in steps and ("patched", d) in steps:
+            # t/s ratio = stock median step time / patched median step time
+            rel = _pooled_median_s(steps[("stock", d)]) / _pooled_median_s(steps[("patched", d)]) - 1
+            # paired by round: a round of each variant ran back to back, so drifts of the machine between rounds
+            # hit both, while the spread between rounds still widens the interval
+            n_r = min(len(steps[("stock", d)]), len(steps[("patched", d)]))
+            pick_round = rng.integers(0, n_r, size=(N_BOOT, n_r))
+            boot = (_pooled_median_s(steps[("stock", d)][:n_r], rng, pick_round)
+                    / _pooled_median_s(steps[("patched", d)][:n_r], rng, pick_round) - 1)
+            lo, hi = np.percentile(boot, [2.5, 97.5])
+            within.append(-0.01 <= lo and hi <= 0.01)
+            rel_s = f"{100 * rel:+.1f}% [{100 * lo:+.1f}%, {100 * hi:+.1f}%]"
+        else:
+            within.append(False)
+            rel_s = "n/a"
+        out.append(f"| {d} | " + " | ".join(cells) + f" | {rel_s} |")
+    n_rounds = max((len(x) for x in steps.values()), default=0)
+    n_steps = sorted({len(s) for x in steps.values() for s in x})
+    out += ["", f"t/s = 1 / median step time, steps pooled over {n_rounds} round(s) of "
+            f"{'/'.join(map(str, n_steps))} timed steps; CI: {N_BOOT} two-level bootstrap resamples (rounds, "
+            f"paired across variants, then steps within them; seed {BOOT_SEED}), percentile interval.",
+            f"Patched vs stock within 1% (95% CI inside \u00b11% at every depth): "
+            f"{'shown' if within and all(within) else 'not shown'}."]
+    return "\n".join(out)
+
+
 def decode_table(res: dict) -> str:
+    runs = [r for r in res.get("decode", []) if r.get("depths")]
+    if runs and all("step_s" in v for r in runs for v in r["depths"].values()):
+        return _decode_table_steps(res)
+    # results without per-step times (older files): means of the round medians
     per = defaultdict(list)
     for r in res.get("decode", []):
         for depth, v in r.get("depths", {}).items():
