@@ -5,7 +5,7 @@ import pytest
 
 from asrkf_gguf import CellState, KVCache
 from asrkf_gguf.controller import Controller, ControllerConfig
-from asrkf_gguf.entropy import Recovery
+from asrkf_gguf.entropy import Recovery, entropy_of
 from asrkf_gguf.generate import generate
 from asrkf_gguf.policies import make_policy
 from conftest import random_tokens, session
@@ -83,7 +83,9 @@ def test_every_recovery_level_keeps_the_cache_consistent(tiny_path, level):
         # and decoding goes on
         ctl.make_room(1)
         logits = s.decode([5], ctl.table.n)
-        ctl.on_decoded(1, logits)
+        # the generator's entropy comes from the graph: the same as the numpy pass over the row
+        assert ctl.graph_entropy() == pytest.approx(entropy_of(logits), rel=1e-4, abs=1e-5)
+        ctl.on_decoded(1, logits, entropy=ctl.graph_entropy())
         ctl.table.check(kv)
 
 

@@ -24,7 +24,7 @@ def test_table_grows_and_accounts_for_every_position():
     t.append(10)
     assert t.n == 10 and t.capacity >= 10 and t.counts()["active"] == 10
     t.freeze(np.array([2, 3]), step=5, k=1.0, period=4)
-    t.state[[6]] = CellState.OFFLOADED
+    t.set_state([6], CellState.OFFLOADED)
     assert t.counts() == {"active": 7, "frozen": 2, "offloaded": 1, "dropped": 0}
     t.check()
     # c = 1 -> one period; a second judgement (c = 4 after more) lengthens it like sqrt

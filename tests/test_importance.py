@@ -98,3 +98,63 @@ def test_importance_refuses_stale_or_missing_data(tiny_path):
         with pytest.raises(AsrkfError) as err:
             kv.importance()
         assert "moved" in err.value.message
+
+
+def test_importance_fold_equals_the_numpy_update(tiny_path):
+    """The native fold writes what TokenTable.observe computes from (pos, score), and refuses short arrays."""
+    from asrkf_gguf.schedule import TokenTable
+
+    tokens = random_tokens(60, seed=17)
+    with session(tiny_path, n_ctx=128, n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        kv.set_importance(True, n_q=8)
+        s.decode(tokens[:50], 0)
+        kv.offload([4, 9])  # holes: offloaded positions keep their scores
+        s.decode(tokens[50:52], 50)
+        pos, score = kv.importance()
+        ref, got = TokenTable(capacity=64), TokenTable(capacity=64)
+        for t in (ref, got):
+            t.append(52)
+            t.score[:52] = np.linspace(0, 1, 52, dtype=np.float32)
+            t.mass[:52] = 0.5
+        ref.observe(pos, score, ema=0.3, n_queries=2)
+        kv.importance_fold(got.score, got.mass, got.n, ema=0.3, n_queries=2)
+        np.testing.assert_allclose(got.score, ref.score, rtol=1e-6)
+        np.testing.assert_allclose(got.mass, ref.mass, rtol=1e-6)
+        assert got.score[4] == np.float32(4 / 51) and got.mass[9] == 0.5
+
+        before = got.score.copy()
+        with pytest.raises(AsrkfError) as err:
+            kv.importance_fold(got.score, got.mass, 40, ema=0.3)
+        assert err.value.code == -1 and "nothing was changed" in err.value.message
+        assert np.array_equal(got.score, before)
+        with pytest.raises(ValueError):
+            kv.importance_fold(got.score.astype(np.float64), got.mass, got.n, ema=0.3)
+
+
+@pytest.mark.parametrize("fa", ["off", "on"])
+def test_in_graph_entropy_equals_the_entropy_of_the_logits(tiny_path, fa):
+    from asrkf_gguf.entropy import entropy_of
+
+    tokens = random_tokens(40, seed=19)
+    with session(tiny_path, n_ctx=128, n_batch=32, n_ubatch=32, flash_attn=fa) as s, \
+            KVCache(ctx=s.context) as kv:
+        with pytest.raises(AsrkfError) as err:
+            kv.entropy()
+        assert err.value.code == -2 and "off" in err.value.message
+        kv.set_entropy(True)
+        kv.set_importance(True, n_q=4)  # both outputs in one graph
+        got, want = [], []
+        logits = s.decode(tokens[:33], 0)  # two ubatches: the entropy is of the last row
+        got.append(kv.entropy())
+        want.append(entropy_of(logits))
+        for i in range(33, 40):
+            logits = s.decode([tokens[i]], i)
+            got.append(kv.entropy())
+            want.append(entropy_of(logits))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        assert len(set(np.round(want, 4))) > 1  # the steps differ, so the test would see a stale value
+        kv.set_entropy(False)
+        s.decode([tokens[0]], 40)
+        with pytest.raises(AsrkfError) as err:
+            kv.entropy()
+        assert err.value.code == -2

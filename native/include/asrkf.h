@@ -8,6 +8,7 @@
 //   - offload: the K/V rows of every layer move to host memory owned by the handle, the cells are freed (stage 2)
 //   - thaw: offloaded rows go back into free cells with their original position and sequence
 //   - importance: per-cell attention mass from the last n_q queries of the latest decode, computed in the graph
+//   - entropy: of the next-token distribution of the latest decode, computed in the graph
 //
 // Every position of a sequence is, at any time, exactly one of: active (resident), frozen (resident, masked),
 // offloaded (host). Nothing is dropped unless the caller removes positions (llama_memory_seq_rm / clear).
@@ -137,6 +138,19 @@ ASRKF_API int32_t asrkf_kv_set_importance(asrkf_kv_t kv, bool enabled, int32_t n
 // refused (-2) when no decode ran with importance on, the cells changed since (offload, thaw, seq_rm), or those
 // queries were not all of seq_id
 ASRKF_API int32_t asrkf_kv_importance(asrkf_kv_t kv, int32_t seq_id, int32_t * pos, float * score, int32_t cap, int32_t * n_out);
+
+// the same scores folded into the caller's per-position arrays (index = position, n_pos entries) in one pass, for
+// a controller that keeps a running score: score[p] = (1 - ema)*score[p] + ema*s/n_queries and mass[p] += s for
+// every resident position p of seq_id; refused like asrkf_kv_importance, and -1 with nothing written when a
+// resident position is >= n_pos
+ASRKF_API int32_t asrkf_kv_importance_fold(asrkf_kv_t kv, int32_t seq_id, float ema, int32_t n_queries, float * score, float * mass, int32_t n_pos);
+
+// entropy output: the Shannon entropy (nats) of softmax of the last logits row of each decode, computed in the
+// graph on the device that computed the logits; changing it rebuilds the graph once
+ASRKF_API int32_t asrkf_kv_set_entropy(asrkf_kv_t kv, bool enabled);
+
+// the entropy of the latest decode; refused (-2) when the output is off or that decode produced no logits
+ASRKF_API int32_t asrkf_kv_entropy(asrkf_kv_t kv, float * out);
 
 // query vectors of the latest decode for one selected layer, in the space of the stored K (after RoPE and the
 // rotation applied for quantized K): out[t][h][d], t < n_q, h < n_head, d < n_embd_head_k; kq_scale is the scale

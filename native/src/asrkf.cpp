@@ -237,6 +237,23 @@ int32_t asrkf_kv_importance(asrkf_kv_t kv, int32_t seq_id, int32_t * pos, float 
     });
 }
 
+int32_t asrkf_kv_importance_fold(asrkf_kv_t kv, int32_t seq_id, float ema, int32_t n_queries, float * score, float * mass, int32_t n_pos) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.importance_fold(seq_id, ema, n_queries, score, mass, n_pos); });
+}
+
+int32_t asrkf_kv_set_entropy(asrkf_kv_t kv, bool enabled) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.set_entropy(enabled); });
+}
+
+int32_t asrkf_kv_entropy(asrkf_kv_t kv, float * out) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
+        if (!out) {
+            throw llama_kv_freeze_error(ASRKF_EINVAL, "entropy: out is NULL");
+        }
+        *out = kvf.entropy();
+    });
+}
+
 int32_t asrkf_kv_query(asrkf_kv_t kv, int32_t layer, float * out, int64_t cap, int32_t * n_q, int32_t * n_head, int32_t * n_embd_head, float * kq_scale) {
     return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
         std::vector<float> q;

@@ -69,6 +69,13 @@ struct llama_kv_freeze {
 
     // (pos, score) of the resident cells of seq_id after the latest decode
     void importance(llama_seq_id seq_id, std::vector<llama_pos> & pos, std::vector<float> & score) const;
+
+    // the same scores folded into per-position arrays of length n_pos, in one pass over the cells:
+    // score[p] = (1 - ema)*score[p] + ema*s/n_queries, mass[p] += s
+    void importance_fold(llama_seq_id seq_id, float ema, int32_t n_queries, float * score, float * mass, int32_t n_pos) const;
+
+    void  set_entropy(bool enabled);
+    float entropy() const; // of the last logits row of the latest decode, nats
     void query(int32_t il, std::vector<float> & out, int32_t & n_q, int32_t & n_head, int32_t & n_embd_head, float & kq_scale) const;
     void k_rows(llama_seq_id seq_id, int32_t il, const std::vector<llama_pos> & pos, uint8_t * out, size_t size);
 
@@ -100,6 +107,7 @@ struct llama_kv_freeze {
     int32_t layer_index(int32_t il) const;
 
     llama_kv_freeze_importance_params imp;
+    bool entropy_enabled = false;
 
     // graph inputs created for this controller and still alive (they outlive graphs, not us)
     std::set<llm_graph_input_kv_freeze *> inputs;
@@ -134,6 +142,10 @@ struct llama_kv_freeze {
     void bump_graph() const;
 
 private:
+    // the importance output of the latest decode for seq_id, per cell of the graph's view (refuses stale data)
+    const std::vector<float> & importance_cells(llama_seq_id seq_id) const;
+    mutable std::vector<float> importance_buf;
+
     // one backend per device holding K/V: async copies and one synchronize per operation
     std::map<ggml_backend_dev_t, ggml_backend_t> backends;
 

@@ -1,5 +1,6 @@
-// importance output of the freeze controller: attention mass each cell receives from the last n_q queries,
-// computed inside the graph on the selected layers (also with flash attention, which exposes no probabilities)
+// outputs of the freeze controller computed inside the graph: the attention mass each cell receives from the last
+// n_q queries on the selected layers (also with flash attention, which exposes no probabilities), and the entropy
+// of the last logits row (on the device that computed them: one float crosses instead of the vocabulary)
 
 #include "llama-kv-freeze.h"
 
@@ -35,7 +36,9 @@ public:
     }
 
     void set_input(const llama_ubatch * ubatch) override {
-        mctx->set_input_kq_mask(shadow_mask, ubatch, causal_attn, /*apply_freeze =*/ false);
+        if (shadow_mask) {
+            mctx->set_input_kq_mask(shadow_mask, ubatch, causal_attn, /*apply_freeze =*/ false);
+        }
 
         if (kvf) {
             kvf->input_active = this;
@@ -58,7 +61,7 @@ public:
             mctx = static_cast<const llama_kv_cache_context *>(params.mctx);
         }
 
-        return shadow_mask->ne[0] == mctx->get_n_kv() && shadow_mask->ne[1] == params.ubatch.n_tokens;
+        return !shadow_mask || (shadow_mask->ne[0] == mctx->get_n_kv() && shadow_mask->ne[1] == params.ubatch.n_tokens);
     }
 
     llama_kv_freeze * kvf; // nullptr once the controller is gone
@@ -67,9 +70,23 @@ public:
 
     const llama_kv_cache_context * mctx;
 
-    ggml_tensor * shadow_mask = nullptr; // [n_kv, n_tokens]
+    ggml_tensor * shadow_mask = nullptr; // [n_kv, n_tokens]; nullptr with the importance output off
     ggml_tensor * importance  = nullptr; // [1, n_kv], summed over the selected layers
     int32_t       n_q         = 0;
+    ggml_tensor * neg_entropy = nullptr; // [1]: sum of p log p over the last logits row
+
+    ggml_tensor * probs    = nullptr; // [n_kv, rows] attention probabilities not yet in importance
+    ggml_tensor * mask_rep = nullptr; // the shadow mask's query rows, repeated for grouped query heads
+
+    // fold probs into importance: sum over rows, [n_kv, rows] -> [rows, n_kv] -> [1, n_kv]
+    void reduce_probs(ggml_context * ctx) {
+        if (!probs) {
+            return;
+        }
+        ggml_tensor * per_cell = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_transpose(ctx, probs)));
+        importance = importance ? ggml_add(ctx, importance, per_cell) : per_cell;
+        probs = nullptr;
+    }
 
     struct query_out {
         int32_t       il;
@@ -88,20 +105,22 @@ void llama_kv_freeze_build_input(llama_kv_freeze * kvf, ggml_context * ctx0, llm
     kvf->input_building = nullptr;
 
     // off: no input, no node, the graph is the stock one
-    if (!kvf->imp.enabled || cparams.training) {
+    if (!(kvf->imp.enabled || kvf->entropy_enabled) || cparams.training) {
         return;
     }
 
     auto inp = std::make_unique<llm_graph_input_kv_freeze>(kvf, cparams.causal_attn, mctx);
 
-    // same type as the regular mask: flash attention wants f16
-    const ggml_type type = cparams.flash_attn ? GGML_TYPE_F16 : GGML_TYPE_F32;
+    if (kvf->imp.enabled) {
+        // same type as the regular mask: flash attention wants f16
+        const ggml_type type = cparams.flash_attn ? GGML_TYPE_F16 : GGML_TYPE_F32;
 
-    inp->shadow_mask = ggml_new_tensor_4d(ctx0, type, mctx->get_n_kv(), ubatch.n_tokens, 1, 1);
-    ggml_set_input(inp->shadow_mask);
-    ggml_set_name(inp->shadow_mask, "kv_freeze_shadow_mask");
+        inp->shadow_mask = ggml_new_tensor_4d(ctx0, type, mctx->get_n_kv(), ubatch.n_tokens, 1, 1);
+        ggml_set_input(inp->shadow_mask);
+        ggml_set_name(inp->shadow_mask, "kv_freeze_shadow_mask");
 
-    inp->n_q = std::min<int32_t>(kvf->imp.n_q, (int32_t) ubatch.n_tokens);
+        inp->n_q = std::min<int32_t>(kvf->imp.n_q, (int32_t) ubatch.n_tokens);
+    }
 
     kvf->inputs.insert(inp.get());
     kvf->input_building = inp.get();
@@ -112,21 +131,49 @@ void llama_kv_freeze_build_input(llama_kv_freeze * kvf, ggml_context * ctx0, llm
 void llama_kv_freeze_build_layer(llama_kv_freeze * kvf, ggml_context * ctx0, ggml_cgraph * gf, const llama_hparams & hparams,
         ggml_tensor * q, ggml_tensor * k, float kq_scale, int il) {
     auto * inp = kvf->input_building;
-    if (!inp || !std::binary_search(kvf->imp.layers.begin(), kvf->imp.layers.end(), il)) {
+    if (!inp || !inp->shadow_mask || !std::binary_search(kvf->imp.layers.begin(), kvf->imp.layers.end(), il)) {
         return;
     }
 
     // q: [n_embd_head, n_head, n_tokens] in the space of the stored K; k: [n_embd_head, n_head_kv, n_kv, 1]
-    const int64_t n_tokens = q->ne[2];
-    const int64_t n_q      = inp->n_q;
-    const int64_t n_kv     = k->ne[2];
+    const int64_t n_embd_head = q->ne[0];
+    const int64_t n_head      = q->ne[1];
+    const int64_t n_tokens    = q->ne[2];
+    const int64_t n_head_kv   = k->ne[1];
+    const int64_t n_q         = inp->n_q;
+    const int64_t n_kv        = k->ne[2];
+    const size_t  q_offset    = (n_tokens - n_q)*q->nb[2];
 
-    ggml_tensor * q_last = ggml_view_3d(ctx0, q, q->ne[0], q->ne[1], n_q, q->nb[1], q->nb[2], (n_tokens - n_q)*q->nb[2]);
+    ggml_tensor * q_last = ggml_view_3d(ctx0, q, n_embd_head, n_head, n_q, q->nb[1], q->nb[2], q_offset);
 
-    ggml_tensor * qp = ggml_permute(ctx0, q_last, 0, 2, 1, 3); // [n_embd_head, n_q,  n_head]
-    ggml_tensor * kp = ggml_permute(ctx0, k,      0, 2, 1, 3); // [n_embd_head, n_kv, n_head_kv]
+    ggml_tensor * mask = ggml_view_2d(ctx0, inp->shadow_mask, n_kv, n_q, inp->shadow_mask->nb[1],
+            (n_tokens - n_q)*inp->shadow_mask->nb[1]);
 
-    ggml_tensor * kq = ggml_mul_mat(ctx0, kp, qp); // [n_kv, n_q, n_head], GQA by broadcast
+    ggml_tensor * kp = ggml_permute(ctx0, k, 0, 2, 1, 3); // [n_embd_head, n_kv, n_head_kv]
+    ggml_tensor * kq = nullptr;
+
+    // ALiBi slopes follow the head index in dim 2, so those models keep one row of queries per head
+    const bool grouped = hparams.f_max_alibi_bias == 0.0f && n_head % n_head_kv == 0;
+    if (grouped) {
+        // the n_gqa query heads that share a KV head become rows of one product, so every K row is read once per
+        // layer (broadcasting K over the query heads reads it n_gqa times): rows are (query, head in group)
+        const int64_t n_gqa = n_head/n_head_kv;
+        ggml_tensor * qg = ggml_view_4d(ctx0, q, n_embd_head, n_gqa, n_head_kv, n_q,
+                q->nb[1], n_gqa*q->nb[1], q->nb[2], q_offset);              // [d, n_gqa, n_head_kv, n_q]
+        qg = ggml_cont(ctx0, ggml_permute(ctx0, qg, 0, 2, 3, 1));          // [d, n_q, n_gqa, n_head_kv]
+        qg = ggml_reshape_3d(ctx0, qg, n_embd_head, n_q*n_gqa, n_head_kv);
+
+        kq = ggml_mul_mat(ctx0, kp, qg); // [n_kv, n_q*n_gqa, n_head_kv]
+
+        // row r attends like query r % n_q: the mask repeated once per graph and group size
+        if (!inp->mask_rep || inp->mask_rep->ne[1] != n_q*n_gqa) {
+            inp->mask_rep = ggml_repeat_4d(ctx0, mask, n_kv, n_q*n_gqa, 1, 1);
+        }
+        mask = inp->mask_rep;
+    } else {
+        ggml_tensor * qp = ggml_permute(ctx0, q_last, 0, 2, 1, 3); // [n_embd_head, n_q, n_head]
+        kq = ggml_mul_mat(ctx0, kp, qp); // [n_kv, n_q, n_head], GQA by broadcast
+    }
     ggml_prec_set_acc(kq, GGML_PREC_F32);
 
     if (hparams.attn_soft_cap) {
@@ -135,19 +182,23 @@ void llama_kv_freeze_build_layer(llama_kv_freeze * kvf, ggml_context * ctx0, ggm
         kq = ggml_scale(ctx0, kq, hparams.f_attn_logit_softcapping);
     }
 
-    ggml_tensor * mask = ggml_view_2d(ctx0, inp->shadow_mask, n_kv, n_q, inp->shadow_mask->nb[1],
-            (n_tokens - n_q)*inp->shadow_mask->nb[1]);
-
     kq = ggml_soft_max_ext(ctx0, kq, mask, kq_scale, hparams.f_max_alibi_bias);
 
-    // sum over queries and heads: [n_kv, n_q*n_head] -> [n_q*n_head, n_kv] -> [1, n_kv]
-    ggml_tensor * per_cell = ggml_reshape_2d(ctx0, kq, n_kv, kq->ne[1]*kq->ne[2]);
-    per_cell = ggml_sum_rows(ctx0, ggml_cont(ctx0, ggml_transpose(ctx0, per_cell)));
-
-    inp->importance = inp->importance ? ggml_add(ctx0, inp->importance, per_cell) : per_cell;
-    ggml_set_name  (inp->importance, "kv_freeze_importance");
-    ggml_set_output(inp->importance);
-    ggml_build_forward_expand(gf, inp->importance);
+    // probabilities of layers of one shape add up elementwise; the sum over queries and heads, a transposed copy
+    // and a row sum, runs once per graph and shape instead of once per layer
+    kq = ggml_reshape_2d(ctx0, kq, n_kv, kq->ne[1]*kq->ne[2]);
+    if (inp->probs && ggml_are_same_shape(inp->probs, kq)) {
+        inp->probs = ggml_add(ctx0, inp->probs, kq);
+    } else {
+        inp->reduce_probs(ctx0);
+        inp->probs = kq;
+    }
+    if (il == kvf->imp.layers.back()) {
+        inp->reduce_probs(ctx0);
+        ggml_set_name  (inp->importance, "kv_freeze_importance");
+        ggml_set_output(inp->importance);
+        ggml_build_forward_expand(gf, inp->importance);
+    }
 
     if (kvf->imp.export_q) {
         ggml_tensor * qe = ggml_cont(ctx0, q_last); // [n_embd_head, n_head, n_q]
@@ -156,6 +207,25 @@ void llama_kv_freeze_build_layer(llama_kv_freeze * kvf, ggml_context * ctx0, ggm
         ggml_build_forward_expand(gf, qe);
         inp->queries.push_back({il, qe, kq_scale});
     }
+}
+
+void llama_kv_freeze_build_output(llama_kv_freeze * kvf, ggml_context * ctx0, ggml_cgraph * gf, ggml_tensor * logits) {
+    auto * inp = kvf->input_building;
+    kvf->input_building = nullptr; // the graph is complete
+
+    if (!inp || !kvf->entropy_enabled || !logits || logits->ne[1] < 1) {
+        return;
+    }
+
+    // H = -sum p log p; the 1e-30 keeps log finite where p underflows, and changes no term above ~1e-24
+    ggml_tensor * row  = ggml_view_1d(ctx0, logits, logits->ne[0], (logits->ne[1] - 1)*logits->nb[1]);
+    ggml_tensor * p    = ggml_soft_max(ctx0, row);
+    ggml_tensor * logp = ggml_log(ctx0, ggml_scale_bias(ctx0, p, 1.0f, 1e-30f));
+
+    inp->neg_entropy = ggml_sum(ctx0, ggml_mul(ctx0, p, logp));
+    ggml_set_name  (inp->neg_entropy, "kv_freeze_neg_entropy");
+    ggml_set_output(inp->neg_entropy);
+    ggml_build_forward_expand(gf, inp->neg_entropy);
 }
 
 //
@@ -194,7 +264,7 @@ void llama_kv_freeze::set_importance(const llama_kv_freeze_importance_params & p
     bump_graph();
 }
 
-void llama_kv_freeze::importance(llama_seq_id seq_id, std::vector<llama_pos> & pos, std::vector<float> & score) const {
+const std::vector<float> & llama_kv_freeze::importance_cells(llama_seq_id seq_id) const {
     sync();
 
     stream(seq_id);
@@ -216,10 +286,15 @@ void llama_kv_freeze::importance(llama_seq_id seq_id, std::vector<llama_pos> & p
 
     ggml_tensor * t = input_active->importance;
 
-    const int64_t n_kv = t->ne[1];
+    importance_buf.resize(t->ne[1]);
+    ggml_backend_tensor_get(t, importance_buf.data(), 0, importance_buf.size()*sizeof(float));
 
-    std::vector<float> per_cell(n_kv);
-    ggml_backend_tensor_get(t, per_cell.data(), 0, n_kv*sizeof(float));
+    return importance_buf;
+}
+
+void llama_kv_freeze::importance(llama_seq_id seq_id, std::vector<llama_pos> & pos, std::vector<float> & score) const {
+    const auto & per_cell = importance_cells(seq_id);
+    const uint32_t n_kv = per_cell.size();
 
     const auto & c = cells(seq_id);
 
@@ -227,8 +302,64 @@ void llama_kv_freeze::importance(llama_seq_id seq_id, std::vector<llama_pos> & p
     score.clear();
     for (const auto & [p, i] : c.seq_pos_get(seq_id)) {
         pos.push_back(p);
-        score.push_back(i < (uint32_t) n_kv ? per_cell[i] : 0.0f);
+        score.push_back(i < n_kv ? per_cell[i] : 0.0f);
     }
+}
+
+void llama_kv_freeze::importance_fold(llama_seq_id seq_id, float ema, int32_t n_queries, float * score, float * mass, int32_t n_pos) const {
+    if (!(ema > 0.0f && ema <= 1.0f) || n_queries < 1 || n_pos < 0 || (n_pos > 0 && (!score || !mass))) {
+        throw llama_kv_freeze_error(ASRKF_EINVAL, "importance_fold: 0 < ema <= 1, n_queries >= 1 and arrays of n_pos >= 0 floats are required");
+    }
+
+    const auto & per_cell = importance_cells(seq_id);
+    const auto & c = cells(seq_id);
+
+    // a scan of the cells, not of the position set: the fold runs every step
+    const uint32_t n_cells = c.size();
+    for (uint32_t i = 0; i < n_cells; ++i) {
+        if (!c.is_empty(i) && c.seq_has(i, seq_id) && c.pos_get(i) >= n_pos) {
+            throw llama_kv_freeze_error(ASRKF_EINVAL, "importance_fold: position " + std::to_string(c.pos_get(i)) +
+                    " is outside the arrays' " + std::to_string(n_pos) + " entries; nothing was changed");
+        }
+    }
+
+    const float keep = 1.0f - ema;
+    const float gain = ema/n_queries;
+    const uint32_t n_kv = std::min<uint32_t>(n_cells, per_cell.size());
+    for (uint32_t i = 0; i < n_cells; ++i) {
+        if (c.is_empty(i) || !c.seq_has(i, seq_id)) {
+            continue;
+        }
+        const llama_pos p = c.pos_get(i);
+        const float     s = i < n_kv ? per_cell[i] : 0.0f;
+        score[p] = keep*score[p] + gain*s;
+        mass[p] += s;
+    }
+}
+
+void llama_kv_freeze::set_entropy(bool enabled) {
+    sync();
+    if (enabled != entropy_enabled) {
+        entropy_enabled = enabled;
+        input_active = nullptr;
+        bump_graph();
+    }
+}
+
+float llama_kv_freeze::entropy() const {
+    sync();
+
+    if (!entropy_enabled) {
+        throw llama_kv_freeze_error(ASRKF_EREFUSED, "entropy: the entropy output is off (asrkf_kv_set_entropy)");
+    }
+    if (!input_active || !input_active->neg_entropy) {
+        throw llama_kv_freeze_error(ASRKF_EREFUSED, "entropy: the latest decode ran without the entropy output or produced no logits");
+    }
+
+    float neg = 0.0f;
+    ggml_backend_tensor_get(input_active->neg_entropy, &neg, 0, sizeof(float));
+
+    return std::max(0.0f, -neg);
 }
 
 void llama_kv_freeze::query(int32_t il, std::vector<float> & out, int32_t & n_q, int32_t & n_head, int32_t & n_embd_head, float & kq_scale) const {

@@ -55,6 +55,9 @@ int32_t asrkf_kv_offload(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int
 int32_t asrkf_kv_thaw(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n, bool frozen);
 int32_t asrkf_kv_set_importance(asrkf_kv_t kv, bool enabled, int32_t n_q, const int32_t * layers, int32_t n_layers, bool export_q);
 int32_t asrkf_kv_importance(asrkf_kv_t kv, int32_t seq_id, int32_t * pos, float * score, int32_t cap, int32_t * n_out);
+int32_t asrkf_kv_importance_fold(asrkf_kv_t kv, int32_t seq_id, float ema, int32_t n_queries, float * score, float * mass, int32_t n_pos);
+int32_t asrkf_kv_set_entropy(asrkf_kv_t kv, bool enabled);
+int32_t asrkf_kv_entropy(asrkf_kv_t kv, float * out);
 int32_t asrkf_kv_query(asrkf_kv_t kv, int32_t layer, float * out, int64_t cap, int32_t * n_q, int32_t * n_head, int32_t * n_embd_head, float * kq_scale);
 int32_t asrkf_kv_layers(asrkf_kv_t kv, int32_t * layers, int32_t cap, int32_t * n_out);
 int32_t asrkf_kv_row_bytes(asrkf_kv_t kv, int32_t layer, size_t * k_bytes, size_t * v_bytes);

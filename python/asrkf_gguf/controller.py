@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from .entropy import EntropyMonitor, Recovery, entropy_of
-from .kv import CellState, KVCache
+from .kv import AsrkfError, CellState, KVCache
 from .policies import AsrkfPolicy, Policy
 from .schedule import TokenTable, freeze_durations
 
@@ -37,6 +37,9 @@ class ControllerConfig:
     # score (run the importance node) on every score_every-th decode step; prompt chunks are always scored.
     # Scoring costs about a second attention pass on a GPU (docs/gpu.md); 1 keeps the paper's per-step scores
     score_every: int = 1
+    # compute each decode's entropy in the graph, where the logits are (graph_entropy()): one float comes back
+    # instead of a numpy pass over the vocabulary, which next to a GPU decode step costs a tenth of it
+    entropy_in_graph: bool = True
 
     def __post_init__(self):
         if self.budget_cells < 1 or not 0 < self.ema <= 1 or self.n_q < 1 or self.wr_window < 1 or self.rr_tokens < 0 \
@@ -98,6 +101,8 @@ class Controller:
         self.on_step: Optional[Callable[[dict], None]] = None
         self.offload_batch = config.offload_batch or max(1, config.budget_cells // 32)
         self._scoring = False
+        if config.entropy_in_graph:
+            kv.set_entropy(True)
         if policy.uses_importance:
             self._set_scoring(True)
             self.layers = list(config.importance_layers) if config.importance_layers else kv.layers().tolist()
@@ -117,19 +122,25 @@ class Controller:
 
     # ---- per step
 
-    def on_decoded(self, n_new: int, logits: Optional[np.ndarray] = None) -> Optional[Recovery]:
+    def on_decoded(self, n_new: int, logits: Optional[np.ndarray] = None, *,
+                   entropy: Optional[float] = None) -> Optional[Recovery]:
         """Account for n_new tokens just decoded at the next positions; returns the recovery level applied
-        (None when no recovery ran: no spike, a policy without recovery, or ControllerConfig.recovery off)."""
+        (None when no recovery ran: no spike, a policy without recovery, or ControllerConfig.recovery off).
+
+        The step's entropy is `entropy` when given (graph_entropy() of the decode), else that of `logits`; with
+        neither (prompt chunks) the entropy monitor skips the step."""
         t0 = time.perf_counter()
         self.table.append(n_new)
         if self._scoring:
-            pos, score = self.kv.importance(self.seq_id)
             # the native output sums over the last min(n_q, tokens decoded) queries (chunks fit one ubatch)
             self._n_queries = min(self.config.n_q, n_new)
-            self.table.observe(pos, score, self.config.ema, self._n_queries)
-        level = entropy = None
-        if logits is not None:
+            t = self.table
+            self.kv.importance_fold(t.score, t.mass, t.n, ema=self.config.ema, n_queries=self._n_queries,
+                                    seq_id=self.seq_id)
+        level = None
+        if entropy is None and logits is not None:
             entropy = entropy_of(logits)
+        if entropy is not None:
             level = self.entropy.update(entropy)
         self.step += 1
         if not (isinstance(self.policy, AsrkfPolicy) and self.config.recovery):
@@ -153,6 +164,18 @@ class Controller:
                           "threshold": self.entropy.threshold if entropy is not None else None,
                           "recovery": level.name if level is not None else None})
         return level
+
+    def graph_entropy(self) -> Optional[float]:
+        """The entropy of the latest decode's last logits row, computed in the graph; None when
+        ControllerConfig.entropy_in_graph is off or that decode produced no logits."""
+        if not self.config.entropy_in_graph:
+            return None
+        try:
+            return self.kv.entropy()
+        except AsrkfError as e:
+            if e.code != -2:
+                raise
+            return None
 
     def make_room(self, n_next: int) -> None:
         """Before decoding n_next tokens: move or drop tokens so that resident + n_next fits the budget, and
@@ -246,17 +269,17 @@ class Controller:
         t = self.table
         if out.size:
             self.kv.offload(out, self.seq_id)
-            t.state[out] = CellState.OFFLOADED
+            t.set_state(out, CellState.OFFLOADED)
             self.stats.offloads += int(out.size)
         if back.size:
             self.kv.thaw(back, self.seq_id)
-            t.state[back] = CellState.ACTIVE
+            t.set_state(back, CellState.ACTIVE)
             self.stats.thaws += int(back.size)
 
     def _unfreeze(self, pos: np.ndarray) -> None:
         if pos.size:
             self.kv.unfreeze(pos, self.seq_id)
-            self.table.state[pos] = CellState.ACTIVE
+            self.table.set_state(pos, CellState.ACTIVE)
             self.stats.unfreezes += int(pos.size)
 
     def _offload(self, n: int, n_needed: Optional[int] = None) -> None:
@@ -280,7 +303,7 @@ class Controller:
         if pick.size < n:
             raise RuntimeError(f"cannot make room for {n} tokens within the budget ({self.config.budget_cells} cells)")
         self.kv.drop(pick, self.seq_id)
-        t.state[pick] = CellState.DROPPED
+        t.set_state(pick, CellState.DROPPED)
         self.stats.drops += int(pick.size)
 
     def _account(self) -> None:

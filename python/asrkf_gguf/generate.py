@@ -124,7 +124,7 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
         controller.make_room(1)
         logits = session.decode([token], pos)
         pos += 1
-        level = controller.on_decoded(1, logits)
+        level = controller.on_decoded(1, logits, entropy=controller.graph_entropy())
         if level == Recovery.RR and k > 0 and len(res.tokens) > k:
             # rewalk: the cache was just restored (FR); take back the last k tokens and decode again from there
             keep = len(res.tokens) - k

@@ -234,6 +234,27 @@ class KVCache:
                                                      cap, n))
         return pos[: n[0]], score[: n[0]]
 
+    def importance_fold(self, score: np.ndarray, mass: np.ndarray, n_pos: int, *, ema: float, n_queries: int = 1,
+                        seq_id: int = 0) -> None:
+        """Fold the latest importance into per-position float32 arrays in place, natively and in one pass:
+        score[p] = (1 - ema) * score[p] + ema * s / n_queries and mass[p] += s for every resident position p."""
+        for name, arr in (("score", score), ("mass", mass)):
+            if arr.dtype != np.float32 or not arr.flags.c_contiguous or arr.ndim != 1 or arr.size < n_pos:
+                raise ValueError(f"{name} must be a contiguous float32 vector of at least n_pos = {n_pos} entries")
+        _check("importance_fold", lib.asrkf_kv_importance_fold(
+            self._h(), seq_id, ema, n_queries, ffi.cast("float *", ffi.from_buffer(score)),
+            ffi.cast("float *", ffi.from_buffer(mass)), n_pos))
+
+    def set_entropy(self, enabled: bool = True) -> None:
+        """Compute the entropy of each decode's last logits row inside the graph (see entropy())."""
+        _check("set_entropy", lib.asrkf_kv_set_entropy(self._h(), enabled))
+
+    def entropy(self) -> float:
+        """Entropy (nats) of the next-token distribution of the latest decode, computed where the logits were."""
+        out = ffi.new("float *")
+        _check("entropy", lib.asrkf_kv_entropy(self._h(), out))
+        return float(out[0])
+
     def query(self, layer: int):
         """Query vectors of the latest decode for one importance layer, [n_q, n_head, n_embd_head] float32, and
         the scale the model applies to q.k in that layer."""

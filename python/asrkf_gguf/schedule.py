@@ -45,6 +45,8 @@ class TokenTable:
     def __post_init__(self):
         if self.capacity < 1:
             raise ValueError("capacity must be positive")
+        # positions per state, kept up to date by every state change: counts() runs several times a step
+        self._per_state = np.zeros(max(CellState) + 1, np.int64)
         self.state = np.zeros(self.capacity, np.uint8)
         self.score = np.zeros(self.capacity, np.float32)
         self.mass = np.zeros(self.capacity, np.float32)
@@ -66,12 +68,14 @@ class TokenTable:
                 setattr(self, name, new)
             self.capacity = grow
         self.state[self.n:need] = CellState.ACTIVE
+        self._per_state[CellState.ACTIVE] += n_new
         self.n = need
 
     def truncate(self, n: int) -> None:
         """Forget positions n.. (they were removed from the sequence, e.g. to regenerate them)."""
         if not 0 <= n <= self.n:
             raise ValueError(f"cannot truncate {self.n} positions to {n}")
+        self._per_state -= np.bincount(self.state[n:self.n], minlength=self._per_state.size)
         for name in ("state", "score", "mass", "low_count", "frozen_until"):
             getattr(self, name)[n:self.n] = 0
         self.frozen_at[n:self.n] = -1
@@ -101,7 +105,14 @@ class TokenTable:
         self.low_count[pos] += 1
         self.frozen_until[pos] = step + freeze_durations(self.low_count[pos], k) * period
         self.frozen_at[pos] = step
-        self.state[pos] = CellState.FROZEN
+        self.set_state(pos, CellState.FROZEN)
+
+    def set_state(self, pos: np.ndarray, state: CellState) -> None:
+        """Move unique positions to `state` (every state change goes through here: counts() stays exact)."""
+        pos = np.asarray(pos)
+        self._per_state -= np.bincount(self.state[pos], minlength=self._per_state.size)
+        self.state[pos] = state
+        self._per_state[state] += pos.size
 
     def expired(self, step: int) -> np.ndarray:
         """Frozen positions whose freeze has run out: they come back and are scored again."""
@@ -112,14 +123,15 @@ class TokenTable:
         return np.flatnonzero(self.state[: self.n] == state)
 
     def counts(self) -> dict:
-        per_state = np.bincount(self.state[: self.n], minlength=len(CellState) + 1)
-        return {st.name.lower(): int(per_state[st]) for st in CellState}
+        return {st.name.lower(): int(self._per_state[st]) for st in CellState}
 
     def check(self, kv=None, seq_id: int = 0) -> None:
         """Every position accounted for exactly once; with a KVCache, the table matches the native cell table."""
         s = self.state[: self.n]
         if not np.isin(s, [CellState.ACTIVE, CellState.FROZEN, CellState.OFFLOADED, CellState.DROPPED]).all():
             raise AssertionError("a position has no state")
+        if not np.array_equal(np.bincount(s, minlength=self._per_state.size), self._per_state):
+            raise AssertionError("the per-state counts disagree with the states")
         if kv is None:
             return
         pos, cell_state, _ = kv.cells(seq_id)
