@@ -260,7 +260,12 @@ def moves(model: str, kv_type: str, fa: str, n_tokens: int, n_move: int, reps: i
         res = {"kv_type": kv_type, "flash_attn": fa, "bytes_per_token": kv.info().kv_bytes_per_token, "n_move": n_move}
         # f16 with flash attention off stores V transposed: scattered moves copy per channel and run, far too slow
         layouts = ("contiguous",) if fa == "off" else ("contiguous", "scattered")
+        before = kv.info()
         res.update(time_moves(kv, n_tokens, n_move, reps, np.random.default_rng(42), layouts))
+        after = kv.info()
+        # the host checksum's share: bytes hashed and the time the moves spent in it (overlapped with copies)
+        hashed, hash_s = after.hashed_bytes - before.hashed_bytes, (after.hash_us - before.hash_us) / 1e6
+        res["hash_GBps"] = hashed / hash_s / 1e9 if hash_s > 0 else None
         kv.check()
     return res
 

@@ -122,15 +122,17 @@ def moves_table(res: dict) -> str:
     ceiling = min(bw.get("h2d_GBps", np.nan), bw.get("d2h_GBps", np.nan))
     out = [f"Pinned host <-> device copy bandwidth (PyTorch): H2D {bw.get('h2d_GBps', float('nan')):.1f} GB/s, "
            f"D2H {bw.get('d2h_GBps', float('nan')):.1f} GB/s.", "",
-           "| KV | FA | bytes/token | layout | offload GB/s | thaw GB/s | share of copy bandwidth (offload / thaw) |",
-           "|---|---|---|---|---|---|---|"]
+           "| KV | FA | bytes/token | layout | offload GB/s | thaw GB/s | share of copy bandwidth (offload / thaw) "
+           "| host checksum GB/s |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in res.get("moves", []):
         for layout in ("contiguous", "scattered"):
             if f"{layout}_offload_GBps" not in r:
                 continue
             off, thaw = r[f"{layout}_offload_GBps"], r[f"{layout}_thaw_GBps"]
+            hash_gbps = f"{r['hash_GBps']:.1f}" if r.get("hash_GBps") else "n/a"
             out.append(f"| {r['kv_type']} | {r['flash_attn']} | {r['bytes_per_token']} | {layout} | {off:.2f} "
-                       f"| {thaw:.2f} | {off / ceiling:.0%} / {thaw / ceiling:.0%} |")
+                       f"| {thaw:.2f} | {off / ceiling:.0%} / {thaw / ceiling:.0%} | {hash_gbps} |")
     return "\n".join(out)
 
 

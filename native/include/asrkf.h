@@ -70,6 +70,7 @@ struct asrkf_kv_params {
     bool     pinned_host;      // use the device's pinned host buffers for offloaded rows when it has them
     uint32_t host_chunk_cells; // offloaded rows are stored in chunks of at least this many tokens (0: automatic)
     bool     force_gather;     // testing: gather rows with get_rows also for caches in host memory (always on for devices)
+    uint64_t scratch_bytes;    // device scratch of one gather/scatter pass (0: 16 MiB); a move of more rows takes several passes
 };
 
 struct asrkf_kv_info {
@@ -92,6 +93,8 @@ struct asrkf_kv_info {
     uint64_t host_bytes_used;    // host bytes holding offloaded rows
     uint64_t n_copies;           // device<->host copy calls issued by offload/thaw since attach
     uint64_t n_gathers;          // get_rows gather graphs run by offload since attach
+    uint64_t hashed_bytes;       // host bytes checksummed by offload and thaw since attach
+    uint64_t hash_us;            // microseconds the calling thread spent in those checksums (with its helper threads)
 };
 
 ASRKF_API struct asrkf_kv_params asrkf_kv_default_params(void);

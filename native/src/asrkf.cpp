@@ -79,6 +79,7 @@ struct asrkf_kv_params asrkf_kv_default_params(void) {
     params.pinned_host      = true;
     params.host_chunk_cells = 0;
     params.force_gather     = false;
+    params.scratch_bytes    = 0;
     return params;
 }
 
@@ -99,7 +100,8 @@ asrkf_kv_t asrkf_kv_attach(struct llama_context * ctx, struct asrkf_kv_params pa
         ctx->synchronize();
         auto * kv = new asrkf_kv;
         try {
-            kv->kvf = new llama_kv_freeze(ctx, params.pinned_host, params.host_chunk_cells, params.force_gather);
+            kv->kvf = new llama_kv_freeze(ctx, params.pinned_host, params.host_chunk_cells, params.force_gather,
+                    params.scratch_bytes ? params.scratch_bytes : (16u << 20));
         } catch (...) {
             delete kv;
             throw;
@@ -166,6 +168,8 @@ int32_t asrkf_kv_get_info(asrkf_kv_t kv, struct asrkf_kv_info * info) {
         info->host_bytes_used    = kvf.store.bytes_used();
         info->n_copies           = kvf.n_copies;
         info->n_gathers          = kvf.n_gathers;
+        info->hashed_bytes       = kvf.store.hashed_bytes;
+        info->hash_us            = (uint64_t) (kvf.store.hash_seconds*1e6);
     });
 }
 

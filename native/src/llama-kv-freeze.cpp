@@ -49,8 +49,8 @@ void llama_kv_freeze_check_unique(const std::vector<llama_pos> & pos, const char
 // construction
 //
 
-llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_t host_chunk_cells, bool force_gather)
-    : lctx(lctx), force_gather(force_gather) {
+llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_t host_chunk_cells, bool force_gather, size_t scratch_bytes)
+    : lctx(lctx), force_gather(force_gather), scratch_bytes(scratch_bytes) {
     const llama_model & model = lctx->model;
 
     llama_memory_i * mem = lctx->memory.get();
@@ -311,6 +311,7 @@ void llama_kv_freeze::finish_copies() {
             ggml_backend_synchronize(backend);
         }
     }
+    scatter_rows.reset();
 }
 
 bool llama_kv_freeze::can_gather(const ggml_tensor * t) const {
@@ -322,7 +323,7 @@ bool llama_kv_freeze::can_gather(const ggml_tensor * t) const {
 }
 
 // the one backend that runs the gather/scatter graph of these tensors, and how many rows go in one pass (the
-// device scratch is bounded to 64 MiB); nullptr: copy per run of cells instead
+// device scratch is bounded to scratch_bytes); nullptr: copy per run of cells instead
 ggml_backend_t llama_kv_freeze::rows_backend(const std::vector<ggml_tensor *> & tensors, size_t & n_pass) {
     ggml_backend_t backend = backend_for(tensors[0]);
     if (!backend) {
@@ -337,12 +338,71 @@ ggml_backend_t llama_kv_freeze::rows_backend(const std::vector<ggml_tensor *> & 
         }
         bytes_per_row += t->nb[1];
     }
-    n_pass = std::max<size_t>(1, (64u << 20) / bytes_per_row);
+    // passes of a few MiB: the first pass is the only one whose copy nothing else overlaps
+    n_pass = std::max<size_t>(1, scratch_bytes / bytes_per_row);
     return backend;
 }
 
+// the cache tensors viewed as rows of 4-byte words (get_rows / set_rows move them bit for bit, whatever the KV
+// type), the row ids, and one device scratch buffer that every pass of a gather or scatter reuses: the passes
+// queue back to back on the backend's stream, which orders a pass's reuse of the scratch after the last one's copy
+struct llama_kv_freeze_rows {
+    ggml_context_ptr            ctx;
+    ggml_backend_buffer_ptr     idx_buf;
+    ggml_backend_buffer_ptr     scratch;
+    ggml_tensor               * idx = nullptr;
+    std::vector<ggml_tensor *>  alias;
+    std::vector<size_t>         offset; // of each tensor's rows in the scratch, per pass
+    std::vector<ggml_context_ptr> pass_ctx; // kept until the passes ran
+};
+
+static bool kvf_plan_rows(llama_kv_freeze_rows & plan, ggml_backend_t backend, const std::vector<ggml_tensor *> & tensors,
+        const std::vector<int32_t> & rows, size_t n_pass, ggml_type word_type) {
+    const size_t n_t = tensors.size();
+
+    ggml_init_params ip = { ggml_tensor_overhead()*(n_t + 1), nullptr, /*.no_alloc =*/ true };
+    plan.ctx.reset(ggml_init(ip));
+
+    plan.idx = ggml_new_tensor_1d(plan.ctx.get(), GGML_TYPE_I32, (int64_t) rows.size());
+    for (auto * t : tensors) {
+        ggml_tensor * alias = ggml_new_tensor_2d(plan.ctx.get(), word_type, (int64_t) (t->nb[1]/4), ggml_nbytes(t)/t->nb[1]);
+        if (ggml_backend_tensor_alloc(t->buffer, alias, t->data) != GGML_STATUS_SUCCESS) {
+            LLAMA_LOG_WARN("%s: cannot alias %s: copying per run of cells\n", __func__, t->name);
+            return false;
+        }
+        plan.alias.push_back(alias);
+    }
+
+    plan.idx_buf.reset(ggml_backend_alloc_buffer(backend, ggml_nbytes(plan.idx)));
+    const size_t align = ggml_backend_get_alignment(backend);
+    size_t size = 0;
+    for (auto * t : tensors) {
+        plan.offset.push_back(size);
+        size += GGML_PAD(n_pass*t->nb[1], align);
+    }
+    plan.scratch.reset(ggml_backend_alloc_buffer(backend, size));
+    if (!plan.idx_buf || !plan.scratch ||
+            ggml_backend_tensor_alloc(plan.idx_buf.get(), plan.idx, ggml_backend_buffer_get_base(plan.idx_buf.get())) != GGML_STATUS_SUCCESS) {
+        LLAMA_LOG_WARN("%s: no device memory for %zu rows: copying per run of cells\n", __func__, n_pass);
+        return false;
+    }
+    ggml_backend_tensor_set_async(backend, plan.idx, rows.data(), 0, rows.size()*sizeof(int32_t));
+    return true;
+}
+
+// a pass's context: n_t rows tensors placed in the scratch, the graph, the id view
+static ggml_context * kvf_pass_ctx(llama_kv_freeze_rows & plan, size_t n_t) {
+    ggml_init_params ip = {
+        /*.mem_size   =*/ ggml_tensor_overhead()*(2*n_t + 1) + ggml_graph_overhead_custom(2*n_t + 2, false),
+        /*.mem_buffer =*/ nullptr,
+        /*.no_alloc   =*/ true,
+    };
+    plan.pass_ctx.emplace_back(ggml_init(ip));
+    return plan.pass_ctx.back().get();
+}
+
 bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows,
-        const std::vector<uint8_t *> & dst) {
+        const std::vector<uint8_t *> & dst, const std::function<void(size_t, size_t)> & landed) {
     if (tensors.empty() || rows.empty()) {
         return true;
     }
@@ -355,50 +415,82 @@ bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const s
     const size_t n_rows = rows.size();
     const size_t n_t    = tensors.size();
 
-    for (size_t r0 = 0; r0 < n_rows; r0 += n_pass) {
-        const size_t n = std::min(n_pass, n_rows - r0);
+    llama_kv_freeze_rows plan;
+    if (!kvf_plan_rows(plan, backend, tensors, rows, std::min(n_pass, n_rows), GGML_TYPE_I32)) {
+        return false;
+    }
+    uint8_t * scratch_base = (uint8_t *) ggml_backend_buffer_get_base(plan.scratch.get());
 
-        ggml_init_params ip = {
-            /*.mem_size   =*/ ggml_tensor_overhead()*(2*n_t + 1) + ggml_graph_overhead_custom(2*n_t + 2, false),
-            /*.mem_buffer =*/ nullptr,
-            /*.no_alloc   =*/ true,
-        };
-        ggml_context_ptr ctx { ggml_init(ip) };
+    // every pass is queued at once; events say when a pass's rows are on the host, so that the caller can hash
+    // them while the next passes copy
+    ggml_backend_event_t landed_ev[2] = { nullptr, nullptr };
+    if (landed) {
+        for (auto & ev : landed_ev) {
+            ev = ggml_backend_event_new(ggml_backend_get_device(backend));
+        }
+    }
+    auto wait_pass = [&](size_t p) {
+        if (landed_ev[p % 2]) {
+            ggml_backend_event_synchronize(landed_ev[p % 2]);
+        } else {
+            ggml_backend_synchronize(backend);
+        }
+    };
 
-        // the cache viewed as rows of 4-byte words: get_rows copies them bit for bit, whatever the KV type
-        std::vector<ggml_tensor *> outs;
-        ggml_tensor * idx = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, (int64_t) n);
-        for (auto * t : tensors) {
-            ggml_tensor * alias = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_I32, (int64_t) (t->nb[1]/4), ggml_nbytes(t)/t->nb[1]);
-            if (ggml_backend_tensor_alloc(t->buffer, alias, t->data) != GGML_STATUS_SUCCESS) {
-                LLAMA_LOG_WARN("%s: cannot alias %s: copying per run of cells\n", __func__, t->name);
-                return false;
+    const size_t n_passes = (n_rows + n_pass - 1)/n_pass;
+    try {
+        for (size_t p = 0; p < n_passes; ++p) {
+            const size_t r0 = p*n_pass;
+            const size_t n  = std::min(n_pass, n_rows - r0);
+
+            ggml_context * ctx = kvf_pass_ctx(plan, n_t);
+            ggml_tensor * idx = ggml_view_1d(ctx, plan.idx, (int64_t) n, r0*sizeof(int32_t));
+            ggml_backend_view_init(idx);
+
+            ggml_cgraph * gf = ggml_new_graph_custom(ctx, 2*n_t + 2, false);
+            std::vector<ggml_tensor *> outs;
+            for (size_t i = 0; i < n_t; ++i) {
+                ggml_tensor * out = ggml_get_rows(ctx, plan.alias[i], idx);
+                ggml_backend_tensor_alloc(plan.scratch.get(), out, scratch_base + plan.offset[i]);
+                ggml_build_forward_expand(gf, out);
+                outs.push_back(out);
             }
-            outs.push_back(ggml_get_rows(ctx.get(), alias, idx));
-        }
 
-        ggml_backend_buffer_ptr buf { ggml_backend_alloc_ctx_tensors(ctx.get(), backend) };
-        if (!buf) {
-            LLAMA_LOG_WARN("%s: no device memory for %zu gathered rows: copying per run of cells\n", __func__, n);
-            return false;
+            if (ggml_backend_graph_compute_async(backend, gf) != GGML_STATUS_SUCCESS) {
+                throw llama_kv_freeze_error(ASRKF_EBACKEND, "offload: the gather graph failed on the device");
+            }
+            n_gathers++;
+            n_copies += n_t;
+            for (size_t i = 0; i < n_t; ++i) {
+                ggml_backend_tensor_get_async(backend, outs[i], dst[i] + r0*tensors[i]->nb[1], 0, n*tensors[i]->nb[1]);
+            }
+            if (landed) {
+                if (landed_ev[p % 2]) {
+                    ggml_backend_event_record(landed_ev[p % 2], backend);
+                }
+                if (p > 0) {
+                    wait_pass(p - 1);
+                    landed((p - 1)*n_pass, n_pass);
+                }
+            }
         }
-
-        ggml_cgraph * gf = ggml_new_graph_custom(ctx.get(), 2*n_t + 2, false);
-        for (auto * out : outs) {
-            ggml_build_forward_expand(gf, out);
-        }
-
-        ggml_backend_tensor_set(idx, rows.data() + r0, 0, n*sizeof(int32_t));
-        if (ggml_backend_graph_compute(backend, gf) != GGML_STATUS_SUCCESS) {
-            throw llama_kv_freeze_error(ASRKF_EBACKEND, "offload: the gather graph failed on the device");
-        }
-        n_gathers++;
-        n_copies += n_t;
-        for (size_t i = 0; i < n_t; ++i) {
-            ggml_backend_tensor_get_async(backend, outs[i], dst[i] + r0*tensors[i]->nb[1], 0, n*tensors[i]->nb[1]);
-        }
-        // the scratch buffer is freed at the end of this pass
         ggml_backend_synchronize(backend);
+        if (landed) {
+            landed((n_passes - 1)*n_pass, n_rows - (n_passes - 1)*n_pass);
+        }
+    } catch (...) {
+        ggml_backend_synchronize(backend);
+        for (auto * ev : landed_ev) {
+            if (ev) {
+                ggml_backend_event_free(ev);
+            }
+        }
+        throw;
+    }
+    for (auto * ev : landed_ev) {
+        if (ev) {
+            ggml_backend_event_free(ev);
+        }
     }
 
     return true;
@@ -406,7 +498,9 @@ bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const s
 
 // thaw's counterpart of gather(): rows[i] of every tensor := row i of src[t], with one set_rows per tensor on the
 // device instead of a copy per run of cells. The cache is viewed as rows of 4-byte words typed F32, and set_rows
-// from F32 to F32 moves them bit for bit, whatever the KV type. false: the caller writes per run.
+// from F32 to F32 moves them bit for bit, whatever the KV type. Every pass is queued at once and this returns
+// without waiting for them (finish_copies() does): the caller verifies the host rows meanwhile. false: the
+// caller writes per run.
 bool llama_kv_freeze::scatter(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows,
         const std::vector<const uint8_t *> & src) {
     if (tensors.empty() || rows.empty()) {
@@ -421,54 +515,36 @@ bool llama_kv_freeze::scatter(const std::vector<ggml_tensor *> & tensors, const 
     const size_t n_rows = rows.size();
     const size_t n_t    = tensors.size();
 
+    scatter_rows = std::make_unique<llama_kv_freeze_rows>();
+    auto & plan = *scatter_rows;
+    if (!kvf_plan_rows(plan, backend, tensors, rows, std::min(n_pass, n_rows), GGML_TYPE_F32)) {
+        scatter_rows.reset();
+        return false;
+    }
+    uint8_t * scratch_base = (uint8_t *) ggml_backend_buffer_get_base(plan.scratch.get());
+
     for (size_t r0 = 0; r0 < n_rows; r0 += n_pass) {
         const size_t n = std::min(n_pass, n_rows - r0);
 
-        ggml_init_params ip = {
-            /*.mem_size   =*/ ggml_tensor_overhead()*(3*n_t + 1) + ggml_graph_overhead_custom(3*n_t + 2, false),
-            /*.mem_buffer =*/ nullptr,
-            /*.no_alloc   =*/ true,
-        };
-        ggml_context_ptr ctx { ggml_init(ip) };
+        ggml_context * ctx = kvf_pass_ctx(plan, n_t);
+        ggml_tensor * idx = ggml_view_1d(ctx, plan.idx, (int64_t) n, r0*sizeof(int32_t));
+        ggml_backend_view_init(idx);
 
-        ggml_tensor * idx = ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, (int64_t) n);
-        std::vector<ggml_tensor *> ins;
-        std::vector<ggml_tensor *> outs;
-        for (auto * t : tensors) {
-            const int64_t n_words = (int64_t) (t->nb[1]/4);
-            ggml_tensor * alias = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, n_words, ggml_nbytes(t)/t->nb[1]);
-            if (ggml_backend_tensor_alloc(t->buffer, alias, t->data) != GGML_STATUS_SUCCESS) {
-                return false;
-            }
-            ggml_tensor * in = ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, n_words, (int64_t) n);
-            ins.push_back(in);
-            outs.push_back(ggml_set_rows(ctx.get(), alias, in, idx));
-        }
-
-        ggml_backend_buffer_ptr buf { ggml_backend_alloc_ctx_tensors(ctx.get(), backend) };
-        if (!buf) {
-            LLAMA_LOG_WARN("%s: no device memory for %zu rows: copying per run of cells\n", __func__, n);
-            return false;
-        }
-
-        ggml_cgraph * gf = ggml_new_graph_custom(ctx.get(), 3*n_t + 2, false);
-        for (auto * out : outs) {
-            ggml_build_forward_expand(gf, out);
-        }
-
-        ggml_backend_tensor_set(idx, rows.data() + r0, 0, n*sizeof(int32_t));
+        ggml_cgraph * gf = ggml_new_graph_custom(ctx, 2*n_t + 2, false);
         for (size_t i = 0; i < n_t; ++i) {
-            ggml_backend_tensor_set_async(backend, ins[i], src[i] + r0*tensors[i]->nb[1], 0, n*tensors[i]->nb[1]);
+            ggml_tensor * in = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, (int64_t) (tensors[i]->nb[1]/4), (int64_t) n);
+            ggml_backend_tensor_alloc(plan.scratch.get(), in, scratch_base + plan.offset[i]);
+            ggml_backend_tensor_set_async(backend, in, src[i] + r0*tensors[i]->nb[1], 0, n*tensors[i]->nb[1]);
+            ggml_build_forward_expand(gf, ggml_set_rows(ctx, plan.alias[i], in, idx));
         }
-        if (ggml_backend_graph_compute(backend, gf) != GGML_STATUS_SUCCESS) {
+        if (ggml_backend_graph_compute_async(backend, gf) != GGML_STATUS_SUCCESS) {
             // nothing was recorded as thawed yet: the caller reports the failure and the host copies stay
+            finish_copies();
             throw llama_kv_freeze_error(ASRKF_EBACKEND, "thaw: the scatter graph failed on the device");
         }
         n_gathers++;
         n_copies += n_t;
-        ggml_backend_synchronize(backend);
     }
-
     return true;
 }
 
@@ -572,10 +648,8 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
 
     // nothing in the cache changes until every row is on the host and recorded
     try {
-        copy_to_host(stream(seq_id), cell, slot);
-
-        std::vector<uint64_t> sums(cell.size());
-        store.checksums(slot.data(), slot.size(), sums.data());
+        std::vector<uint64_t> sums(cell.size(), 0);
+        copy_to_host(stream(seq_id), cell, slot, sums.data());
 
         for (uint32_t i = 0; i < cell.size(); ++i) {
             llama_kv_freeze_record rec;
@@ -602,10 +676,21 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
     epoch++;
 }
 
-void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & cell, const std::vector<llama_kv_host_slot> & slot) {
+void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & cell, const std::vector<llama_kv_host_slot> & slot, uint64_t * sums) {
     const auto runs = kvf_runs(cell, slot);
 
     const uint64_t kv_size = kv->get_size();
+    const uint32_t n_layer = (uint32_t) layer_k.size();
+
+    // hashing the host rows costs as much as copying them: it runs on the rows that landed while the device
+    // copies the next ones (by pass of a gather, or by layer of the per-run copies); hashed_to says how far
+    uint32_t hashed_to = 0; // layers [0, hashed_to) hashed for every slot
+    auto hash_layers = [&](uint32_t il1) {
+        if (sums && il1 > hashed_to) {
+            store.checksum_add(slot.data(), slot.size(), hashed_to, il1, sums);
+            hashed_to = il1;
+        }
+    };
 
     std::vector<uint8_t> staging;
 
@@ -623,7 +708,7 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
     // a gather is a graph and a scratch buffer on the device: for a few runs, plain copies cost less
     const bool few_runs = runs.size() < kvf_gather_min_runs && !force_gather;
 
-    for (uint32_t il = 0; il < layer_k.size(); ++il) {
+    for (uint32_t il = 0; il < n_layer; ++il) {
         for (const bool is_v : { false, true }) {
             ggml_tensor * t = is_v ? layer_v[il] : layer_k[il];
             if ((is_v && kv->v_trans) || few_runs || !can_gather(t)) {
@@ -640,14 +725,25 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
         }
     }
 
+    // every row of a pass in its slot as the pass lands: hash that pass's slots, all layers
+    const bool gather_all = gather_t.size() == 2*(size_t) n_layer && slots_contiguous;
+    std::function<void(size_t, size_t)> landed;
+    if (sums && gather_all) {
+        landed = [&](size_t r0, size_t n) {
+            store.checksum_add(slot.data() + r0, n, 0, n_layer, sums + r0);
+        };
+    }
+
     std::vector<int32_t> rows(cell.size());
     for (size_t i = 0; i < cell.size(); ++i) {
         rows[i] = (int32_t) (strm*kv_size + cell[i]);
     }
-    if (!gather(gather_t, rows, gather_dst)) {
+    if (!gather(gather_t, rows, gather_dst, landed)) {
         gather_t.clear();
         gather_what.clear();
         gather_staging.clear();
+    } else if (landed) {
+        hashed_to = n_layer;
     }
     for (size_t g = 0; g < gather_staging.size(); ++g) {
         const auto [il, is_v] = gather_what[g];
@@ -660,7 +756,27 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
         return std::find(gather_what.begin(), gather_what.end(), std::make_pair(il, is_v)) != gather_what.end();
     };
 
-    for (uint32_t il = 0; il < layer_k.size(); ++il) {
+    // per-run copies are queued a layer ahead of the hashing: an event per layer says when it landed
+    ggml_backend_t ev_backend = gather_t.empty() && sums && !kv->v_trans ? backend_for(layer_k[0]) : nullptr;
+    for (uint32_t il = 0; ev_backend && il < n_layer; ++il) {
+        for (const ggml_tensor * t : { layer_k[il], layer_v[il] }) {
+            if (!t->buffer || ggml_backend_buffer_is_host(t->buffer) || backend_for(t) != ev_backend) {
+                ev_backend = nullptr; // copies of several devices or plain memcpys: hash after all of them
+            }
+        }
+    }
+    ggml_backend_event_t layer_ev[2] = { nullptr, nullptr };
+    if (ev_backend) {
+        for (auto & ev : layer_ev) {
+            ev = ggml_backend_event_new(ggml_backend_get_device(ev_backend));
+        }
+    }
+    struct ev_guard {
+        ggml_backend_event_t * ev;
+        ~ev_guard() { for (int i = 0; i < 2; ++i) { if (ev[i]) { ggml_backend_event_free(ev[i]); } } }
+    } guard { layer_ev };
+
+    for (uint32_t il = 0; il < n_layer; ++il) {
         ggml_tensor * k = layer_k[il];
         ggml_tensor * v = layer_v[il];
 
@@ -701,9 +817,18 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
                 }
             }
         }
+
+        if (ev_backend && layer_ev[0] && layer_ev[1]) {
+            ggml_backend_event_record(layer_ev[il % 2], ev_backend);
+            if (il > 0) {
+                ggml_backend_event_synchronize(layer_ev[(il - 1) % 2]);
+                hash_layers(il);
+            }
+        }
     }
 
     finish_copies();
+    hash_layers(n_layer);
 }
 
 //
@@ -736,20 +861,6 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
             KVF_FAIL(ASRKF_EINVAL, "thaw: position %d of sequence %d is not offloaded", p, seq_id);
         }
         rec.push_back(&it->second);
-    }
-
-    // verify before touching the cache: a corrupted row must not reach attention
-    std::vector<llama_kv_host_slot> rec_slot(rec.size());
-    std::vector<uint64_t>           sums(rec.size());
-    for (size_t i = 0; i < rec.size(); ++i) {
-        rec_slot[i] = rec[i]->slot;
-    }
-    store.checksums(rec_slot.data(), rec_slot.size(), sums.data());
-    for (size_t i = 0; i < rec.size(); ++i) {
-        if (sums[i] != rec[i]->checksum) {
-            KVF_FAIL(ASRKF_ECHECKSUM, "thaw: the host copy of position %d of sequence %d failed its checksum; nothing was restored",
-                    sorted[i], seq_id);
-        }
     }
 
     const uint32_t n = (uint32_t) sorted.size();
@@ -881,7 +992,19 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
         }
     }
 
+    // verify while the copies run: the rows land in free cells, which no attention reads until the cells are
+    // given their positions below, so a corrupted row is refused before it can reach attention
+    std::vector<uint64_t> sums(n);
+    store.checksums(slot.data(), n, sums.data());
+
     finish_copies();
+
+    for (uint32_t i = 0; i < n; ++i) {
+        if (sums[i] != rec[i]->checksum) {
+            KVF_FAIL(ASRKF_ECHECKSUM, "thaw: the host copy of position %d of sequence %d failed its checksum; nothing was restored",
+                    sorted[i], seq_id);
+        }
+    }
 
     for (uint32_t i = 0; i < n; ++i) {
         c.pos_set(cell[i], sorted[i]);

@@ -7,7 +7,9 @@
 #include "ggml-backend.h"
 
 #include <cstdint>
+#include <functional>
 #include <map>
+#include <memory>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -40,9 +42,12 @@ struct llama_kv_freeze_record {
     uint32_t           cell; // where it was: thawing back there keeps the attention sums bit-identical
 };
 
+// device scratch and graphs of one gather or scatter (llama-kv-freeze.cpp)
+struct llama_kv_freeze_rows;
+
 // the controller state of one llama_context: cell-state operations, the host store and the importance output
 struct llama_kv_freeze {
-    llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_t host_chunk_cells, bool force_gather);
+    llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_t host_chunk_cells, bool force_gather, size_t scratch_bytes);
     ~llama_kv_freeze();
 
     llama_kv_freeze(const llama_kv_freeze &) = delete;
@@ -56,6 +61,9 @@ struct llama_kv_freeze {
 
     // gather rows with get_rows also when the cache is in host memory (there a memcpy per run is as fast)
     bool force_gather = false;
+
+    // device scratch of one gather/scatter pass
+    size_t scratch_bytes = 16u << 20;
 
     //
     // operations (validate everything first, then change; throw llama_kv_freeze_error)
@@ -154,16 +162,22 @@ private:
     // rows (global row ids) of each tensor into dst[i] (n rows back to back): one get_rows per tensor on the
     // device holding it, one copy back per tensor; false when the tensors' rows cannot be gathered that way
     ggml_backend_t rows_backend(const std::vector<ggml_tensor *> & tensors, size_t & n_pass);
-    bool gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<uint8_t *> & dst);
+    // landed(r0, n): rows r0..r0+n-1 of every tensor are on the host (called in order, while later rows copy)
+    bool gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<uint8_t *> & dst,
+                const std::function<void(size_t, size_t)> & landed);
     bool scatter(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<const uint8_t *> & src);
     bool can_gather(const ggml_tensor * t) const;
 
-    // K/V rows of the cells into the slots (cells ascending; slots from store.alloc)
-    void copy_to_host(uint32_t strm, const std::vector<uint32_t> & cell, const std::vector<llama_kv_host_slot> & slot);
+    // K/V rows of the cells into the slots (cells ascending; slots from store.alloc); with sums, the slots'
+    // checksums, hashed as the rows land while later rows still copy
+    void copy_to_host(uint32_t strm, const std::vector<uint32_t> & cell, const std::vector<llama_kv_host_slot> & slot, uint64_t * sums);
 
     void read (const ggml_tensor * t, size_t offset, size_t size, void * dst);
     void write(ggml_tensor * t, size_t offset, size_t size, const void * src);
     void finish_copies();
+
+    // the device buffers of a scatter still running (released by finish_copies)
+    std::unique_ptr<llama_kv_freeze_rows> scatter_rows;
 
     // cell index of each position (must be resident and unique), in the order given
     std::vector<uint32_t> cells_of(llama_seq_id seq_id, const std::vector<llama_pos> & pos, const char * op) const;

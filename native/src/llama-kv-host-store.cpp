@@ -1,6 +1,7 @@
 #include "llama-kv-host-store.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <new>
 #include <thread>
@@ -186,36 +187,143 @@ static uint64_t checksum_update(uint64_t h, const uint8_t * data, size_t size) {
     return h;
 }
 
+// the seed of layer il_kv's K (is_v = 0) or V hash (splitmix64 of the index)
+static uint64_t checksum_seed(uint32_t il_kv, bool is_v) {
+    uint64_t z = 0xcbf29ce484222325ull + (2ull*il_kv + is_v)*0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30))*0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27))*0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
 uint64_t llama_kv_host_store::checksum(const llama_kv_host_slot & slot) const {
-    uint64_t h = 0xcbf29ce484222325ull;
+    uint64_t h = 0;
     for (uint32_t il = 0; il < k_bytes.size(); ++il) {
-        h = checksum_update(h, k_row(slot, il), k_bytes[il]);
-        h = checksum_update(h, v_row(slot, il), v_bytes[il]);
+        h += checksum_update(checksum_seed(il, false), k_row(slot, il), k_bytes[il]);
+        h += checksum_update(checksum_seed(il, true),  v_row(slot, il), v_bytes[il]);
     }
     return h;
 }
 
-void llama_kv_host_store::checksums(const llama_kv_host_slot * slot, size_t n, uint64_t * out) const {
-    // one core hashes a few GB/s while a PCIe/NVLink host link moves tens: big offloads and thaws would wait on
-    // the checksum; below ~16 MiB per thread, starting threads costs more than it saves
-    const size_t min_bytes_per_thread = 16u << 20;
-    const size_t n_cores   = std::max(1u, std::thread::hardware_concurrency());
-    const size_t n_threads = std::min<size_t>({ n_cores, 16, (n*bytes_per_token)/min_bytes_per_thread + 1 });
+void llama_kv_host_store::checksum_add(const llama_kv_host_slot * slot, size_t n, uint32_t il0, uint32_t il1, uint64_t * acc) {
+    const auto t0 = std::chrono::steady_clock::now();
+
+    size_t bytes_per_slot = 0;
+    for (uint32_t il = il0; il < il1; ++il) {
+        bytes_per_slot += k_bytes[il] + v_bytes[il];
+    }
 
     auto work = [&](size_t i0, size_t i1) {
         for (size_t i = i0; i < i1; ++i) {
-            out[i] = checksum(slot[i]);
+            uint64_t h = 0;
+            for (uint32_t il = il0; il < il1; ++il) {
+                h += checksum_update(checksum_seed(il, false), k_row(slot[i], il), k_bytes[il]);
+                h += checksum_update(checksum_seed(il, true),  v_row(slot[i], il), v_bytes[il]);
+            }
+            acc[i] += h;
         }
     };
-    const size_t per_thread = (n + n_threads - 1)/n_threads;
-    std::vector<std::thread> threads;
-    for (size_t t = 1; t < n_threads; ++t) {
-        threads.emplace_back(work, std::min(n, t*per_thread), std::min(n, (t + 1)*per_thread));
+
+    // one core hashes a few GB/s while a PCIe/NVLink host link moves tens: large batches go over a pool of
+    // threads; below ~4 MiB, waking it costs more than it saves
+    const size_t bytes = n*bytes_per_slot;
+    if (bytes < (4u << 20)) {
+        work(0, n);
+    } else {
+        if (!pool) {
+            const size_t n_cores = std::max(1u, std::thread::hardware_concurrency());
+            pool = std::make_unique<llama_kv_thread_pool>(std::min<size_t>(n_cores, 16) - 1);
+        }
+        // items of ~1 MiB: even shares for the threads, and no thread waits long on the last one
+        const size_t per_item = std::max<size_t>(1, (1u << 20)/std::max<size_t>(1, bytes_per_slot));
+        pool->run((n + per_item - 1)/per_item, [&](size_t item) {
+            work(item*per_item, std::min(n, (item + 1)*per_item));
+        });
     }
-    work(0, std::min(n, per_thread));
-    for (auto & th : threads) {
-        th.join();
+
+    hashed_bytes += bytes;
+    hash_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+void llama_kv_host_store::checksums(const llama_kv_host_slot * slot, size_t n, uint64_t * out) {
+    std::fill(out, out + n, 0);
+    checksum_add(slot, n, 0, n_layer(), out);
+}
+
+//
+// llama_kv_thread_pool
+//
+
+llama_kv_thread_pool::llama_kv_thread_pool(size_t n_workers) {
+    for (size_t w = 0; w < n_workers; ++w) {
+        workers.emplace_back([this]() {
+            uint64_t seen = 0;
+            for (;;) {
+                {
+                    std::unique_lock<std::mutex> lock(mtx);
+                    cv_start.wait(lock, [&]() { return stop || generation != seen; });
+                    if (stop) {
+                        return;
+                    }
+                    seen = generation;
+                }
+                drain();
+                {
+                    std::lock_guard<std::mutex> lock(mtx);
+                    n_finished++;
+                }
+                cv_done.notify_one();
+            }
+        });
     }
+}
+
+llama_kv_thread_pool::~llama_kv_thread_pool() {
+    {
+        std::lock_guard<std::mutex> lock(mtx);
+        stop = true;
+    }
+    cv_start.notify_all();
+    for (auto & w : workers) {
+        w.join();
+    }
+}
+
+void llama_kv_thread_pool::drain() {
+    for (;;) {
+        size_t item;
+        {
+            std::lock_guard<std::mutex> lock(mtx);
+            if (next_item >= n_items) {
+                return;
+            }
+            item = next_item++;
+        }
+        (*job)(item);
+    }
+}
+
+void llama_kv_thread_pool::run(size_t n, const std::function<void(size_t)> & fn) {
+    if (workers.empty() || n <= 1) {
+        for (size_t i = 0; i < n; ++i) {
+            fn(i);
+        }
+        return;
+    }
+    {
+        std::lock_guard<std::mutex> lock(mtx);
+        job        = &fn;
+        n_items    = n;
+        next_item  = 0;
+        n_finished = 0;
+        generation++;
+    }
+    cv_start.notify_all();
+    drain();
+
+    // every worker finishes this generation before the next can start: none is left holding this job
+    std::unique_lock<std::mutex> lock(mtx);
+    cv_done.wait(lock, [&]() { return n_finished == workers.size(); });
+    job = nullptr;
 }
 
 size_t llama_kv_host_store::bytes_allocated() const {

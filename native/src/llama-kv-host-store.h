@@ -2,15 +2,48 @@
 
 #include "ggml-backend.h"
 
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 // where one offloaded token lives in host memory
 struct llama_kv_host_slot {
     uint32_t chunk;
     uint32_t index;
+};
+
+// worker threads started once: a move hashes its rows in many small units as they land, and starting threads per
+// unit would cost more than the hashing
+class llama_kv_thread_pool {
+public:
+    explicit llama_kv_thread_pool(size_t n_workers);
+    ~llama_kv_thread_pool();
+
+    // fn(i) for every i in [0, n), on the workers and the calling thread; returns when all are done
+    void run(size_t n, const std::function<void(size_t)> & fn);
+
+    size_t n_threads() const { return workers.size() + 1; }
+
+private:
+    void drain();
+
+    std::vector<std::thread> workers;
+
+    std::mutex              mtx;
+    std::condition_variable cv_start;
+    std::condition_variable cv_done;
+
+    const std::function<void(size_t)> * job = nullptr;
+    size_t   n_items    = 0;
+    size_t   next_item  = 0; // guarded by mtx
+    size_t   n_finished = 0; // workers done with the current generation
+    uint64_t generation = 0;
+    bool     stop       = false;
 };
 
 // host memory for offloaded K/V rows
@@ -32,11 +65,19 @@ public:
     uint8_t * k_row(const llama_kv_host_slot & slot, uint32_t il_kv) const;
     uint8_t * v_row(const llama_kv_host_slot & slot, uint32_t il_kv) const;
 
-    // over every K and V byte of the slot, all layers
+    // over every K and V byte of the slot: the sum (mod 2^64) of one hash per layer and tensor, each seeded by
+    // its layer and tensor, so that the layers of a move can be hashed in any order as their rows land
     uint64_t checksum(const llama_kv_host_slot & slot) const;
 
-    // checksum() of n slots into out; large batches are split over threads
-    void checksums(const llama_kv_host_slot * slot, size_t n, uint64_t * out) const;
+    // acc[i] += the part of checksum(slot[i]) from layers [il0, il1); large batches are split over threads
+    void checksum_add(const llama_kv_host_slot * slot, size_t n, uint32_t il0, uint32_t il1, uint64_t * acc);
+
+    // checksum() of n slots into out
+    void checksums(const llama_kv_host_slot * slot, size_t n, uint64_t * out);
+
+    // bytes hashed and seconds spent hashing by checksum_add since init (the cost of verifying host copies)
+    uint64_t hashed_bytes = 0;
+    double   hash_seconds = 0.0;
 
     size_t token_bytes()     const { return bytes_per_token; }
     size_t bytes_allocated() const;
@@ -69,6 +110,8 @@ private:
 
     // a freed chunk leaves a hole so that slot handles of other chunks stay valid
     std::vector<std::unique_ptr<chunk>> chunks;
+
+    std::unique_ptr<llama_kv_thread_pool> pool; // started at the first large batch
 
     uint32_t add_chunk(uint32_t n_slots);
 };

@@ -17,6 +17,7 @@ struct asrkf_kv_params {
     bool     pinned_host;
     uint32_t host_chunk_cells;
     bool     force_gather;
+    uint64_t scratch_bytes;
 };
 
 struct asrkf_kv_info {
@@ -39,6 +40,8 @@ struct asrkf_kv_info {
     uint64_t host_bytes_used;
     uint64_t n_copies;
     uint64_t n_gathers;
+    uint64_t hashed_bytes;
+    uint64_t hash_us;
 };
 
 struct asrkf_kv_params asrkf_kv_default_params(void);

@@ -96,13 +96,17 @@ class KVInfo:
     host_bytes_used: int
     n_copies: int
     n_gathers: int
+    hashed_bytes: int
+    hash_us: int
 
 
-def default_params(*, pinned_host: bool = True, host_chunk_cells: int = 0, force_gather: bool = False):
+def default_params(*, pinned_host: bool = True, host_chunk_cells: int = 0, force_gather: bool = False,
+                   scratch_bytes: int = 0):
     params = lib.asrkf_kv_default_params()
     params.pinned_host = pinned_host
     params.host_chunk_cells = host_chunk_cells
     params.force_gather = force_gather
+    params.scratch_bytes = scratch_bytes
     return params
 
 
@@ -112,9 +116,13 @@ class KVCache:
     Keep the llama context alive while this is open; if it is freed first, every call raises AsrkfError (code -4).
     """
 
-    def __init__(self, *, ctx, pinned_host: bool = True, host_chunk_cells: int = 0, force_gather: bool = False):
+    def __init__(self, *, ctx, pinned_host: bool = True, host_chunk_cells: int = 0, force_gather: bool = False,
+                 scratch_bytes: int = 0):
         self._ctx_ref = ctx  # keeps llama-cpp-python's wrapper (and so the context) alive
-        params = default_params(pinned_host=pinned_host, host_chunk_cells=host_chunk_cells, force_gather=force_gather)
+        if scratch_bytes < 0:
+            raise ValueError("scratch_bytes cannot be negative")
+        params = default_params(pinned_host=pinned_host, host_chunk_cells=host_chunk_cells, force_gather=force_gather,
+                                scratch_bytes=scratch_bytes)
         ctx_ptr = _ctx_pointer(ctx)
         self._ctx_address = int(ffi.cast("uintptr_t", ctx_ptr))
         handle = lib.asrkf_kv_attach(ctx_ptr, params)
