@@ -52,3 +52,27 @@ def test_unfreeze_restores_full_attention(tiny_path):
         got = s.decode(tokens[-1:], len(tokens) - 1)
     assert np.max(np.abs(got - expected)) <= 1e-5
     assert np.max(np.abs(frozen_logits - expected)) > 1e-4  # freezing did change attention
+
+
+def test_large_batches_find_their_cells_and_refuse_like_small_ones(tiny_path):
+    # batches of a sixteenth of the cache or more are resolved by one scan of the cells: same cells, same
+    # refusals (duplicate, offloaded, absent), and nothing changes when a batch is refused
+    from asrkf_gguf import AsrkfError
+
+    tokens = random_tokens(120, seed=9)
+    with session(tiny_path, n_ctx=128, n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        s.decode(tokens, 0)
+        kv.offload([7])
+        big = [p for p in range(100, 4, -1) if p != 7]  # descending: the order given is kept
+        for bad, why in ((big + [50], "given twice"), (big + [7], "offloaded"), (big + [500], "not in sequence")):
+            with pytest.raises(AsrkfError) as err:
+                kv.freeze(bad)
+            assert err.value.code == -1 and why in err.value.message
+            assert kv.info().n_frozen == 0
+        kv.freeze(big)
+        pos, state, _ = kv.cells()
+        assert set(pos[state == CellState.FROZEN].tolist()) == set(big)
+        kv.unfreeze(big[::3])
+        pos, state, _ = kv.cells()
+        assert set(pos[state == CellState.FROZEN].tolist()) == set(big) - set(big[::3])
+        kv.check()

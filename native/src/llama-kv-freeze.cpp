@@ -238,10 +238,54 @@ std::vector<uint32_t> llama_kv_freeze::cells_of(llama_seq_id seq_id, const std::
     const auto & c  = cells(seq_id);
     const auto & sp = c.seq_pos_get(seq_id);
 
-    llama_kv_freeze_check_unique(pos, op);
-
     std::vector<uint32_t> res;
     res.reserve(pos.size());
+
+    if (pos.empty()) {
+        return res;
+    }
+
+    // many positions within a few cache sizes of each other (a controller's freeze or unfreeze batch): a dense
+    // index over their range and one scan of the cells, instead of a tree lookup per position
+    const auto [pmin, pmax] = std::minmax_element(pos.begin(), pos.end());
+    const size_t range = (size_t) (*pmax - *pmin) + 1;
+    if (pos.size()*16 >= c.size() && range <= 4*((size_t) c.size() + pos.size())) {
+        std::vector<int32_t> index(range, -1); // position - *pmin -> index into pos
+        for (size_t k = 0; k < pos.size(); ++k) {
+            int32_t & ix = index[pos[k] - *pmin];
+            if (ix >= 0) {
+                KVF_FAIL(ASRKF_EINVAL, "%s: position %d is given twice", op, pos[k]);
+            }
+            ix = (int32_t) k;
+        }
+        std::vector<int64_t> found(pos.size(), -1);
+        for (uint32_t i = 0; i < c.size(); ++i) {
+            if (c.is_empty(i) || !c.seq_has(i, seq_id)) {
+                continue;
+            }
+            const llama_pos p = c.pos_get(i);
+            if (p < *pmin || p > *pmax || index[p - *pmin] < 0) {
+                continue;
+            }
+            auto & f = found[index[p - *pmin]];
+            if (f >= 0) {
+                KVF_FAIL(ASRKF_EINVAL, "%s: position %d of sequence %d occupies several cells", op, p, seq_id);
+            }
+            f = i;
+        }
+        for (size_t k = 0; k < pos.size(); ++k) {
+            if (found[k] < 0) {
+                if (records.count({seq_id, pos[k]})) {
+                    KVF_FAIL(ASRKF_EINVAL, "%s: position %d of sequence %d is offloaded, not resident", op, pos[k], seq_id);
+                }
+                KVF_FAIL(ASRKF_EINVAL, "%s: position %d is not in sequence %d", op, pos[k], seq_id);
+            }
+            res.push_back((uint32_t) found[k]);
+        }
+        return res;
+    }
+
+    llama_kv_freeze_check_unique(pos, op);
 
     for (const llama_pos p : pos) {
         auto it = sp.lower_bound({p, 0u});
@@ -351,6 +395,7 @@ struct llama_kv_freeze_rows {
     ggml_backend_buffer_ptr     idx_buf;
     ggml_backend_buffer_ptr     scratch;
     ggml_tensor               * idx = nullptr;
+    std::vector<int32_t>        ids;    // idx's host copy: an async upload reads it after the caller returned
     std::vector<ggml_tensor *>  alias;
     std::vector<size_t>         offset; // of each tensor's rows in the scratch, per pass
     std::vector<ggml_context_ptr> pass_ctx; // kept until the passes ran
@@ -386,7 +431,8 @@ static bool kvf_plan_rows(llama_kv_freeze_rows & plan, ggml_backend_t backend, c
         LLAMA_LOG_WARN("%s: no device memory for %zu rows: copying per run of cells\n", __func__, n_pass);
         return false;
     }
-    ggml_backend_tensor_set_async(backend, plan.idx, rows.data(), 0, rows.size()*sizeof(int32_t));
+    plan.ids = rows;
+    ggml_backend_tensor_set_async(backend, plan.idx, plan.ids.data(), 0, plan.ids.size()*sizeof(int32_t));
     return true;
 }
 

@@ -314,14 +314,13 @@ void llama_kv_freeze::importance_fold(llama_seq_id seq_id, float ema, int32_t n_
     const auto & per_cell = importance_cells(seq_id);
     const auto & c = cells(seq_id);
 
-    // a scan of the cells, not of the position set: the fold runs every step
-    const uint32_t n_cells = c.size();
-    for (uint32_t i = 0; i < n_cells; ++i) {
-        if (!c.is_empty(i) && c.seq_has(i, seq_id) && c.pos_get(i) >= n_pos) {
-            throw llama_kv_freeze_error(ASRKF_EINVAL, "importance_fold: position " + std::to_string(c.pos_get(i)) +
-                    " is outside the arrays' " + std::to_string(n_pos) + " entries; nothing was changed");
-        }
+    if (c.seq_pos_max(seq_id) >= n_pos) {
+        throw llama_kv_freeze_error(ASRKF_EINVAL, "importance_fold: position " + std::to_string(c.seq_pos_max(seq_id)) +
+                " is outside the arrays' " + std::to_string(n_pos) + " entries; nothing was changed");
     }
+
+    // one scan of the cells, not of the position set: the fold runs every step
+    const uint32_t n_cells = c.size();
 
     const float keep = 1.0f - ema;
     const float gain = ema/n_queries;

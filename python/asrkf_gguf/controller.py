@@ -184,8 +184,8 @@ class Controller:
         if self.policy.uses_importance and self.config.score_every > 1:
             self._set_scoring(n_next > 1 or (self.step + 1) % self.config.score_every == 0)
         if self.policy.uses_budget:
-            counts = self.table.counts()
-            excess = counts["active"] + counts["frozen"] + n_next - self.config.budget_cells
+            t = self.table
+            excess = t.count(CellState.ACTIVE) + t.count(CellState.FROZEN) + n_next - self.config.budget_cells
             if excess > 0:
                 if self.policy.reversible:
                     # a whole batch at once, as far as movable tokens allow
@@ -233,12 +233,10 @@ class Controller:
         """Expired freezes come back; frozen tokens whose shadow score rose come back early; low ones freeze."""
         t = self.table
         frozen = t.positions(CellState.FROZEN)
-        active_scores = t.score[t.positions(CellState.ACTIVE)]
-        back = t.expired(self.step)
-        if frozen.size and active_scores.size:
-            risen = frozen[t.score[frozen] >= np.median(active_scores)]
-            back = np.union1d(back, risen)
-        self._unfreeze(back)
+        back = t.frozen_until[frozen] <= self.step  # expired
+        if frozen.size and t.count(CellState.ACTIVE):
+            back |= t.score[frozen] >= np.median(t.score[t.positions(CellState.ACTIVE)])  # risen
+        self._unfreeze(frozen[back])
         low = self.policy.judged_low(t)
         if low.size:
             self.kv.freeze(low, self.seq_id)
@@ -307,11 +305,12 @@ class Controller:
         self.stats.drops += int(pick.size)
 
     def _account(self) -> None:
-        c = self.table.counts()
+        t = self.table
+        active, frozen, offloaded = (t.count(st) for st in (CellState.ACTIVE, CellState.FROZEN, CellState.OFFLOADED))
         s = self.stats
         s.steps += 1
-        s.active_peak = max(s.active_peak, c["active"])
-        s.active_sum += c["active"]
-        s.resident_peak = max(s.resident_peak, c["active"] + c["frozen"])
+        s.active_peak = max(s.active_peak, active)
+        s.active_sum += active
+        s.resident_peak = max(s.resident_peak, active + frozen)
         # the host store holds exactly kv_bytes_per_token per offloaded token (asrkf_kv_check verifies it)
-        s.host_bytes_peak = max(s.host_bytes_peak, c["offloaded"] * self.bytes_per_token)
+        s.host_bytes_peak = max(s.host_bytes_peak, offloaded * self.bytes_per_token)

@@ -130,6 +130,7 @@ class KVCache:
             raise AsrkfError("attach", lib.asrkf_last_error_code(), ffi.string(lib.asrkf_last_error()).decode("utf-8", "replace"))
         self.handle = handle
         self._n_cells = None  # the context's cell count, read once (it never changes)
+        self._entropy_out = None
 
     # ---- lifetime
 
@@ -259,9 +260,10 @@ class KVCache:
 
     def entropy(self) -> float:
         """Entropy (nats) of the next-token distribution of the latest decode, computed where the logits were."""
-        out = ffi.new("float *")
-        _check("entropy", lib.asrkf_kv_entropy(self._h(), out))
-        return float(out[0])
+        if self._entropy_out is None:
+            self._entropy_out = ffi.new("float *")  # once: the call runs every step
+        _check("entropy", lib.asrkf_kv_entropy(self._h(), self._entropy_out))
+        return float(self._entropy_out[0])
 
     def query(self, layer: int):
         """Query vectors of the latest decode for one importance layer, [n_q, n_head, n_embd_head] float32, and

@@ -122,6 +122,9 @@ class TokenTable:
     def positions(self, state: CellState) -> np.ndarray:
         return np.flatnonzero(self.state[: self.n] == state)
 
+    def count(self, state: CellState) -> int:
+        return int(self._per_state[state])
+
     def counts(self) -> dict:
         return {st.name.lower(): int(self._per_state[st]) for st in CellState}
 
