@@ -382,7 +382,8 @@ def run_all(args) -> dict:
         n_gen = max(args.n_gen, 512)
         every_4th = list(range(3, args.n_layer, 4))
         runs = [("full", 1.0, {}), ("asrkf", 0.5, {}), ("asrkf", 0.25, {}), ("asrkf", 0.125, {}),
-                ("asrkf", 0.25, {"importance_layers": every_4th}), ("asrkf", 0.25, {"score_every": 4}),
+                ("asrkf", 0.25, {"importance_layers": every_4th}), ("asrkf", 0.25, {"importance_layers": [args.n_layer - 1]}),
+                ("asrkf", 0.25, {"score_every": 4}),
                 ("asrkf", 0.25, {"importance_layers": every_4th, "score_every": 4})]
         res["budget"] = []
         for policy, frac, params in runs:

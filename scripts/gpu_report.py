@@ -106,7 +106,7 @@ def budget_table(res: dict) -> str:
             out.append(f"| {r['error']} |")
             continue
         frac = r["budget_cells"] / r["logical"]
-        settings = ", ".join(f"{k}={'every 4th' if k == 'importance_layers' and len(v) > 1 else v}"
+        settings = ", ".join(f"{k}={('every 4th' if len(v) > 1 else 'last') if k == 'importance_layers' else v}"
                              for k, v in r["controller_params"].items()) or "defaults"
         vs = (f"{r['decode_tokens_per_s'] / full['decode_tokens_per_s']:.2f}x / "
               f"{r['end_to_end_tokens_per_s'] / full['end_to_end_tokens_per_s']:.2f}x") if full else "n/a"

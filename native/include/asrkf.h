@@ -70,7 +70,7 @@ struct asrkf_kv_params {
     bool     pinned_host;      // use the device's pinned host buffers for offloaded rows when it has them
     uint32_t host_chunk_cells; // offloaded rows are stored in chunks of at least this many tokens (0: automatic)
     bool     force_gather;     // testing: gather rows with get_rows also for caches in host memory (always on for devices)
-    uint64_t scratch_bytes;    // device scratch of one gather/scatter pass (0: 16 MiB); a move of more rows takes several passes
+    uint64_t scratch_bytes;    // device scratch of one gather/scatter pass (0: 64 MiB); a move of more rows takes several passes
 };
 
 struct asrkf_kv_info {

@@ -101,7 +101,7 @@ asrkf_kv_t asrkf_kv_attach(struct llama_context * ctx, struct asrkf_kv_params pa
         auto * kv = new asrkf_kv;
         try {
             kv->kvf = new llama_kv_freeze(ctx, params.pinned_host, params.host_chunk_cells, params.force_gather,
-                    params.scratch_bytes ? params.scratch_bytes : (16u << 20));
+                    params.scratch_bytes ? params.scratch_bytes : (64u << 20));
         } catch (...) {
             delete kv;
             throw;

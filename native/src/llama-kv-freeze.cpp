@@ -382,22 +382,31 @@ ggml_backend_t llama_kv_freeze::rows_backend(const std::vector<ggml_tensor *> & 
         }
         bytes_per_row += t->nb[1];
     }
-    // passes of a few MiB: the first pass is the only one whose copy nothing else overlaps
+    // few large passes: every pass costs device calls (the first is the only one nothing else overlaps)
     n_pass = std::max<size_t>(1, scratch_bytes / bytes_per_row);
     return backend;
 }
 
 // the cache tensors viewed as rows of 4-byte words (get_rows / set_rows move them bit for bit, whatever the KV
 // type), the row ids, and one device scratch buffer that every pass of a gather or scatter reuses: the passes
-// queue back to back on the backend's stream, which orders a pass's reuse of the scratch after the last one's copy
+// queue back to back on the backend's stream, which orders a pass's reuse of the scratch after the last one's copy.
+// Tensors of one shape laid out at a fixed stride in one buffer (a cache's layers, as llama.cpp allocates them)
+// form one group: one get_rows / set_rows for all of them per pass, where every operation counts (launches)
 struct llama_kv_freeze_rows {
-    ggml_context_ptr            ctx;
-    ggml_backend_buffer_ptr     idx_buf;
-    ggml_backend_buffer_ptr     scratch;
-    ggml_tensor               * idx = nullptr;
-    std::vector<int32_t>        ids;    // idx's host copy: an async upload reads it after the caller returned
-    std::vector<ggml_tensor *>  alias;
-    std::vector<size_t>         offset; // of each tensor's rows in the scratch, per pass
+    struct group {
+        ggml_tensor * alias;  // [words, rows, count]
+        size_t        first;  // index of its first tensor
+        size_t        count;
+        size_t        offset; // of its rows in the scratch
+    };
+
+    ggml_context_ptr              ctx;
+    ggml_backend_buffer_ptr       idx_buf;
+    ggml_backend_buffer_ptr       scratch;
+    ggml_tensor                 * idx = nullptr;
+    std::vector<int32_t>          ids;      // idx's host copy: an async upload reads it after the caller returned
+    std::vector<group>            groups;
+    size_t                        max_count = 1;
     std::vector<ggml_context_ptr> pass_ctx; // kept until the passes ran
 };
 
@@ -405,46 +414,85 @@ static bool kvf_plan_rows(llama_kv_freeze_rows & plan, ggml_backend_t backend, c
         const std::vector<int32_t> & rows, size_t n_pass, ggml_type word_type) {
     const size_t n_t = tensors.size();
 
-    ggml_init_params ip = { ggml_tensor_overhead()*(n_t + 1), nullptr, /*.no_alloc =*/ true };
+    ggml_init_params ip = { ggml_tensor_overhead()*(3*n_t + 2), nullptr, /*.no_alloc =*/ true };
     plan.ctx.reset(ggml_init(ip));
 
-    plan.idx = ggml_new_tensor_1d(plan.ctx.get(), GGML_TYPE_I32, (int64_t) rows.size());
-    for (auto * t : tensors) {
-        ggml_tensor * alias = ggml_new_tensor_2d(plan.ctx.get(), word_type, (int64_t) (t->nb[1]/4), ggml_nbytes(t)/t->nb[1]);
-        if (ggml_backend_tensor_alloc(t->buffer, alias, t->data) != GGML_STATUS_SUCCESS) {
-            LLAMA_LOG_WARN("%s: cannot alias %s: copying per run of cells\n", __func__, t->name);
-            return false;
-        }
-        plan.alias.push_back(alias);
+    const ggml_tensor * t0 = tensors[0];
+    const size_t stride = n_t > 1 ? (size_t) ((const uint8_t *) tensors[1]->data - (const uint8_t *) t0->data) : 0;
+    bool uniform = n_t > 1 && tensors[1]->data > t0->data && stride >= ggml_nbytes(t0) && stride % 4 == 0;
+    for (size_t i = 0; uniform && i < n_t; ++i) {
+        const ggml_tensor * t = tensors[i];
+        uniform = t->buffer == t0->buffer && t->nb[1] == t0->nb[1] && ggml_nbytes(t) == ggml_nbytes(t0) &&
+                  (const uint8_t *) t->data == (const uint8_t *) t0->data + i*stride;
     }
 
-    plan.idx_buf.reset(ggml_backend_alloc_buffer(backend, ggml_nbytes(plan.idx)));
+    auto make_alias = [&](const ggml_tensor * t, size_t count) -> ggml_tensor * {
+        const int64_t words = (int64_t) (t->nb[1]/4);
+        const int64_t n_row = (int64_t) (ggml_nbytes(t)/t->nb[1]);
+        const size_t  span  = (count - 1)*stride + ggml_nbytes(t);
+        ggml_tensor * flat = ggml_new_tensor_1d(plan.ctx.get(), word_type, (int64_t) (span/4));
+        if (ggml_backend_tensor_alloc(t->buffer, flat, t->data) != GGML_STATUS_SUCCESS) {
+            LLAMA_LOG_WARN("%s: cannot alias %s: copying per run of cells\n", __func__, t->name);
+            return nullptr;
+        }
+        ggml_tensor * alias = ggml_view_3d(plan.ctx.get(), flat, words, n_row, (int64_t) count, t->nb[1],
+                count > 1 ? stride : ggml_nbytes(t), 0);
+        ggml_backend_view_init(alias);
+        return alias;
+    };
+
     const size_t align = ggml_backend_get_alignment(backend);
     size_t size = 0;
-    for (auto * t : tensors) {
-        plan.offset.push_back(size);
-        size += GGML_PAD(n_pass*t->nb[1], align);
+    for (size_t i = 0; i < n_t; i += uniform ? n_t : 1) {
+        const size_t count = uniform ? n_t : 1;
+        ggml_tensor * alias = make_alias(tensors[i], count);
+        if (!alias) {
+            return false;
+        }
+        plan.groups.push_back({ alias, i, count, size });
+        size += GGML_PAD(n_pass*count*tensors[i]->nb[1], align);
     }
+    plan.max_count = uniform ? n_t : 1;
+
+    // per pass, its rows repeated for every tensor of a group: get_rows takes one column of ids per tensor
+    const size_t n_rows = rows.size();
+    plan.ids.resize(n_rows*plan.max_count);
+    for (size_t r0 = 0; r0 < n_rows; r0 += n_pass) {
+        const size_t n = std::min(n_pass, n_rows - r0);
+        for (size_t c = 0; c < plan.max_count; ++c) {
+            std::copy(rows.begin() + r0, rows.begin() + r0 + n, plan.ids.begin() + r0*plan.max_count + c*n);
+        }
+    }
+    plan.idx = ggml_new_tensor_1d(plan.ctx.get(), GGML_TYPE_I32, (int64_t) plan.ids.size());
+
+    plan.idx_buf.reset(ggml_backend_alloc_buffer(backend, ggml_nbytes(plan.idx)));
     plan.scratch.reset(ggml_backend_alloc_buffer(backend, size));
     if (!plan.idx_buf || !plan.scratch ||
             ggml_backend_tensor_alloc(plan.idx_buf.get(), plan.idx, ggml_backend_buffer_get_base(plan.idx_buf.get())) != GGML_STATUS_SUCCESS) {
         LLAMA_LOG_WARN("%s: no device memory for %zu rows: copying per run of cells\n", __func__, n_pass);
         return false;
     }
-    plan.ids = rows;
     ggml_backend_tensor_set_async(backend, plan.idx, plan.ids.data(), 0, plan.ids.size()*sizeof(int32_t));
     return true;
 }
 
-// a pass's context: n_t rows tensors placed in the scratch, the graph, the id view
-static ggml_context * kvf_pass_ctx(llama_kv_freeze_rows & plan, size_t n_t) {
+// a pass's context and the ids of its rows for a group: [n, count]
+static ggml_context * kvf_pass_ctx(llama_kv_freeze_rows & plan) {
+    const size_t n_g = plan.groups.size();
     ggml_init_params ip = {
-        /*.mem_size   =*/ ggml_tensor_overhead()*(2*n_t + 1) + ggml_graph_overhead_custom(2*n_t + 2, false),
+        /*.mem_size   =*/ ggml_tensor_overhead()*(3*n_g + 1) + ggml_graph_overhead_custom(2*n_g + 2, false),
         /*.mem_buffer =*/ nullptr,
         /*.no_alloc   =*/ true,
     };
     plan.pass_ctx.emplace_back(ggml_init(ip));
     return plan.pass_ctx.back().get();
+}
+
+static ggml_tensor * kvf_pass_ids(llama_kv_freeze_rows & plan, ggml_context * ctx, size_t r0, size_t n, size_t count) {
+    ggml_tensor * idx = ggml_view_2d(ctx, plan.idx, (int64_t) n, (int64_t) count, n*sizeof(int32_t),
+            r0*plan.max_count*sizeof(int32_t));
+    ggml_backend_view_init(idx);
+    return idx;
 }
 
 bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows,
@@ -459,22 +507,34 @@ bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const s
         return false;
     }
     const size_t n_rows = rows.size();
-    const size_t n_t    = tensors.size();
+    n_pass = std::min(n_pass, n_rows);
 
     llama_kv_freeze_rows plan;
-    if (!kvf_plan_rows(plan, backend, tensors, rows, std::min(n_pass, n_rows), GGML_TYPE_I32)) {
+    if (!kvf_plan_rows(plan, backend, tensors, rows, n_pass, GGML_TYPE_I32)) {
         return false;
     }
     uint8_t * scratch_base = (uint8_t *) ggml_backend_buffer_get_base(plan.scratch.get());
 
-    // every pass is queued at once; events say when a pass's rows are on the host, so that the caller can hash
-    // them while the next passes copy
+    // every pass is queued ahead of the hashing of the one before; events say when a pass's rows are on the
+    // host, so that the caller hashes them while the device copies the next pass
     ggml_backend_event_t landed_ev[2] = { nullptr, nullptr };
     if (landed) {
         for (auto & ev : landed_ev) {
             ev = ggml_backend_event_new(ggml_backend_get_device(backend));
         }
     }
+    struct ev_guard {
+        ggml_backend_t backend;
+        ggml_backend_event_t * ev;
+        ~ev_guard() {
+            ggml_backend_synchronize(backend);
+            for (int i = 0; i < 2; ++i) {
+                if (ev[i]) {
+                    ggml_backend_event_free(ev[i]);
+                }
+            }
+        }
+    } guard { backend, landed_ev };
     auto wait_pass = [&](size_t p) {
         if (landed_ev[p % 2]) {
             ggml_backend_event_synchronize(landed_ev[p % 2]);
@@ -484,69 +544,54 @@ bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const s
     };
 
     const size_t n_passes = (n_rows + n_pass - 1)/n_pass;
-    try {
-        for (size_t p = 0; p < n_passes; ++p) {
-            const size_t r0 = p*n_pass;
-            const size_t n  = std::min(n_pass, n_rows - r0);
+    for (size_t p = 0; p < n_passes; ++p) {
+        const size_t r0 = p*n_pass;
+        const size_t n  = std::min(n_pass, n_rows - r0);
 
-            ggml_context * ctx = kvf_pass_ctx(plan, n_t);
-            ggml_tensor * idx = ggml_view_1d(ctx, plan.idx, (int64_t) n, r0*sizeof(int32_t));
-            ggml_backend_view_init(idx);
-
-            ggml_cgraph * gf = ggml_new_graph_custom(ctx, 2*n_t + 2, false);
-            std::vector<ggml_tensor *> outs;
-            for (size_t i = 0; i < n_t; ++i) {
-                ggml_tensor * out = ggml_get_rows(ctx, plan.alias[i], idx);
-                ggml_backend_tensor_alloc(plan.scratch.get(), out, scratch_base + plan.offset[i]);
-                ggml_build_forward_expand(gf, out);
-                outs.push_back(out);
-            }
-
-            if (ggml_backend_graph_compute_async(backend, gf) != GGML_STATUS_SUCCESS) {
-                throw llama_kv_freeze_error(ASRKF_EBACKEND, "offload: the gather graph failed on the device");
-            }
-            n_gathers++;
-            n_copies += n_t;
-            for (size_t i = 0; i < n_t; ++i) {
-                ggml_backend_tensor_get_async(backend, outs[i], dst[i] + r0*tensors[i]->nb[1], 0, n*tensors[i]->nb[1]);
-            }
-            if (landed) {
-                if (landed_ev[p % 2]) {
-                    ggml_backend_event_record(landed_ev[p % 2], backend);
-                }
-                if (p > 0) {
-                    wait_pass(p - 1);
-                    landed((p - 1)*n_pass, n_pass);
-                }
+        ggml_context * ctx = kvf_pass_ctx(plan);
+        ggml_cgraph  * gf  = ggml_new_graph_custom(ctx, 2*plan.groups.size() + 2, false);
+        std::vector<ggml_tensor *> outs;
+        for (const auto & g : plan.groups) {
+            ggml_tensor * out = ggml_get_rows(ctx, g.alias, kvf_pass_ids(plan, ctx, r0, n, g.count)); // [words, n, count]
+            ggml_backend_tensor_alloc(plan.scratch.get(), out, scratch_base + g.offset);
+            ggml_build_forward_expand(gf, out);
+            outs.push_back(out);
+        }
+        if (ggml_backend_graph_compute_async(backend, gf) != GGML_STATUS_SUCCESS) {
+            throw llama_kv_freeze_error(ASRKF_EBACKEND, "offload: the gather graph failed on the device");
+        }
+        n_gathers++;
+        for (size_t ig = 0; ig < plan.groups.size(); ++ig) {
+            const auto & g = plan.groups[ig];
+            for (size_t i = g.first; i < g.first + g.count; ++i) {
+                const size_t rb = tensors[i]->nb[1];
+                ggml_backend_tensor_get_async(backend, outs[ig], dst[i] + r0*rb, (i - g.first)*n*rb, n*rb);
+                n_copies++;
             }
         }
-        ggml_backend_synchronize(backend);
         if (landed) {
-            landed((n_passes - 1)*n_pass, n_rows - (n_passes - 1)*n_pass);
-        }
-    } catch (...) {
-        ggml_backend_synchronize(backend);
-        for (auto * ev : landed_ev) {
-            if (ev) {
-                ggml_backend_event_free(ev);
+            if (landed_ev[p % 2]) {
+                ggml_backend_event_record(landed_ev[p % 2], backend);
+            }
+            if (p > 0) {
+                wait_pass(p - 1);
+                landed((p - 1)*n_pass, n_pass);
             }
         }
-        throw;
     }
-    for (auto * ev : landed_ev) {
-        if (ev) {
-            ggml_backend_event_free(ev);
-        }
+    ggml_backend_synchronize(backend);
+    if (landed) {
+        landed((n_passes - 1)*n_pass, n_rows - (n_passes - 1)*n_pass);
     }
 
     return true;
 }
 
-// thaw's counterpart of gather(): rows[i] of every tensor := row i of src[t], with one set_rows per tensor on the
-// device instead of a copy per run of cells. The cache is viewed as rows of 4-byte words typed F32, and set_rows
-// from F32 to F32 moves them bit for bit, whatever the KV type. Every pass is queued at once and this returns
-// without waiting for them (finish_copies() does): the caller verifies the host rows meanwhile. false: the
-// caller writes per run.
+// thaw's counterpart of gather(): rows[i] of every tensor := row i of src[t], with one set_rows per group of
+// tensors on the device instead of a copy per run of cells. The cache is viewed as rows of 4-byte words typed
+// F32, and set_rows from F32 to F32 moves them bit for bit, whatever the KV type. Every pass is queued at once
+// and this returns without waiting for them (finish_copies() does): the caller verifies the host rows meanwhile.
+// false: the caller writes per run.
 bool llama_kv_freeze::scatter(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows,
         const std::vector<const uint8_t *> & src) {
     if (tensors.empty() || rows.empty()) {
@@ -559,11 +604,11 @@ bool llama_kv_freeze::scatter(const std::vector<ggml_tensor *> & tensors, const 
         return false;
     }
     const size_t n_rows = rows.size();
-    const size_t n_t    = tensors.size();
+    n_pass = std::min(n_pass, n_rows);
 
     scatter_rows = std::make_unique<llama_kv_freeze_rows>();
     auto & plan = *scatter_rows;
-    if (!kvf_plan_rows(plan, backend, tensors, rows, std::min(n_pass, n_rows), GGML_TYPE_F32)) {
+    if (!kvf_plan_rows(plan, backend, tensors, rows, n_pass, GGML_TYPE_F32)) {
         scatter_rows.reset();
         return false;
     }
@@ -572,16 +617,17 @@ bool llama_kv_freeze::scatter(const std::vector<ggml_tensor *> & tensors, const 
     for (size_t r0 = 0; r0 < n_rows; r0 += n_pass) {
         const size_t n = std::min(n_pass, n_rows - r0);
 
-        ggml_context * ctx = kvf_pass_ctx(plan, n_t);
-        ggml_tensor * idx = ggml_view_1d(ctx, plan.idx, (int64_t) n, r0*sizeof(int32_t));
-        ggml_backend_view_init(idx);
-
-        ggml_cgraph * gf = ggml_new_graph_custom(ctx, 2*n_t + 2, false);
-        for (size_t i = 0; i < n_t; ++i) {
-            ggml_tensor * in = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, (int64_t) (tensors[i]->nb[1]/4), (int64_t) n);
-            ggml_backend_tensor_alloc(plan.scratch.get(), in, scratch_base + plan.offset[i]);
-            ggml_backend_tensor_set_async(backend, in, src[i] + r0*tensors[i]->nb[1], 0, n*tensors[i]->nb[1]);
-            ggml_build_forward_expand(gf, ggml_set_rows(ctx, plan.alias[i], in, idx));
+        ggml_context * ctx = kvf_pass_ctx(plan);
+        ggml_cgraph  * gf  = ggml_new_graph_custom(ctx, 2*plan.groups.size() + 2, false);
+        for (const auto & g : plan.groups) {
+            const size_t rb = tensors[g.first]->nb[1];
+            ggml_tensor * in = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, (int64_t) (rb/4), (int64_t) n, (int64_t) g.count);
+            ggml_backend_tensor_alloc(plan.scratch.get(), in, scratch_base + g.offset);
+            for (size_t i = g.first; i < g.first + g.count; ++i) {
+                ggml_backend_tensor_set_async(backend, in, src[i] + r0*rb, (i - g.first)*n*rb, n*rb);
+                n_copies++;
+            }
+            ggml_build_forward_expand(gf, ggml_set_rows(ctx, g.alias, in, kvf_pass_ids(plan, ctx, r0, n, g.count)));
         }
         if (ggml_backend_graph_compute_async(backend, gf) != GGML_STATUS_SUCCESS) {
             // nothing was recorded as thawed yet: the caller reports the failure and the host copies stay
@@ -589,7 +635,6 @@ bool llama_kv_freeze::scatter(const std::vector<ggml_tensor *> & tensors, const 
             throw llama_kv_freeze_error(ASRKF_EBACKEND, "thaw: the scatter graph failed on the device");
         }
         n_gathers++;
-        n_copies += n_t;
     }
     return true;
 }
@@ -864,9 +909,10 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
             }
         }
 
+        // layers are hashed in units of at least 16 MiB: smaller ones cost more in waking the threads
         if (ev_backend && layer_ev[0] && layer_ev[1]) {
             ggml_backend_event_record(layer_ev[il % 2], ev_backend);
-            if (il > 0) {
+            if (il > 0 && (il - hashed_to)*(store.token_bytes()/n_layer)*cell.size() >= (16u << 20)) {
                 ggml_backend_event_synchronize(layer_ev[(il - 1) % 2]);
                 hash_layers(il);
             }

@@ -63,7 +63,7 @@ struct llama_kv_freeze {
     bool force_gather = false;
 
     // device scratch of one gather/scatter pass
-    size_t scratch_bytes = 16u << 20;
+    size_t scratch_bytes = 64u << 20;
 
     //
     // operations (validate everything first, then change; throw llama_kv_freeze_error)

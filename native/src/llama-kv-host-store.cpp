@@ -224,9 +224,9 @@ void llama_kv_host_store::checksum_add(const llama_kv_host_slot * slot, size_t n
     };
 
     // one core hashes a few GB/s while a PCIe/NVLink host link moves tens: large batches go over a pool of
-    // threads; below ~4 MiB, waking it costs more than it saves
+    // threads; below ~1 MiB, waking it costs more than it saves
     const size_t bytes = n*bytes_per_slot;
-    if (bytes < (4u << 20)) {
+    if (bytes < (1u << 20)) {
         work(0, n);
     } else {
         if (!pool) {
