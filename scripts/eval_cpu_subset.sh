@@ -27,4 +27,9 @@ $EVAL --tasks passkey-mt --ctx 8192 --budgets 0.25 --depths 0.5 --policies full,
 # G: ablation, recall without pooling (the first version's recall)
 $EVAL --tasks passkey,passkey-mt --ctx 2048 --budgets 0.25,0.125 --depths 0.1,0.5,0.9 --policies asrkf-nopool
 $EVAL --tasks niah,niah-mt --ctx 4096 --budgets 0.25 --depths 0.1,0.5 --policies asrkf-nopool
+# H: the GPU setting (every 4th layer scored, docs/gpu.md) beside the default at 25%
+$EVAL --tasks passkey,passkey-mt --ctx 2048,4096 --budgets 0.25 --depths 0.1,0.5,0.9 --policies asrkf-l4
+$EVAL --tasks kl --ctx 2048 --kl-tokens 512 --budgets 0.25 --policies asrkf-l4
+$EVAL --tasks niah,niah-mt --ctx 4096 --budgets 0.25 --depths 0.1,0.5 --policies asrkf-l4
+$EVAL --tasks multikey,vartrack --ctx 4096 --budgets 0.25 --depths 0.5 --policies asrkf-l4
 python -m asrkf_gguf eval-report "$OUT"

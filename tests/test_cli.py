@@ -55,6 +55,7 @@ def test_turns_file_runs_one_session(demo_model_path, tmp_path):
     (lambda d: ["DEMO", "--turns-file", str(d / "bad.json")], "not valid JSON"),
     (lambda d: ["DEMO", "--turns-file", str(d / "notlist.json")], "list of non-empty strings"),
     (lambda d: ["DEMO", "--kv-budget", "lots"], "kv_budget"),
+    (lambda d: ["DEMO", "--importance-every", "0"], "importance_every >= 1"),
 ])
 def test_bad_input_is_one_line_and_nonzero(demo_model_path, tmp_path, make_args, words):
     (tmp_path / "text.gguf").write_text("hello")

@@ -198,3 +198,26 @@ def test_recall_after_an_unscored_one_token_prompt_does_nothing(tiny_path):
         generate(s, ctl, [7], 2, recall=True)
         assert ctl.stats.recalls == 1  # the first prompt's recall ran; the one-token turn's did not
         ctl.table.check(kv)
+
+
+def test_importance_every_scores_every_kth_layer_from_the_last(tiny_paths):
+    # the GPU setting: fewer scored layers, counted back from the last; the scores are those of those layers only
+    path = tiny_paths["llama-hd128"]
+    tokens = random_tokens(60, seed=50)
+    with session(path, n_ctx=128, n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        n_layer = kv.info().n_layer
+        ctl = Controller(kv, make_policy("asrkf"), ControllerConfig(budget_cells=128, importance_every=2))
+        assert ctl.layers == list(range(n_layer - 1, -1, -2))[::-1]
+        s.decode(tokens, 0)
+        one = kv.importance()[1].sum()
+        kv.set_importance(True, n_q=ctl.config.n_q)  # all layers
+        s.seq_rm(0, -1)
+        s.decode(tokens, 0)
+        # every query head's probabilities sum to 1 in every scored layer: the totals count the layers
+        info = kv.info()
+        assert one == pytest.approx(ctl.config.n_q * info.n_head * len(ctl.layers), rel=1e-4)
+        assert kv.importance()[1].sum() == pytest.approx(ctl.config.n_q * info.n_head * n_layer, rel=1e-4)
+    with pytest.raises(ValueError):
+        ControllerConfig(budget_cells=8, importance_every=0)
+    with pytest.raises(ValueError):
+        ControllerConfig(budget_cells=8, importance_every=2, importance_layers=(0,))

@@ -31,6 +31,9 @@ def add_run_parser(sub) -> None:
     r.add_argument("--kv-type", choices=["f16", "q8_0", "q4_0"], default="f16")
     r.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
     r.add_argument("--n-gpu-layers", type=int, default=0)
+    r.add_argument("--importance-every", type=int, default=1,
+                   help="score every k-th attention layer (from the last); on a GPU, 4 keeps most of the decode speed")
+    r.add_argument("--score-every", type=int, default=1, help="score every k-th generated token")
     r.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
 
 
@@ -74,6 +77,7 @@ def run(args) -> int:
     try:
         engine = Engine(args.model, ctx=args.ctx, kv_budget=args.kv_budget, policy=args.policy,
                         kv_type=args.kv_type, flash_attn=args.flash_attn, n_gpu_layers=args.n_gpu_layers,
+                        controller_params={"importance_every": args.importance_every, "score_every": args.score_every},
                         verbose=False)
     except EngineError as err:
         raise UsageError(str(err)) from None
@@ -126,7 +130,8 @@ def add_eval_parsers(sub) -> None:
     e.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths, fractions of the document")
     e.add_argument("--policies", default="full,full-q8_0,full-q4_0,window,h2o,asrkf-norec,asrkf",
                    help="settings: full, full-q8_0, full-q4_0 (memory-matched quantized full caches), window, h2o, "
-                        "asrkf-norec (no entropy recovery), asrkf, asrkf-nopool (recall without pooling)")
+                        "asrkf-norec (no entropy recovery), asrkf, asrkf-nopool (recall without pooling), "
+                        "asrkf-l4 (every 4th layer scored)")
     e.add_argument("--kl-tokens", type=int, default=512, help="teacher-forced continuation of the kl task")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, help="CPU threads (default: all)")

@@ -23,6 +23,9 @@ class ControllerConfig:
     ema: float = 0.3                # weight of the newest importance in the running score
     n_q: int = 32                   # queries scored per step (the last tokens of a prompt: the question)
     importance_layers: Optional[tuple] = None  # model layers scored (None: all full-attention layers)
+    # with importance_layers None: score every k-th full-attention layer, counting back from the last. Each scored
+    # layer costs a pass over its K on the device (docs/gpu.md); on a GPU, 4 gives most of the decode speed back
+    importance_every: int = 1
     wr_window: int = 32             # WR unfreezes what was frozen in the last wr_window steps
     rr_tokens: int = 4              # RR regenerates this many tokens (the generator does it)
     # recall ranks a token by the best mass within +-recall_pool positions (SnapKV's pooling): the question
@@ -43,9 +46,12 @@ class ControllerConfig:
 
     def __post_init__(self):
         if self.budget_cells < 1 or not 0 < self.ema <= 1 or self.n_q < 1 or self.wr_window < 1 or self.rr_tokens < 0 \
-                or self.recall_pool < 0 or self.offload_batch < 0 or self.score_every < 1:
+                or self.recall_pool < 0 or self.offload_batch < 0 or self.score_every < 1 or self.importance_every < 1:
             raise ValueError("ControllerConfig: budget_cells >= 1, 0 < ema <= 1, n_q >= 1, wr_window >= 1, "
-                             "rr_tokens >= 0, recall_pool >= 0, offload_batch >= 0, score_every >= 1 are required")
+                             "rr_tokens >= 0, recall_pool >= 0, offload_batch >= 0, score_every >= 1, "
+                             "importance_every >= 1 are required")
+        if self.importance_layers is not None and self.importance_every != 1:
+            raise ValueError("ControllerConfig: give importance_layers or importance_every, not both")
 
 
 @dataclass
@@ -104,14 +110,16 @@ class Controller:
         if config.entropy_in_graph:
             kv.set_entropy(True)
         if policy.uses_importance:
+            if config.importance_layers:
+                self.layers = list(config.importance_layers)
+            else:
+                self.layers = kv.layers().tolist()[::-1][::config.importance_every][::-1]
             self._set_scoring(True)
-            self.layers = list(config.importance_layers) if config.importance_layers else kv.layers().tolist()
 
     def _set_scoring(self, on: bool) -> None:
         if on != self._scoring:
             # the queries are exported too: recall scores offloaded tokens with them on the host
-            self.kv.set_importance(on, n_q=self.config.n_q, layers=self.config.importance_layers,
-                                   export_q=self.policy.reversible)
+            self.kv.set_importance(on, n_q=self.config.n_q, layers=self.layers, export_q=self.policy.reversible)
             self._scoring = on
 
     def reset(self) -> None:

@@ -19,7 +19,8 @@ from .tasks import MULTI_TURN
 ORDER = list(SETTINGS)  # full, full-q8_0, full-q4_0, window, h2o, asrkf-norec, asrkf
 TASK_ORDER = ["passkey", "passkey-mt", "niah", "niah-mt", "multikey", "vartrack", "kl"]
 COLORS = {"full": "black", "full-q8_0": "gray", "full-q4_0": "silver", "window": "tab:orange", "h2o": "tab:red",
-          "asrkf-norec": "tab:cyan", "asrkf": "tab:blue", "asrkf-nopool": "tab:purple"}
+          "asrkf-norec": "tab:cyan", "asrkf": "tab:blue", "asrkf-nopool": "tab:purple",
+          "asrkf-l4": "tab:olive"}
 
 
 def load(out_dir) -> Tuple[dict, List[dict]]:
@@ -160,7 +161,7 @@ def target_check(records: Sequence[dict], budget: float = 0.25) -> str:
     lines.append(f"- Single-turn, asrkf at {_pct(budget)}: {len(full_pass) - len(lost)}/{len(full_pass)} of the cases "
                  f"the full cache passes" + (f"; lost: {', '.join(lost)}" if lost else "") + ".")
     multi = [c for c, d in by_case.items() if d and next(iter(d.values()))["task"] in MULTI_TURN]
-    for s in ("asrkf", "asrkf-norec", "asrkf-nopool", "h2o", "window"):
+    for s in ("asrkf", "asrkf-norec", "asrkf-nopool", "asrkf-l4", "h2o", "window"):
         sel = [by_case[c][(s, budget)] for c in multi if (s, budget) in by_case[c]]
         if sel:
             lines.append(f"- Multi-turn, {s} at {_pct(budget)}: {sum(r['passed'] for r in sel)}/{len(sel)}.")

@@ -26,6 +26,7 @@ class Setting:
     kv_type: str = "f16"
     recovery: bool = True
     recall_pool: Optional[int] = None  # None: the controller's default
+    importance_every: int = 1
 
     @property
     def budgeted(self) -> bool:
@@ -41,6 +42,7 @@ SETTINGS: Dict[str, Setting] = {s.name: s for s in (
     Setting("asrkf-norec", "asrkf", recovery=False),
     Setting("asrkf", "asrkf"),
     Setting("asrkf-nopool", "asrkf", recall_pool=0),  # ablation: recall ranks tokens one by one (the first version)
+    Setting("asrkf-l4", "asrkf", importance_every=4),  # the GPU setting: every 4th layer scored (docs/gpu.md)
 )}
 
 KL_TOP_K = 1024  # reference distribution kept as its top-k log-probs + the tail's total (see kl_topk)
@@ -71,6 +73,8 @@ def controller_params(setting: Setting) -> dict:
     params = {"recovery": setting.recovery}
     if setting.recall_pool is not None:
         params["recall_pool"] = setting.recall_pool
+    if setting.importance_every != 1:
+        params["importance_every"] = setting.importance_every
     return params
 
 
