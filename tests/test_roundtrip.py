@@ -78,6 +78,19 @@ def test_roundtrip_in_many_gather_passes(tiny_paths, kv_type, fa):
     assert stats["thaw"].n_gathers == 2 * len(SCATTERED)
 
 
+def test_roundtrip_with_k_and_v_of_different_types(tiny_paths):
+    # K f16 and V q8_0 have rows of different sizes: every tensor is gathered on its own (no common stride), in
+    # many passes; same bytes back
+    tokens = random_tokens(100, seed=22)
+    stats = {}
+    expected, got = reference_and_roundtrip(tiny_paths["llama-hd128"], tokens, SCATTERED, force_gather=True,
+                                            stats=stats, scratch_bytes=1, n_ctx=256, kv_type="f16",
+                                            kv_type_v="q8_0", flash_attn="on", n_batch=64, n_ubatch=64)
+    assert np.array_equal(expected, got)
+    assert stats["offload"].type_k != stats["offload"].type_v
+    assert stats["offload"].n_gathers == len(SCATTERED)
+
+
 @pytest.mark.parametrize("kv_type,fa", [("f16", "off"), ("q8_0", "on")])
 def test_roundtrip_demo_model(demo_model_path, kv_type, fa):
     tokens = random_tokens(300, seed=4, vocab=40000)

@@ -248,8 +248,8 @@ std::vector<uint32_t> llama_kv_freeze::cells_of(llama_seq_id seq_id, const std::
     // many positions within a few cache sizes of each other (a controller's freeze or unfreeze batch): a dense
     // index over their range and one scan of the cells, instead of a tree lookup per position
     const auto [pmin, pmax] = std::minmax_element(pos.begin(), pos.end());
-    const size_t range = (size_t) (*pmax - *pmin) + 1;
-    if (pos.size()*16 >= c.size() && range <= 4*((size_t) c.size() + pos.size())) {
+    const int64_t range = (int64_t) *pmax - (int64_t) *pmin + 1;
+    if (pos.size()*16 >= c.size() && range <= 4*((int64_t) c.size() + (int64_t) pos.size())) {
         std::vector<int32_t> index(range, -1); // position - *pmin -> index into pos
         for (size_t k = 0; k < pos.size(); ++k) {
             int32_t & ix = index[pos[k] - *pmin];
@@ -477,10 +477,16 @@ static bool kvf_plan_rows(llama_kv_freeze_rows & plan, ggml_backend_t backend, c
 }
 
 // a pass's context and the ids of its rows for a group: [n, count]
+// per group: the ids view, the rows (gather: get_rows; scatter: the uploaded rows and the set_rows view), and
+// the alias view the graph also visits
+static size_t kvf_pass_graph_size(size_t n_groups) {
+    return 4*n_groups + 4;
+}
+
 static ggml_context * kvf_pass_ctx(llama_kv_freeze_rows & plan) {
     const size_t n_g = plan.groups.size();
     ggml_init_params ip = {
-        /*.mem_size   =*/ ggml_tensor_overhead()*(3*n_g + 1) + ggml_graph_overhead_custom(2*n_g + 2, false),
+        /*.mem_size   =*/ ggml_tensor_overhead()*(4*n_g + 1) + ggml_graph_overhead_custom(kvf_pass_graph_size(n_g), false),
         /*.mem_buffer =*/ nullptr,
         /*.no_alloc   =*/ true,
     };
@@ -549,7 +555,7 @@ bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const s
         const size_t n  = std::min(n_pass, n_rows - r0);
 
         ggml_context * ctx = kvf_pass_ctx(plan);
-        ggml_cgraph  * gf  = ggml_new_graph_custom(ctx, 2*plan.groups.size() + 2, false);
+        ggml_cgraph  * gf  = ggml_new_graph_custom(ctx, kvf_pass_graph_size(plan.groups.size()), false);
         std::vector<ggml_tensor *> outs;
         for (const auto & g : plan.groups) {
             ggml_tensor * out = ggml_get_rows(ctx, g.alias, kvf_pass_ids(plan, ctx, r0, n, g.count)); // [words, n, count]
@@ -618,7 +624,7 @@ bool llama_kv_freeze::scatter(const std::vector<ggml_tensor *> & tensors, const 
         const size_t n = std::min(n_pass, n_rows - r0);
 
         ggml_context * ctx = kvf_pass_ctx(plan);
-        ggml_cgraph  * gf  = ggml_new_graph_custom(ctx, 2*plan.groups.size() + 2, false);
+        ggml_cgraph  * gf  = ggml_new_graph_custom(ctx, kvf_pass_graph_size(plan.groups.size()), false);
         for (const auto & g : plan.groups) {
             const size_t rb = tensors[g.first]->nb[1];
             ggml_tensor * in = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, (int64_t) (rb/4), (int64_t) n, (int64_t) g.count);

@@ -254,6 +254,15 @@ void llama_kv_host_store::checksums(const llama_kv_host_slot * slot, size_t n, u
 //
 
 llama_kv_thread_pool::llama_kv_thread_pool(size_t n_workers) {
+    try {
+        start(n_workers);
+    } catch (...) {
+        shutdown();
+        throw;
+    }
+}
+
+void llama_kv_thread_pool::start(size_t n_workers) {
     for (size_t w = 0; w < n_workers; ++w) {
         workers.emplace_back([this]() {
             uint64_t seen = 0;
@@ -278,14 +287,21 @@ llama_kv_thread_pool::llama_kv_thread_pool(size_t n_workers) {
 }
 
 llama_kv_thread_pool::~llama_kv_thread_pool() {
+    shutdown();
+}
+
+void llama_kv_thread_pool::shutdown() {
     {
         std::lock_guard<std::mutex> lock(mtx);
         stop = true;
     }
     cv_start.notify_all();
     for (auto & w : workers) {
-        w.join();
+        if (w.joinable()) {
+            w.join();
+        }
     }
+    workers.clear();
 }
 
 void llama_kv_thread_pool::drain() {
@@ -298,7 +314,16 @@ void llama_kv_thread_pool::drain() {
             }
             item = next_item++;
         }
-        (*job)(item);
+        try {
+            (*job)(item);
+        } catch (...) {
+            // the first failure is rethrown by run() once every thread has left the job; the rest is skipped
+            std::lock_guard<std::mutex> lock(mtx);
+            if (!error) {
+                error = std::current_exception();
+            }
+            next_item = n_items;
+        }
     }
 }
 
@@ -315,6 +340,7 @@ void llama_kv_thread_pool::run(size_t n, const std::function<void(size_t)> & fn)
         n_items    = n;
         next_item  = 0;
         n_finished = 0;
+        error      = nullptr;
         generation++;
     }
     cv_start.notify_all();
@@ -324,6 +350,9 @@ void llama_kv_thread_pool::run(size_t n, const std::function<void(size_t)> & fn)
     std::unique_lock<std::mutex> lock(mtx);
     cv_done.wait(lock, [&]() { return n_finished == workers.size(); });
     job = nullptr;
+    if (error) {
+        std::rethrow_exception(error);
+    }
 }
 
 size_t llama_kv_host_store::bytes_allocated() const {

@@ -5,6 +5,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -30,6 +31,8 @@ public:
     size_t n_threads() const { return workers.size() + 1; }
 
 private:
+    void start(size_t n_workers);
+    void shutdown();
     void drain();
 
     std::vector<std::thread> workers;
@@ -44,6 +47,8 @@ private:
     size_t   n_finished = 0; // workers done with the current generation
     uint64_t generation = 0;
     bool     stop       = false;
+
+    std::exception_ptr error; // the first exception of the current job
 };
 
 // host memory for offloaded K/V rows

@@ -41,14 +41,16 @@ class ContextOptions:
     n_batch: int = 512
     n_ubatch: int = 512
     kv_type: str = "f16"         # K and V cache type
+    kv_type_v: Optional[str] = None  # V cache type when it differs from K's (llama.cpp allows it; quantized V needs FA)
     flash_attn: str = "auto"
     n_threads: Optional[int] = None
     n_gpu_layers: int = 0
     n_seq_max: int = 1
 
     def __post_init__(self):
-        if self.kv_type not in KV_TYPES:
-            raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {self.kv_type!r}")
+        for t in (self.kv_type, self.kv_type_v or self.kv_type):
+            if t not in KV_TYPES:
+                raise ValueError(f"kv_type must be one of {sorted(KV_TYPES)}, got {t!r}")
         if self.flash_attn not in FLASH_ATTN:
             raise ValueError(f"flash_attn must be one of {sorted(FLASH_ATTN)}, got {self.flash_attn!r}")
         if self.n_ctx < 1 or self.n_batch < 1 or self.n_ubatch < 1:
@@ -75,7 +77,7 @@ class LlamaSession:
         cparams.n_ubatch = options.n_ubatch
         cparams.n_seq_max = options.n_seq_max
         cparams.type_k = KV_TYPES[options.kv_type]
-        cparams.type_v = KV_TYPES[options.kv_type]
+        cparams.type_v = KV_TYPES[options.kv_type_v or options.kv_type]
         cparams.flash_attn_type = FLASH_ATTN[options.flash_attn]
         cparams.swa_full = False  # window layers keep only their window; the managed cache is the full one
         cparams.kv_unified = True
