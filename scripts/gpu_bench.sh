@@ -8,7 +8,8 @@
 #   .device/llama.cpp : the unpatched llama.cpp of llama-cpp-python 0.3.36, trimmed to the CPU and CUDA backends
 #   .device/whl       : wheels the GPU image lacks (cffi, pycparser, gguf, diskcache, llama-cpp-python built pure)
 # Everything it builds or writes stays under $ASRKF_GPU_WORK (default build/gpu, ignored by git); results go to $OUT
-# (default $ASRKF_GPU_WORK/out).
+# (default $ASRKF_GPU_WORK/out). ASRKF_GPU_STOCK=0 skips the stock libllama (the decode comparison then runs
+# without it), for a quicker build when only the other sections are wanted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -45,7 +46,8 @@ build_stock() {
 
 if [[ " $phases " == *" build "* ]]; then
     t0=$(date +%s)
-    build_stock & stock_pid=$!
+    stock_pid=
+    if [ "${ASRKF_GPU_STOCK:-1}" != 0 ]; then build_stock & stock_pid=$!; fi
     rm -rf "$work/asrkf"
     CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90} $cmake_args" \
     CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
@@ -53,11 +55,13 @@ if [[ " $phases " == *" build "* ]]; then
         python3 -m pip install -q --no-build-isolation --no-deps --target "$work/asrkf" . > "$OUT/build.log" 2>&1 \
         || { tail -40 "$OUT/build.log"; exit 1; }
     echo "patched CUDA build: $(( $(date +%s) - t0 )) s"
-    wait $stock_pid || { tail -20 "$OUT/stock-build.log"; exit 1; }
-    rm -rf "$stock" && mkdir -p "$stock"
-    cp -P "$work"/stock-build/bin/libllama.so* "$stock/"
-    for f in "$lib"/libggml*; do ln -s "$f" "$stock/"; done
-    echo "stock libllama: $(( $(date +%s) - t0 )) s"
+    if [ -n "$stock_pid" ]; then
+        wait $stock_pid || { tail -20 "$OUT/stock-build.log"; exit 1; }
+        rm -rf "$stock" && mkdir -p "$stock"
+        cp -P "$work"/stock-build/bin/libllama.so* "$stock/"
+        for f in "$lib"/libggml*; do ln -s "$f" "$stock/"; done
+        echo "stock libllama: $(( $(date +%s) - t0 )) s"
+    fi
     # exported C++ symbols of the CUDA backend: 0 expected with the version script
     echo "libggml-cuda exports $(nm -D --defined-only "$lib"/libggml-cuda.so* | grep -c ' _Z' || true) C++ symbols"
 fi
@@ -77,7 +81,8 @@ if [[ " $phases " == *" bench "* ]]; then
         echo "benchmark model: $(( $(date +%s) - t0 )) s"
     fi
     nproc; lscpu | grep -m1 "Model name" || true
-    python3 scripts/gpu_bench.py --model "$model" --stock-lib "$stock" --json "$OUT/gpu_bench.json" ${GPU_BENCH_ARGS:-} \
+    stock_arg=(); [ -d "$stock" ] && stock_arg=(--stock-lib "$stock")
+    python3 scripts/gpu_bench.py --model "$model" ${stock_arg[@]+"${stock_arg[@]}"} --json "$OUT/gpu_bench.json" ${GPU_BENCH_ARGS:-} \
         2>&1 | tee "$OUT/bench.log"
     # the final tables (docs/gpu.md shows them for the H200)
     python3 scripts/gpu_report.py "$OUT/gpu_bench.json" | tee "$OUT/report.md"

@@ -501,6 +501,40 @@ static ggml_tensor * kvf_pass_ids(llama_kv_freeze_rows & plan, ggml_context * ct
     return idx;
 }
 
+// events recorded after queued copies, so that the host can work on what landed while the rest still copies;
+// on the way out the backend is synchronized first (nothing may still write into memory the caller frees)
+struct kvf_events {
+    ggml_backend_t                    backend = nullptr;
+    std::vector<ggml_backend_event_t> ev; // nullptr where the device has no events: wait for everything there
+
+    explicit kvf_events(ggml_backend_t backend) : backend(backend) {}
+
+    void record() {
+        ggml_backend_event_t e = ggml_backend_event_new(ggml_backend_get_device(backend));
+        if (e) {
+            ggml_backend_event_record(e, backend);
+        }
+        ev.push_back(e);
+    }
+
+    void wait(size_t i) const {
+        if (ev[i]) {
+            ggml_backend_event_synchronize(ev[i]);
+        } else {
+            ggml_backend_synchronize(backend);
+        }
+    }
+
+    ~kvf_events() {
+        ggml_backend_synchronize(backend);
+        for (auto * e : ev) {
+            if (e) {
+                ggml_backend_event_free(e);
+            }
+        }
+    }
+};
+
 bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows,
         const std::vector<uint8_t *> & dst, const std::function<void(size_t, size_t)> & landed) {
     if (tensors.empty() || rows.empty()) {
@@ -521,33 +555,9 @@ bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const s
     }
     uint8_t * scratch_base = (uint8_t *) ggml_backend_buffer_get_base(plan.scratch.get());
 
-    // every pass is queued ahead of the hashing of the one before; events say when a pass's rows are on the
-    // host, so that the caller hashes them while the device copies the next pass
-    ggml_backend_event_t landed_ev[2] = { nullptr, nullptr };
-    if (landed) {
-        for (auto & ev : landed_ev) {
-            ev = ggml_backend_event_new(ggml_backend_get_device(backend));
-        }
-    }
-    struct ev_guard {
-        ggml_backend_t backend;
-        ggml_backend_event_t * ev;
-        ~ev_guard() {
-            ggml_backend_synchronize(backend);
-            for (int i = 0; i < 2; ++i) {
-                if (ev[i]) {
-                    ggml_backend_event_free(ev[i]);
-                }
-            }
-        }
-    } guard { backend, landed_ev };
-    auto wait_pass = [&](size_t p) {
-        if (landed_ev[p % 2]) {
-            ggml_backend_event_synchronize(landed_ev[p % 2]);
-        } else {
-            ggml_backend_synchronize(backend);
-        }
-    };
+    // every pass is queued before any is hashed (the passes reuse one scratch in stream order), with an event
+    // after each: the caller hashes pass after pass while the device copies the rest
+    kvf_events landed_ev(backend);
 
     const size_t n_passes = (n_rows + n_pass - 1)/n_pass;
     for (size_t p = 0; p < n_passes; ++p) {
@@ -576,19 +586,14 @@ bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const s
             }
         }
         if (landed) {
-            if (landed_ev[p % 2]) {
-                ggml_backend_event_record(landed_ev[p % 2], backend);
-            }
-            if (p > 0) {
-                wait_pass(p - 1);
-                landed((p - 1)*n_pass, n_pass);
-            }
+            landed_ev.record();
         }
     }
-    ggml_backend_synchronize(backend);
-    if (landed) {
-        landed((n_passes - 1)*n_pass, n_rows - (n_passes - 1)*n_pass);
+    for (size_t p = 0; landed && p < n_passes; ++p) {
+        landed_ev.wait(p);
+        landed(p*n_pass, std::min(n_pass, n_rows - p*n_pass));
     }
+    ggml_backend_synchronize(backend);
 
     return true;
 }
@@ -853,7 +858,9 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
         return std::find(gather_what.begin(), gather_what.end(), std::make_pair(il, is_v)) != gather_what.end();
     };
 
-    // per-run copies are queued a layer ahead of the hashing: an event per layer says when it landed
+    // per-run copies of every layer are queued first, with an event after each group of layers of at least
+    // 16 MiB of rows (smaller units cost more in waking the hashing threads); then the host hashes group after
+    // group while the device copies the rest
     ggml_backend_t ev_backend = gather_t.empty() && sums && !kv->v_trans ? backend_for(layer_k[0]) : nullptr;
     for (uint32_t il = 0; ev_backend && il < n_layer; ++il) {
         for (const ggml_tensor * t : { layer_k[il], layer_v[il] }) {
@@ -862,16 +869,12 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
             }
         }
     }
-    ggml_backend_event_t layer_ev[2] = { nullptr, nullptr };
+    std::unique_ptr<kvf_events> layer_ev;
+    std::vector<uint32_t>       layer_ev_end; // layers [0, end) have landed once event i fired
     if (ev_backend) {
-        for (auto & ev : layer_ev) {
-            ev = ggml_backend_event_new(ggml_backend_get_device(ev_backend));
-        }
+        layer_ev = std::make_unique<kvf_events>(ev_backend);
     }
-    struct ev_guard {
-        ggml_backend_event_t * ev;
-        ~ev_guard() { for (int i = 0; i < 2; ++i) { if (ev[i]) { ggml_backend_event_free(ev[i]); } } }
-    } guard { layer_ev };
+    uint32_t group_start = 0;
 
     for (uint32_t il = 0; il < n_layer; ++il) {
         ggml_tensor * k = layer_k[il];
@@ -915,14 +918,15 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
             }
         }
 
-        // layers are hashed in units of at least 16 MiB: smaller ones cost more in waking the threads
-        if (ev_backend && layer_ev[0] && layer_ev[1]) {
-            ggml_backend_event_record(layer_ev[il % 2], ev_backend);
-            if (il > 0 && (il - hashed_to)*(store.token_bytes()/n_layer)*cell.size() >= (16u << 20)) {
-                ggml_backend_event_synchronize(layer_ev[(il - 1) % 2]);
-                hash_layers(il);
-            }
+        if (layer_ev && (il + 1 == n_layer || (il + 1 - group_start)*(store.token_bytes()/n_layer)*cell.size() >= (16u << 20))) {
+            layer_ev->record();
+            layer_ev_end.push_back(il + 1);
+            group_start = il + 1;
         }
+    }
+    for (size_t g = 0; g < layer_ev_end.size(); ++g) {
+        layer_ev->wait(g);
+        hash_layers(layer_ev_end[g]);
     }
 
     finish_copies();
