@@ -193,6 +193,12 @@ void llama_kv_freeze_build_layer(llama_kv_freeze * kvf, ggml_context * ctx0, ggm
         inp->reduce_probs(ctx0);
         inp->probs = kq;
     }
+    // scheduled here, right after this layer's attention, and not where the output is expanded: each layer's
+    // q and probabilities are then freed before the next layer instead of all living to the end of the graph
+    ggml_build_forward_expand(gf, inp->probs);
+    if (inp->importance) {
+        ggml_build_forward_expand(gf, inp->importance);
+    }
     if (il == kvf->imp.layers.back()) {
         inp->reduce_probs(ctx0);
         ggml_set_name  (inp->importance, "kv_freeze_importance");
