@@ -368,7 +368,7 @@ bool llama_kv_freeze::can_gather(const ggml_tensor * t) const {
 
 // the one backend that runs the gather/scatter graph of these tensors, and how many rows go in one pass (the
 // device scratch is bounded to scratch_bytes); nullptr: copy per run of cells instead
-ggml_backend_t llama_kv_freeze::rows_backend(const std::vector<ggml_tensor *> & tensors, size_t & n_pass) {
+ggml_backend_t llama_kv_freeze::rows_backend(const std::vector<ggml_tensor *> & tensors, size_t n_rows, size_t & n_pass) {
     ggml_backend_t backend = backend_for(tensors[0]);
     if (!backend) {
         LLAMA_LOG_WARN("%s: no backend for the device of %s: copying per run of cells\n", __func__, tensors[0]->name);
@@ -383,7 +383,7 @@ ggml_backend_t llama_kv_freeze::rows_backend(const std::vector<ggml_tensor *> & 
         bytes_per_row += t->nb[1];
     }
     // few large passes: every pass costs device calls (the first is the only one nothing else overlaps)
-    n_pass = std::max<size_t>(1, scratch_bytes / bytes_per_row);
+    n_pass = std::min(n_rows, std::max<size_t>(1, scratch_bytes / bytes_per_row));
     return backend;
 }
 
@@ -541,13 +541,12 @@ bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const s
         return true;
     }
 
+    const size_t n_rows = rows.size();
     size_t n_pass = 0;
-    ggml_backend_t backend = rows_backend(tensors, n_pass);
+    ggml_backend_t backend = rows_backend(tensors, n_rows, n_pass);
     if (!backend) {
         return false;
     }
-    const size_t n_rows = rows.size();
-    n_pass = std::min(n_pass, n_rows);
 
     llama_kv_freeze_rows plan;
     if (!kvf_plan_rows(plan, backend, tensors, rows, n_pass, GGML_TYPE_I32)) {
@@ -609,13 +608,12 @@ bool llama_kv_freeze::scatter(const std::vector<ggml_tensor *> & tensors, const 
         return true;
     }
 
+    const size_t n_rows = rows.size();
     size_t n_pass = 0;
-    ggml_backend_t backend = rows_backend(tensors, n_pass);
+    ggml_backend_t backend = rows_backend(tensors, n_rows, n_pass);
     if (!backend) {
         return false;
     }
-    const size_t n_rows = rows.size();
-    n_pass = std::min(n_pass, n_rows);
 
     scatter_rows = std::make_unique<llama_kv_freeze_rows>();
     auto & plan = *scatter_rows;

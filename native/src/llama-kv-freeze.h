@@ -161,7 +161,7 @@ private:
 
     // rows (global row ids) of each tensor into dst[i] (n rows back to back): one get_rows per tensor on the
     // device holding it, one copy back per tensor; false when the tensors' rows cannot be gathered that way
-    ggml_backend_t rows_backend(const std::vector<ggml_tensor *> & tensors, size_t & n_pass);
+    ggml_backend_t rows_backend(const std::vector<ggml_tensor *> & tensors, size_t n_rows, size_t & n_pass);
     // landed(r0, n): rows r0..r0+n-1 of every tensor are on the host (called in order, while later rows copy)
     bool gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<uint8_t *> & dst,
                 const std::function<void(size_t, size_t)> & landed);

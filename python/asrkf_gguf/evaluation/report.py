@@ -55,46 +55,48 @@ def _tasks(records: Sequence[dict]) -> List[str]:
 # ---- tables
 
 
-def accuracy_tables(records: Sequence[dict]) -> str:
-    """One table per task and context: passed/total per setting (rows) and budget (columns)."""
-    out = []
+def _chat_groups(records: Sequence[dict]):
+    """(task, ctx, records) of every chat task and context, in report order."""
     chat = [r for r in records if r["task"] != "kl"]
     for task in _tasks(chat):
         for ctx in sorted({r["ctx"] for r in chat if r["task"] == task}):
-            rs = [r for r in chat if r["task"] == task and r["ctx"] == ctx]
-            budgets = _budget_columns(rs)
-            depths = sorted({r["depth"] for r in rs if r["depth"] is not None})
-            out.append(f"**{task}, {ctx} tokens** (depths {', '.join(f'{d:g}' for d in depths)})\n")
-            out.append("| policy | " + " | ".join(["full cache"] + [f"budget {_pct(b)}" for b in budgets]) + " |")
-            out.append("|---" * (len(budgets) + 2) + "|")
-            for s in _settings(rs):
-                cells = []
-                for col, b in [(False, 1.0)] + [(True, b) for b in budgets]:
-                    sel = [r for r in rs if r["setting"] == s and r["budget"] == b]
-                    ok = sel and SETTINGS[s].budgeted == col  # full caches in the first column only
-                    cells.append(f"{sum(r['passed'] for r in sel)}/{len(sel)}" if ok else "")
-                out.append(f"| {s} | " + " | ".join(cells) + " |")
-            out.append("")
+            yield task, ctx, [r for r in chat if r["task"] == task and r["ctx"] == ctx]
+
+
+def accuracy_tables(records: Sequence[dict]) -> str:
+    """One table per task and context: passed/total per setting (rows) and budget (columns)."""
+    out = []
+    for task, ctx, rs in _chat_groups(records):
+        budgets = _budget_columns(rs)
+        depths = sorted({r["depth"] for r in rs if r["depth"] is not None})
+        out.append(f"**{task}, {ctx} tokens** (depths {', '.join(f'{d:g}' for d in depths)})\n")
+        out.append("| policy | " + " | ".join(["full cache"] + [f"budget {_pct(b)}" for b in budgets]) + " |")
+        out.append("|---" * (len(budgets) + 2) + "|")
+        for s in _settings(rs):
+            cells = []
+            for col, b in [(False, 1.0)] + [(True, b) for b in budgets]:
+                sel = [r for r in rs if r["setting"] == s and r["budget"] == b]
+                ok = sel and SETTINGS[s].budgeted == col  # full caches in the first column only
+                cells.append(f"{sum(r['passed'] for r in sel)}/{len(sel)}" if ok else "")
+            out.append(f"| {s} | " + " | ".join(cells) + " |")
+        out.append("")
     return "\n".join(out)
 
 
 def depth_tables(records: Sequence[dict]) -> str:
     """Per case: pass (+) or fail (-) for every setting and budget, one column per depth."""
     out = []
-    chat = [r for r in records if r["task"] != "kl"]
-    for task in _tasks(chat):
-        for ctx in sorted({r["ctx"] for r in chat if r["task"] == task}):
-            rs = [r for r in chat if r["task"] == task and r["ctx"] == ctx]
-            depths = sorted({r["depth"] for r in rs})
-            out.append(f"**{task}, {ctx} tokens**\n")
-            out.append("| policy | budget | " + " | ".join(f"depth {d:g}" for d in depths) + " |")
-            out.append("|---|---|" + "---|" * len(depths))
-            for s in _settings(rs):
-                for b in sorted({r["budget"] for r in rs if r["setting"] == s}, reverse=True):
-                    got = {r["depth"]: r["passed"] for r in rs if r["setting"] == s and r["budget"] == b}
-                    cells = ["" if d not in got else ("+" if got[d] else "-") for d in depths]
-                    out.append(f"| {s} | {_pct(b) if SETTINGS[s].budgeted else '-'} | " + " | ".join(cells) + " |")
-            out.append("")
+    for task, ctx, rs in _chat_groups(records):
+        depths = sorted({r["depth"] for r in rs})
+        out.append(f"**{task}, {ctx} tokens**\n")
+        out.append("| policy | budget | " + " | ".join(f"depth {d:g}" for d in depths) + " |")
+        out.append("|---|---|" + "---|" * len(depths))
+        for s in _settings(rs):
+            for b in sorted({r["budget"] for r in rs if r["setting"] == s}, reverse=True):
+                got = {r["depth"]: r["passed"] for r in rs if r["setting"] == s and r["budget"] == b}
+                cells = ["" if d not in got else ("+" if got[d] else "-") for d in depths]
+                out.append(f"| {s} | {_pct(b) if SETTINGS[s].budgeted else '-'} | " + " | ".join(cells) + " |")
+        out.append("")
     return "\n".join(out)
 
 
