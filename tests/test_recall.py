@@ -59,3 +59,46 @@ def test_recall_gives_the_device_cells_to_the_best_scored_tokens(tiny_path):
         assert n_back == ctl.stats.thaws > 0
         res = generate(s, ctl, [7], 8, check_every_step=True)  # and generation goes on
         assert len(res.tokens) == 8
+
+
+def test_recall_mass_counts_the_heads_attention_to_tokens_that_stay(tiny_path):
+    # sinks and the recent window are keys of the softmax too: the mass left for the movable tokens is what the
+    # heads really give them (less than a softmax over the movable tokens alone), and every head's row sums to 1
+    tokens = random_tokens(120, seed=53)
+    with session(tiny_path, n_ctx=256, flash_attn="on", n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        kv.set_importance(True, n_q=4, export_q=True)
+        s.decode(tokens, 0)
+        movable, fixed = np.arange(4, 88), np.concatenate([np.arange(4), np.arange(88, 120)])
+        alone = recall_mass(kv, movable, kv.layers())
+        shared = recall_mass(kv, movable, kv.layers(), others=fixed)
+        rest = recall_mass(kv, fixed, kv.layers(), others=movable)
+        info = kv.info()
+    assert np.all(shared < alone)
+    n_rows = 4 * info.n_head * info.n_layer
+    assert shared.sum() + rest.sum() == pytest.approx(n_rows, rel=1e-4)
+    assert alone.sum() == pytest.approx(n_rows, rel=1e-4)
+
+
+def test_recall_decodes_the_question_again_with_what_it_brought_back(tiny_path):
+    # the question's keys were computed while the recalled tokens were on the host: after recall, the last
+    # recall_redecode positions are decoded again (their keys in an upper layer change), the ones before are not
+    prompt = random_tokens(400, seed=54)
+    with session(tiny_path, n_ctx=256, flash_attn="on", n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        ctl = Controller(kv, make_policy("asrkf", recent=32), ControllerConfig(budget_cells=160, recall_redecode=12))
+        layer = int(kv.layers()[-1])
+        n = len(prompt)
+        seen = {}
+        recall = ctl.recall
+
+        def spy():
+            seen["before"] = kv.k_rows(layer, np.arange(n - 16, n))
+            return recall()
+
+        ctl.recall = spy
+        generate(s, ctl, prompt, 0, recall=True)
+        assert ctl.stats.thaws > 0
+        after = kv.k_rows(layer, np.arange(n - 16, n))
+        ctl.table.check(kv)
+    assert np.array_equal(after[:4], seen["before"][:4])
+    changed = [not np.array_equal(a, b) for a, b in zip(after[4:], seen["before"][4:])]
+    assert all(changed)

@@ -29,8 +29,12 @@ class ControllerConfig:
     wr_window: int = 32             # WR unfreezes what was frozen in the last wr_window steps
     rr_tokens: int = 4              # RR regenerates this many tokens (the generator does it)
     # recall ranks a token by the best mass within +-recall_pool positions (SnapKV's pooling): the question
-    # attends to the start of a number or name, not to each of its tokens, and a half-recalled number reads wrong
-    recall_pool: int = 3
+    # attends to the start of a number or name, not to each of its tokens, and a half-recalled number reads wrong.
+    # 8 measured better than 3 on ordinary text (docs/evaluation.md): a fact is a phrase, not a token
+    recall_pool: int = 8
+    # after recall, the prompt's last recall_redecode tokens (the question) are decoded again, so that their keys
+    # and values are computed with what recall brought back: computed before, they saw a cache without it
+    recall_redecode: int = 32
     # entropy recovery SR/WR/FR/RR on spikes; False keeps watching the entropy (stats, traces) but never acts,
     # which is the "asrkf without recovery" ablation
     recovery: bool = True
@@ -46,9 +50,9 @@ class ControllerConfig:
 
     def __post_init__(self):
         if self.budget_cells < 1 or not 0 < self.ema <= 1 or self.n_q < 1 or self.wr_window < 1 or self.rr_tokens < 0 \
-                or self.recall_pool < 0 or self.offload_batch < 0 or self.score_every < 1 or self.importance_every < 1:
+                or self.recall_pool < 0 or self.recall_redecode < 1 or self.offload_batch < 0 or self.score_every < 1 or self.importance_every < 1:
             raise ValueError("ControllerConfig: budget_cells >= 1, 0 < ema <= 1, n_q >= 1, wr_window >= 1, "
-                             "rr_tokens >= 0, recall_pool >= 0, offload_batch >= 0, score_every >= 1, "
+                             "rr_tokens >= 0, recall_pool >= 0, recall_redecode >= 1, offload_batch >= 0, score_every >= 1, "
                              "importance_every >= 1 are required")
         if self.importance_layers is not None and self.importance_every != 1:
             raise ValueError("ControllerConfig: give importance_layers or importance_every, not both")
@@ -221,7 +225,8 @@ class Controller:
         off = t.positions(CellState.OFFLOADED)
         if movable.size == 0 or off.size == 0:
             return 0
-        mass = recall_mass(self.kv, movable, self.layers, self.seq_id).astype(np.float32)
+        fixed = np.setdiff1d(np.concatenate([t.positions(CellState.ACTIVE), t.positions(CellState.FROZEN)]), movable)
+        mass = recall_mass(self.kv, movable, self.layers, self.seq_id, others=fixed).astype(np.float32)
         mass = pooled_max(movable, mass, self.config.recall_pool, t.n)
         t.score[movable] = mass / self._n_queries  # the new question's view replaces the running score, per query
         n_resident = int(np.count_nonzero(t.state[movable] != CellState.OFFLOADED))

@@ -95,13 +95,16 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
         if check_every_step:
             controller.table.check(controller.kv, controller.seq_id)
     if recall and controller.recall() > 0:
-        # the first token must see what the question brought back: decode the prompt's last token again
-        pos -= 1
+        # the question must see what it brought back: its keys and values were computed while the answer was on
+        # the host, so decode the prompt's last tokens again. They and the token before them are in the recent
+        # window (never moved): llama.cpp continues a sequence only right after its last resident position
+        n_again = min(len(prompt), controller.config.recall_redecode, max(1, controller.policy.recent - 1))
+        pos -= n_again
         session.seq_rm(pos, -1)
         controller.table.truncate(pos)
-        logits = session.decode([prompt[-1]], pos)
-        pos += 1
-        controller.on_decoded(1, None)
+        logits = session.decode(list(prompt[-n_again:]), pos)
+        pos += n_again
+        controller.on_decoded(n_again, None)
         if check_every_step:
             controller.table.check(controller.kv, controller.seq_id)
     res = GenerationResult(tokens=[], logits=[], n_prompt=len(prompt))

@@ -53,17 +53,23 @@ def attention_mass(q: np.ndarray, k: np.ndarray, scale: float, q_pos: np.ndarray
     return p.sum(axis=(0, 1, 2))
 
 
-def recall_mass(kv, positions: np.ndarray, layers, seq_id: int = 0) -> np.ndarray:
+def recall_mass(kv, positions: np.ndarray, layers, seq_id: int = 0, others: np.ndarray = None) -> np.ndarray:
     """Attention mass the latest decode's last queries (the newest positions of the sequence) give each of
-    `positions`, resident or offloaded."""
+    `positions`, resident or offloaded.
+
+    `others`: positions that stay where they are whatever recall decides (sinks, the recent window). They are keys
+    of the softmax too, so that each head's mass on `positions` is what it really gives them: a head that looks at
+    the sinks or at the question itself gives the document little, and without those keys in the denominator its
+    near-uniform leftovers would count as much as a retrieval head's peak."""
     info = kv.info()
     d = info.n_embd_head_k
     newest = int(kv.cells(seq_id)[0].max())
     positions = np.asarray(positions)
-    mass = np.zeros(len(positions), np.float64)
+    keys = positions if others is None or not len(others) else np.concatenate([positions, np.asarray(others)])
+    mass = np.zeros(len(keys), np.float64)
     for il in layers:
         q, scale = kv.query(il)
         q_pos = np.arange(newest - q.shape[0] + 1, newest + 1)
-        k = dequantize_rows(kv.k_rows(il, positions, seq_id), info.type_k, info.n_head_kv * d)
-        mass += attention_mass(q, k.reshape(len(positions), info.n_head_kv, d), scale, q_pos, positions)
-    return mass
+        k = dequantize_rows(kv.k_rows(il, keys, seq_id), info.type_k, info.n_head_kv * d)
+        mass += attention_mass(q, k.reshape(len(keys), info.n_head_kv, d), scale, q_pos, keys)
+    return mass[: len(positions)]

@@ -10,6 +10,10 @@ document, at a sentence boundary.
   niah-mt     the same, multi-turn
   multikey    four magic numbers for four different words in prose; one is asked
   vartrack    RULER-style variable tracking: a chain VAR A = n, VAR B = VAR A, ... in repeat noise; name them all
+  needle-code / needle-docs / needle-prose (and -mt): a needle that looks like the text around it (a number of
+              3-8 digits, an alphanumeric code, a person's name or a three-word phrase, said once) in ordinary text:
+              Python's standard library source, Python's own reference documentation (pydoc_data), essays; the
+              question in the same message (single-turn) or in a later turn (-mt)
   kl          a long prose prompt and its real continuation, decoded token by token (teacher forcing): KL and
               top-1 agreement of each next-token distribution against the full cache's
 """
@@ -210,6 +214,102 @@ def kl(ctx: int, seed: int, count: Count, essays: Sequence[str], n_continuation:
     return Case("kl", ctx=ctx, depth=None, seed=seed, text=text, n_continuation=n_continuation)
 
 
+# ---- natural text: needles that look like the text around them
+
+
+def _cut_to_tokens(text: str, n_tokens: int, count: Count, sep: str) -> str:
+    """text cut at a `sep` boundary to about n_tokens."""
+    cut = len(text)
+    for _ in range(4):  # refine the character cut from the measured characters per token
+        n = count(text[:cut])
+        if abs(n - n_tokens) <= max(8, n_tokens // 200):
+            break
+        cut = int(cut * n_tokens / n)
+    end = text.rfind(sep, 0, cut)
+    return text[: end + len(sep) if end > 0 else cut]
+
+
+def _stdlib_sources() -> List[str]:
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return [p.read_text(encoding="utf-8", errors="replace") for p in sorted(root.glob("*.py"))
+            if p.stat().st_size > 2000]
+
+
+def _reference_docs() -> List[str]:
+    from pydoc_data.topics import topics  # the Python language reference, as pydoc shows it
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def natural_haystack(kind: str, n_tokens: int, count: Count, essays: Sequence[str], rng: np.random.Generator) -> str:
+    if kind == "prose":
+        return prose_haystack(n_tokens, count, essays, rng)
+    docs = _stdlib_sources() if kind == "code" else _reference_docs()
+    start = int(rng.integers(len(docs)))
+    text, i = "", start
+    while len(text) < 6 * n_tokens:
+        text += docs[i % len(docs)].strip() + "\n\n"
+        i += 1
+    return _cut_to_tokens(text, n_tokens, count, "\n")
+
+
+FIRST_NAMES = ("Yuki", "Amara", "Tomasz", "Ingrid", "Kwame", "Lucia", "Ravi", "Elena", "Mateo", "Sigrid", "Oluwaseun",
+               "Hana", "Dmitri", "Priya", "Joaquin", "Aoife", "Farid", "Marisol", "Bjorn", "Leilani")
+LAST_NAMES = ("Amberley", "Okonkwo", "Lindqvist", "Haraldsen", "Castellanos", "Nakamura", "Brzezinski", "Adeyemi",
+              "Vasquez", "Thorsdottir", "Kowalczyk", "Mbeki", "Fairweather", "Ravensworth", "Delacroix", "Oyelaran")
+PHRASE_WORDS = ("silver", "harbor", "dawn", "copper", "whisper", "lantern", "violet", "thunder", "quiet", "orchard",
+                "marble", "falcon", "winter", "saffron", "echo", "granite", "velvet", "meadow", "crimson", "tide")
+NEEDLE_KINDS = ("number", "code", "name", "phrase")
+
+
+def natural_needle(rng: np.random.Generator) -> Tuple[str, str, str]:
+    """(statement, question, answer): one fact said once, in the words of the text around it."""
+    kind = NEEDLE_KINDS[int(rng.integers(len(NEEDLE_KINDS)))]
+    word = WORDS[int(rng.integers(len(WORDS)))]
+    if kind == "number":
+        digits = int(rng.integers(3, 9))
+        value = str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
+        return (f"The access number of the {word} account is {value}.",
+                f"What is the access number of the {word} account? Answer with the number only.", value)
+    if kind == "code":
+        chars = np.array(list("ABCDEFGHJKLMNPQRSTUVWXYZ23456789"))
+        value = "".join(rng.choice(chars, 3)) + "-" + "".join(rng.choice(chars, 4))
+        return (f"The serial code of the {word} device is {value}.",
+                f"What is the serial code of the {word} device? Answer with the code only.", value)
+    if kind == "name":
+        value = f"{FIRST_NAMES[int(rng.integers(len(FIRST_NAMES)))]} {LAST_NAMES[int(rng.integers(len(LAST_NAMES)))]}"
+        return (f"The {word} project is led by {value}.",
+                f"Who leads the {word} project? Answer with the full name only.", value)
+    value = " ".join(PHRASE_WORDS[i] for i in rng.choice(len(PHRASE_WORDS), 3, replace=False))
+    return (f"The password of the {word} room is \"{value}\".",
+            f"What is the password of the {word} room? Answer with the password only.", value)
+
+
+def insert_line(text: str, depth: float, line: str) -> str:
+    """Insert a line at the line boundary nearest to depth * len(text)."""
+    at = int(depth * len(text))
+    before, after = text.rfind("\n", 0, at), text.find("\n", at)
+    cands = [p + 1 for p in (before, after) if p >= 0]
+    pos = min(cands, key=lambda p: abs(p - at)) if cands else at
+    return text[:pos] + line + "\n" + text[pos:]
+
+
+def natural(kind: str, ctx: int, depth: float, seed: int, count: Count, essays: Sequence[str], multi_turn: bool,
+            **_) -> Case:
+    task = f"needle-{kind}"
+    rng = _rng(task, ctx, depth, seed)  # the same document single- and multi-turn
+    statement, question, answer = natural_needle(rng)
+    unrelated = PROSE_UNRELATED
+    n = _doc_tokens(ctx, count, [question, unrelated], [16, 32])
+    doc = natural_haystack(kind, n - 32, count, essays, rng)
+    doc = insert_line(doc, depth, f"# {statement}") if kind == "code" else insert_at(doc, depth, statement)
+    return _chat(task + ("-mt" if multi_turn else ""), doc, question, [answer], multi_turn, unrelated, 32,
+                 ctx=ctx, depth=depth, seed=seed)
+
+
 TASKS = {
     "passkey": lambda **kw: passkey(multi_turn=False, **kw),
     "passkey-mt": lambda **kw: passkey(multi_turn=True, **kw),
@@ -218,9 +318,11 @@ TASKS = {
     "multikey": multikey,
     "vartrack": vartrack,
     "kl": kl,
+    **{f"needle-{k}{mt}": (lambda k=k, mt=mt: lambda **kw: natural(k, multi_turn=bool(mt), **kw))()
+       for k in ("code", "docs", "prose") for mt in ("", "-mt")},
 }
-MULTI_TURN = {"passkey-mt", "niah-mt"}
-NEEDS_ESSAYS = {"niah", "niah-mt", "multikey", "kl"}
+MULTI_TURN = {"passkey-mt", "niah-mt", "needle-code-mt", "needle-docs-mt", "needle-prose-mt"}
+NEEDS_ESSAYS = {"niah", "niah-mt", "multikey", "kl", "needle-prose", "needle-prose-mt"}
 DEPTHLESS = {"kl"}
 
 
