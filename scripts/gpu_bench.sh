@@ -2,7 +2,11 @@
 # One command for a CUDA machine with no network: build the project with CUDA, run the test suite on the GPU,
 # write the benchmark model and run every benchmark (scripts/gpu_bench.py), printing a table and writing JSON.
 #
-#   bash scripts/gpu_bench.sh [build] [test] [bench]      # no argument: all three, in this order
+#   bash scripts/gpu_bench.sh [build] [test] [bench] [user]  # no argument: build test bench user, in this order
+#
+# user: the user's path (scripts/gpu_user_path.py): `run --json` with the full cache and at a 25% budget on the
+# benchmark model written with a real vocabulary and chat template (.device/vocab-qwen2.json.gz, from
+# prepare_device_carry.sh), a 30k-token prompt, 3 interleaved rounds; GPU_USER_ARGS adds arguments.
 #
 # Needs, in $ASRKF_DEVICE_CARRY (default .device), from scripts/prepare_device_carry.sh (run where pip can download):
 #   .device/llama.cpp : the unpatched llama.cpp of llama-cpp-python 0.3.36, trimmed to the CPU and CUDA backends
@@ -17,7 +21,7 @@ work=${ASRKF_GPU_WORK:-$root/build/gpu}
 carry=${ASRKF_DEVICE_CARRY:-$root/.device}
 OUT=${OUT:-$work/out}
 mkdir -p "$work" "$OUT"
-phases=${*:-build test bench}
+phases=${*:-build test bench user}
 export PYTHONUNBUFFERED=1
 
 site=$work/site
@@ -86,4 +90,15 @@ if [[ " $phases " == *" bench "* ]]; then
         2>&1 | tee "$OUT/bench.log"
     # the final tables (docs/gpu.md shows them for the H200)
     python3 scripts/gpu_report.py "$OUT/gpu_bench.json" | tee "$OUT/report.md"
+fi
+
+if [[ " $phases " == *" user "* ]]; then
+    vmodel=$work/llama3-8b-shape-vocab-q4_k_m.gguf
+    if [ ! -f "$vmodel" ]; then
+        t0=$(date +%s)
+        python3 scripts/write_bench_model.py "$vmodel.tmp" --vocab "$carry/vocab-qwen2.json.gz" && mv "$vmodel.tmp" "$vmodel"
+        echo "benchmark model with a vocabulary: $(( $(date +%s) - t0 )) s"
+    fi
+    python3 scripts/gpu_user_path.py --model "$vmodel" --json "$OUT/gpu_user_path.json" ${GPU_USER_ARGS:-} \
+        2>&1 | tee "$OUT/user_path.log"
 fi

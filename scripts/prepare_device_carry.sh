@@ -22,4 +22,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .device/whl cffi pycparser gguf diskcache
 CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" python3 -m pip wheel -q --no-deps -w .device/whl "$sdist"
+# the tokenizer of Qwen2.5-Coder-0.5B (fetched by the project's own code): the benchmark model's vocabulary
+qwen=$(python3 -c "from asrkf_gguf.models import fetch_qwen_coder_model; print(fetch_qwen_coder_model(progress=False))")
+python3 scripts/extract_vocab.py "$qwen" .device/vocab-qwen2.json.gz
 du -sh .device

@@ -7,7 +7,9 @@ The blocks are random bytes with bounded scales, written straight in the quantiz
 would make of random f16 weights, without writing and reading 16 GB of f16 first (that costs minutes of GPU-
 machine time). Q4_K_M's mix, as llama.cpp's llama_tensor_get_type picks it: Q6_K for output.weight and for
 attn_v / ffn_down of the layers use_more_bits selects, Q4_K for every other matrix, f32 norms. The tokenizer is
-"no_vocab": token ids go straight in, nothing is ever detokenized.
+"no_vocab": token ids go straight in, nothing is ever detokenized. With --vocab FILE (scripts/extract_vocab.py
+of a real model) it takes that vocabulary, its merges, special ids and chat template instead, and n_vocab becomes
+its size: then `python -m asrkf_gguf run` and `Engine` run on it as on a real model (their text is noise).
 """
 
 from __future__ import annotations
@@ -83,7 +85,36 @@ def random_blocks(rng: np.random.Generator, ne0: int, ne1: int, kind: str) -> np
     return raw.reshape(ne1, -1)
 
 
-def write_bench_model(path: str, shape: BenchModelShape = BenchModelShape(), seed: int = 0) -> int:
+def load_vocab(path: str) -> dict:
+    import gzip
+    import json
+
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def add_vocab(w, vocab: dict) -> None:
+    """The tokenizer fields of scripts/extract_vocab.py's file, with their types."""
+    import gguf
+
+    for name, field in vocab.items():
+        if not name.startswith("tokenizer."):
+            continue
+        value = field["value"]
+        if "array" in field:
+            sub = None if field["array"] == "string" else gguf.GGUFValueType[field["array"]]
+            if sub is None:
+                value = [v.encode("utf-8", "surrogateescape") for v in value]
+            w.add_array(name, value) if sub is None else w.add_key_value(name, value, gguf.GGUFValueType.ARRAY,
+                                                                           sub_type=sub)
+        elif field["type"] == "string":
+            w.add_string(name, value)
+        else:
+            w.add_key_value(name, value, gguf.GGUFValueType[field["type"]])
+
+
+def write_bench_model(path: str, shape: BenchModelShape = BenchModelShape(), seed: int = 0,
+                      vocab: dict = None) -> int:
     """Writes the model; returns its size in bytes. Tensors are generated and written one at a time."""
     import gguf
 
@@ -102,7 +133,10 @@ def write_bench_model(path: str, shape: BenchModelShape = BenchModelShape(), see
     w.add_rope_freq_base(shape.rope_theta)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(shape.n_vocab)
-    w.add_tokenizer_model("no_vocab")
+    if vocab is None:
+        w.add_tokenizer_model("no_vocab")
+    else:
+        add_vocab(w, vocab)
     plan = tensor_plan(shape)
     for name, ne0, ne1, kind in plan:
         if kind == "f32":
@@ -129,10 +163,13 @@ def main() -> int:
     for field in ("n_layer", "n_embd", "n_head", "n_head_kv", "n_ff", "n_vocab"):
         ap.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(d, field))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab", help="tokenizer of a real model (scripts/extract_vocab.py); sets n_vocab")
     args = ap.parse_args()
+    vocab = load_vocab(args.vocab) if args.vocab else None
+    n_vocab = len(vocab["tokenizer.ggml.tokens"]["value"]) if vocab else args.n_vocab
     shape = BenchModelShape(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
-                            n_head_kv=args.n_head_kv, n_ff=args.n_ff, n_vocab=args.n_vocab)
-    nbytes = write_bench_model(args.out, shape, args.seed)
+                            n_head_kv=args.n_head_kv, n_ff=args.n_ff, n_vocab=n_vocab)
+    nbytes = write_bench_model(args.out, shape, args.seed, vocab)
     print(f"{args.out}: {nbytes / 2**30:.2f} GiB of tensor data, {shape}")
     return 0
 

@@ -31,8 +31,9 @@ def add_run_parser(sub) -> None:
     r.add_argument("--kv-type", choices=["f16", "q8_0", "q4_0"], default="f16")
     r.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
     r.add_argument("--n-gpu-layers", type=int, default=0)
-    r.add_argument("--importance-every", type=int, default=1,
-                   help="score every k-th attention layer (from the last); on a GPU, 4 keeps most of the decode speed")
+    r.add_argument("--importance-every", type=int, default=None,
+                   help="score every k-th attention layer (from the last); default: 4 when the KV cache is on a GPU "
+                        "(keeps most of the decode speed), else 1")
     r.add_argument("--score-every", type=int, default=1, help="score every k-th generated token")
     r.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
 
@@ -77,7 +78,9 @@ def run(args) -> int:
     try:
         engine = Engine(args.model, ctx=args.ctx, kv_budget=args.kv_budget, policy=args.policy,
                         kv_type=args.kv_type, flash_attn=args.flash_attn, n_gpu_layers=args.n_gpu_layers,
-                        controller_params={"importance_every": args.importance_every, "score_every": args.score_every},
+                        controller_params={"score_every": args.score_every,
+                                           **({} if args.importance_every is None
+                                              else {"importance_every": args.importance_every})},
                         verbose=False)
     except EngineError as err:
         raise UsageError(str(err)) from None

@@ -75,6 +75,12 @@ class ControllerStats:
     host_bytes_peak: int = 0
     steps: int = 0
     seconds: float = 0.0
+    # where the controller's time goes (docs/gpu.md breaks a prompt down with these): moves, the native fold of
+    # the importance output into the running scores, and recall's host scoring of every movable token
+    offload_seconds: float = 0.0
+    thaw_seconds: float = 0.0
+    fold_seconds: float = 0.0
+    recall_score_seconds: float = 0.0
 
 
 def pooled_max(pos: np.ndarray, value: np.ndarray, half: int, n: int) -> np.ndarray:
@@ -147,8 +153,10 @@ class Controller:
             # the native output sums over the last min(n_q, tokens decoded) queries (chunks fit one ubatch)
             self._n_queries = min(self.config.n_q, n_new)
             t = self.table
+            t1 = time.perf_counter()
             self.kv.importance_fold(t.score, t.mass, t.n, ema=self.config.ema, n_queries=self._n_queries,
                                     seq_id=self.seq_id)
+            self.stats.fold_seconds += time.perf_counter() - t1
         level = None
         if entropy is None and logits is not None:
             entropy = entropy_of(logits)
@@ -226,7 +234,9 @@ class Controller:
         if movable.size == 0 or off.size == 0:
             return 0
         fixed = np.setdiff1d(np.concatenate([t.positions(CellState.ACTIVE), t.positions(CellState.FROZEN)]), movable)
+        t1 = time.perf_counter()
         mass = recall_mass(self.kv, movable, self.layers, self.seq_id, others=fixed).astype(np.float32)
+        self.stats.recall_score_seconds += time.perf_counter() - t1
         mass = pooled_max(movable, mass, self.config.recall_pool, t.n)
         t.score[movable] = mass / self._n_queries  # the new question's view replaces the running score, per query
         n_resident = int(np.count_nonzero(t.state[movable] != CellState.OFFLOADED))
@@ -279,13 +289,17 @@ class Controller:
         """Offload `out`, then thaw `back` into the cells that freed: one batched native call each."""
         t = self.table
         if out.size:
+            t0 = time.perf_counter()
             self.kv.offload(out, self.seq_id)
             t.set_state(out, CellState.OFFLOADED)
             self.stats.offloads += int(out.size)
+            self.stats.offload_seconds += time.perf_counter() - t0
         if back.size:
+            t0 = time.perf_counter()
             self.kv.thaw(back, self.seq_id)
             t.set_state(back, CellState.ACTIVE)
             self.stats.thaws += int(back.size)
+            self.stats.thaw_seconds += time.perf_counter() - t0
 
     def _unfreeze(self, pos: np.ndarray) -> None:
         if pos.size:

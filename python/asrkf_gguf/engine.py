@@ -44,6 +44,18 @@ def budget_cells(spec: Union[int, float, str, None], ctx: int) -> int:
     return min(int(spec), ctx)
 
 
+def device_defaults(n_gpu_layers: int) -> dict:
+    """Controller settings by where the KV cache lives. On a GPU each scored layer is a second pass over its keys
+    next to a decode step that is short, and recall scores every scored layer on the host: every 4th layer keeps
+    most of the speed (docs/gpu.md: time to first token 9.8 -> 7.1 s, decode 1.03x -> 1.10x the full cache at 30k
+    tokens and 25%) and found the same needles on the CPU evaluation (docs/evaluation.md). On the CPU the scoring
+    is a small part of a step: every layer."""
+    import llama_cpp
+
+    on_gpu = n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
+    return {"importance_every": 4} if on_gpu else {}
+
+
 class Engine:
     def __init__(self, model_path: Optional[str] = None, *, ctx: Optional[int] = None,
                  kv_budget: Union[int, float, str, None] = None, policy: str = "asrkf", kv_type: str = "f16",
@@ -82,7 +94,8 @@ class Engine:
         try:
             self.kv = self._stack.enter_context(KVCache(ctx=self.session.context))
             self.controller = Controller(self.kv, self.policy, ControllerConfig(
-                budget_cells=min(budget, self.kv.info().n_cells), **(controller_params or {})))
+                budget_cells=min(budget, self.kv.info().n_cells),
+                **{**device_defaults(n_gpu_layers), **(controller_params or {})}))
         except Exception as err:
             self._stack.close()
             raise EngineError(str(err)) from None
@@ -96,6 +109,8 @@ class Engine:
         self.n_generated_tokens = 0
         self.prefill_seconds = 0.0
         self.decode_seconds = 0.0
+        self.last_prompt_phase_ms: dict = {}
+        self.last_decode_phase_ms: dict = {}
 
     # ---- lifetime
 
@@ -204,6 +219,8 @@ class Engine:
             self.n_generated_tokens += len(res.tokens)
             self.prefill_seconds += res.prefill_seconds
             self.decode_seconds += res.decode_seconds
+            self.last_prompt_phase_ms = res.prompt_phase_ms
+            self.last_decode_phase_ms = res.decode_phase_ms
         finally:
             self._lock.release()
 
@@ -230,6 +247,9 @@ class Engine:
                 "prefill_tokens_per_s": self.n_prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0,
                 "decode_tokens_per_s": self.n_generated_tokens / self.decode_seconds if self.decode_seconds else 0.0,
                 "controller_us_per_token": 1e6 * st.seconds / max(1, logical),
+                # the last turn's prompt: model decodes vs the controller's moves, folds and recall scoring
+                "prompt_phase_ms": dict(self.last_prompt_phase_ms),
+                "decode_phase_ms": dict(self.last_decode_phase_ms),
             },
             "events": {"freezes": st.freezes, "unfreezes": st.unfreezes, "offloads": st.offloads,
                        "thaws": st.thaws, "recoveries": dict(st.recoveries)},

@@ -45,6 +45,11 @@ class GenerationResult:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     n_prompt: int = 0
+    # the prompt phase in milliseconds: model decodes (chunks and the question again after recall), the controller's
+    # moves, score folds and recall scoring, and the rest of the controller
+    prompt_phase_ms: dict = field(default_factory=dict)
+    # the generation steps in milliseconds: model decodes, controller, and the rest (sampling, rewalks, yields)
+    decode_phase_ms: dict = field(default_factory=dict)
 
 
 def generate(session: LlamaSession, controller: Controller, prompt: Sequence[int], max_tokens: int, *,
@@ -82,12 +87,17 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
         chunk = max(1, min(chunk, controller.config.budget_cells - protected - 1))
 
     t0 = time.perf_counter()
+    st = controller.stats
+    parts_before = (st.seconds, st.offload_seconds, st.thaw_seconds, st.fold_seconds, st.recall_score_seconds)
+    t_decode = 0.0
     pos = controller.table.n
     logits = None
     for start in range(0, len(prompt), chunk):
         part = list(prompt[start:start + chunk])
         controller.make_room(len(part))
+        t1 = time.perf_counter()
         logits = session.decode(part, pos)
+        t_decode += time.perf_counter() - t1
         pos += len(part)
         controller.on_decoded(len(part), None)
         if on_prefill:
@@ -102,15 +112,24 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
         pos -= n_again
         session.seq_rm(pos, -1)
         controller.table.truncate(pos)
+        t1 = time.perf_counter()
         logits = session.decode(list(prompt[-n_again:]), pos)
+        t_decode += time.perf_counter() - t1
         pos += n_again
         controller.on_decoded(n_again, None)
         if check_every_step:
             controller.table.check(controller.kv, controller.seq_id)
     res = GenerationResult(tokens=[], logits=[], n_prompt=len(prompt))
     res.prefill_seconds = time.perf_counter() - t0
+    d = [after - before for after, before in zip(
+        (st.seconds, st.offload_seconds, st.thaw_seconds, st.fold_seconds, st.recall_score_seconds), parts_before)]
+    res.prompt_phase_ms = {k: round(1e3 * v, 1) for k, v in (
+        ("total", res.prefill_seconds), ("model_decode", t_decode), ("offload", d[1]), ("thaw", d[2]),
+        ("score_fold", d[3]), ("recall_scoring", d[4]), ("controller_other", d[0] - sum(d[1:])))}
 
     t0 = time.perf_counter()
+    controller_before = st.seconds
+    t_model = 0.0
     k = controller.config.rr_tokens
     emitted = 0  # tokens yielded: held back k steps, since a rewalk can take back the last k
     eog = False
@@ -125,7 +144,9 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
             yield res.tokens[emitted]
             emitted += 1
         controller.make_room(1)
+        t1 = time.perf_counter()
         logits = session.decode([token], pos)
+        t_model += time.perf_counter() - t1
         pos += 1
         level = controller.on_decoded(1, logits, entropy=controller.graph_entropy())
         if level == Recovery.RR and k > 0 and len(res.tokens) > k:
@@ -145,4 +166,8 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
         yield res.tokens[emitted]
         emitted += 1
     res.decode_seconds = time.perf_counter() - t0
+    t_ctl = st.seconds - controller_before
+    res.decode_phase_ms = {k: round(1e3 * v, 1) for k, v in (
+        ("total", res.decode_seconds), ("model_decode", t_model), ("controller", t_ctl),
+        ("other", res.decode_seconds - t_model - t_ctl))}
     return res

@@ -10,6 +10,10 @@ queries and layers like the importance output, so the two are on the same scale.
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 GGML_TYPE_F16 = 1
@@ -39,18 +43,27 @@ def dequantize_rows(raw: np.ndarray, ggml_type: int, n_values: int) -> np.ndarra
 
 def attention_mass(q: np.ndarray, k: np.ndarray, scale: float, q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
     """Causal softmax attention of queries q [n_q, n_head, d] at positions q_pos over keys k [n_tok, n_head_kv, d]
-    at k_pos, summed over queries and heads: [n_tok]. GQA: head h reads KV head h // (n_head / n_head_kv)."""
+    at k_pos, summed over queries and heads: [n_tok]. GQA: head h reads KV head h // (n_head / n_head_kv).
+
+    Keys stay in their row layout (a KV head's [n_tok, d] slice is a strided matrix BLAS takes as it is): one
+    float32 matmul per KV head with the group's query heads as columns, then the softmax over tokens in place. At
+    30k keys a layer is a [n_head_kv, 30k, group * n_q] block, and a transposed copy of K or an extra temporary of
+    that size cost more than the product itself."""
     n_q, n_head, d = q.shape
     n_tok, n_head_kv, _ = k.shape
     group = n_head // n_head_kv
-    qg = q.reshape(n_q, n_head_kv, group, d)
-    logits = np.einsum("tkgd,jkd->tkgj", qg, k, optimize=True) * scale   # [n_q, n_head_kv, group, n_tok]
-    later = np.asarray(k_pos)[None, :] > np.asarray(q_pos)[:, None]          # [n_q, n_tok]: a query sees no later key
-    logits = np.where(later[:, None, None, :], -np.inf, logits)
-    logits -= logits.max(axis=-1, keepdims=True)
-    p = np.exp(logits)
-    p /= p.sum(axis=-1, keepdims=True)
-    return p.sum(axis=(0, 1, 2))
+    k = np.asarray(k, dtype=np.float32)
+    # columns (g, t) of KV head h: query head h * group + g at query t
+    qg = (np.asarray(q, dtype=np.float32).reshape(n_q, n_head_kv, group, d).transpose(1, 3, 2, 0)
+          .reshape(n_head_kv, d, group * n_q) * np.float32(scale))
+    logits = np.matmul(k.transpose(1, 0, 2), qg)                                   # [n_head_kv, n_tok, group*n_q]
+    later = np.asarray(k_pos)[:, None] > np.asarray(q_pos)[None, :]                # [n_tok, n_q]: no later key
+    if later.any():
+        logits += np.tile(np.where(later, np.float32(-np.inf), np.float32(0)), (1, group))
+    logits -= logits.max(axis=1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=1, keepdims=True)
+    return logits.sum(axis=(0, 2))
 
 
 def recall_mass(kv, positions: np.ndarray, layers, seq_id: int = 0, others: np.ndarray = None) -> np.ndarray:
@@ -66,10 +79,25 @@ def recall_mass(kv, positions: np.ndarray, layers, seq_id: int = 0, others: np.n
     newest = int(kv.cells(seq_id)[0].max())
     positions = np.asarray(positions)
     keys = positions if others is None or not len(others) else np.concatenate([positions, np.asarray(others)])
-    mass = np.zeros(len(keys), np.float64)
-    for il in layers:
-        q, scale = kv.query(il)
+
+    native = threading.Lock()  # one call into the handle at a time; the numpy work runs beside it
+
+    def layer_mass(il: int) -> np.ndarray:
+        with native:
+            q, scale = kv.query(il)
+            raw = kv.k_rows(il, keys, seq_id)
         q_pos = np.arange(newest - q.shape[0] + 1, newest + 1)
-        k = dequantize_rows(kv.k_rows(il, keys, seq_id), info.type_k, info.n_head_kv * d)
-        mass += attention_mass(q, k.reshape(len(keys), info.n_head_kv, d), scale, q_pos, keys)
+        k = dequantize_rows(raw, info.type_k, info.n_head_kv * d)
+        return attention_mass(q, k.reshape(len(keys), info.n_head_kv, d), scale, q_pos, keys)
+
+    layers = list(layers)
+    # layers are independent and numpy's conversions, exps and reductions release the GIL: one thread per layer
+    # (up to the cores) keeps every core busy where a single thread would leave all but BLAS's idle
+    workers = min(len(layers), os.cpu_count() or 1, 16)
+    if workers > 1 and len(keys) * info.n_head >= 1 << 16:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            parts = list(pool.map(layer_mass, layers))
+    else:
+        parts = [layer_mass(il) for il in layers]
+    mass = np.sum(parts, axis=0, dtype=np.float64) if parts else np.zeros(len(keys), np.float64)
     return mass[: len(positions)]

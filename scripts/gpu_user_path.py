@@ -1,0 +1,128 @@
+"""The user's path as the benchmark: `python -m asrkf_gguf run ... --json` with the full cache and under a budget,
+side by side, interleaved over rounds, in one run. Reports the time before the first token (the CLI's prompt
+phase: chunked prefill, scoring, moves, recall and the question decoded again), decode as the CLI reports it
+(controller, sampling and everything per token included), the controller's time per token and the prompt phase
+broken down (model decodes, offloads, thaws, score folds, recall scoring), as medians with min-max over rounds.
+
+  python scripts/gpu_user_path.py --model M.gguf [--tokens 30000 --ctx 32768 --rounds 3] [--json OUT.json]
+
+The model needs a real vocabulary and chat template (scripts/write_bench_model.py --vocab). The prompt is
+ordinary text (the Python standard library's reference documentation and source, which every Python ships), cut
+to --tokens tokens of that model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+SETTINGS = {
+    "full": ["--policy", "full"],
+    "asrkf-25%": ["--kv-budget", "0.25"],                                  # the defaults (GPU: every 4th layer)
+    "asrkf-25%-all-layers": ["--kv-budget", "0.25", "--importance-every", "1"],
+}
+
+
+def make_prompt(model: str, n_tokens: int) -> str:
+    import sysconfig
+    from pathlib import Path
+
+    from pydoc_data.topics import topics
+
+    from asrkf_gguf.evaluation.grid import Tokenizer
+
+    parts = [topics[k] for k in sorted(topics)]
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts += [p.read_text(encoding="utf-8", errors="replace") for p in sorted(root.glob("*.py"))[:200]]
+    text = "\n\n".join(parts)
+    with Tokenizer(model) as tok:
+        ids = tok.tokenize(text)
+        if len(ids) < n_tokens:
+            raise SystemExit(f"only {len(ids)} tokens of text")
+        cut = text[: int(len(text) * n_tokens / len(ids))]
+        while tok.count(cut) > n_tokens - 40:
+            cut = cut[: int(len(cut) * 0.99)]
+    return cut + "\n\nWhat is the text above about? Answer in one sentence."
+
+
+def run_once(model: str, prompt_file: str, args, extra) -> dict:
+    cmd = [sys.executable, "-m", "asrkf_gguf", "run", model, "--prompt-file", prompt_file, "--ctx", str(args.ctx),
+           "--max-tokens", str(args.max_tokens), "--temperature", "0", "--n-gpu-layers", str(args.n_gpu_layers),
+           "--json", *extra]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
+    out = json.loads(p.stdout)
+    t = out["timing"]
+    return {"wall_s": wall, "n_prompt": out["n_prompt_tokens"], "n_generated": out["n_generated_tokens"],
+            "ttft_s": out["n_prompt_tokens"] / t["prefill_tokens_per_s"] if t["prefill_tokens_per_s"] else 0.0,
+            "decode_tps": t["decode_tokens_per_s"], "controller_us_per_token": t["controller_us_per_token"],
+            "prompt_phase_ms": t.get("prompt_phase_ms", {}), "decode_phase_ms": t.get("decode_phase_ms", {}),
+            "events": out["events"], "kv": out["kv"]}
+
+
+def med(xs):
+    return statistics.median(xs), min(xs), max(xs)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--tokens", type=int, default=30000)
+    ap.add_argument("--ctx", type=int, default=32768)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--n-gpu-layers", type=int, default=99)
+    ap.add_argument("--settings", default=",".join(SETTINGS), help=f"of {', '.join(SETTINGS)}")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    names = [s for s in args.settings.split(",") if s]
+    prompt = make_prompt(args.model, args.tokens)
+    runs = {n: [] for n in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        pf = os.path.join(tmp, "prompt.txt")
+        with open(pf, "w", encoding="utf-8") as f:
+            f.write(prompt)
+        for r in range(args.rounds):
+            for n in names:  # interleaved: a drift of the machine falls on every setting alike
+                res = run_once(args.model, pf, args, SETTINGS[n])
+                runs[n].append(res)
+                print(f"round {r + 1} {n}: ttft {res['ttft_s']:.2f} s, decode {res['decode_tps']:.1f} t/s, "
+                      f"controller {res['controller_us_per_token']:.0f} us/token, prompt {res['prompt_phase_ms']}, "
+                      f"decode {res['decode_phase_ms']}",
+                      flush=True)
+    full_dec = statistics.median(x["decode_tps"] for x in runs["full"]) if "full" in runs else None
+    print(f"\n{args.tokens}-token prompt, ctx {args.ctx}, {args.max_tokens} tokens, {args.rounds} rounds "
+          "(median [min-max])\n")
+    print("| setting | time to first token (s) | decode t/s | vs full | controller us/token | generated |")
+    print("|---|---|---|---|---|---|")
+    for n in names:
+        tt, dd, cc = (med([x[k] for x in runs[n]]) for k in ("ttft_s", "decode_tps", "controller_us_per_token"))
+        ratio = f"{dd[0] / full_dec:.2f}x" if full_dec else "-"
+        gen = "/".join(str(x["n_generated"]) for x in runs[n])
+        print(f"| {n} | {tt[0]:.2f} [{tt[1]:.2f}-{tt[2]:.2f}] | {dd[0]:.1f} [{dd[1]:.1f}-{dd[2]:.1f}] | {ratio} | "
+              f"{cc[0]:.0f} [{cc[1]:.0f}-{cc[2]:.0f}] | {gen} |")
+    for phase in ("prompt_phase_ms", "decode_phase_ms"):
+        keys = sorted({k for n in names for x in runs[n] for k in x[phase]})
+        print(f"\n{phase[:-3].replace('_', ' ')}, ms (median)\n")
+        print("| setting | " + " | ".join(keys) + " |")
+        print("|---" * (len(keys) + 1) + "|")
+        for n in names:
+            print(f"| {n} | " + " | ".join(f"{statistics.median(x[phase].get(k, 0) for x in runs[n]):.0f}"
+                                            for k in keys) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "runs": runs}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The user-path benchmark's pieces on the CPU: a written model with a real vocabulary runs through `run`, the
+prompt phase and the decode steps are broken down, and the controller settings follow where the KV lives."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asrkf_gguf.engine import Engine, device_defaults
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name, *args, **kw):
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], capture_output=True,
+                          text=True, check=True, timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def vocab_model(demo_model_path, tmp_path_factory):
+    pytest.importorskip("gguf")
+    d = tmp_path_factory.mktemp("vocab")
+    _script("extract_vocab.py", demo_model_path, d / "vocab.json.gz")
+    _script("write_bench_model.py", d / "m.gguf", "--n-layer", 2, "--n-embd", 256, "--n-head", 4, "--n-head-kv", 2,
+            "--n-ff", 512, "--vocab", d / "vocab.json.gz")
+    return d / "m.gguf"
+
+
+def test_a_written_model_with_a_real_vocabulary_runs_through_the_cli(vocab_model):
+    # the GPU machine cannot download a model: the benchmark model takes a real model's tokenizer and template
+    prompt = "Tell me about the sea. " * 60
+    out = subprocess.run([sys.executable, "-m", "asrkf_gguf", "run", str(vocab_model), "--prompt", prompt,
+                          "--ctx", "1024", "--kv-budget", "160", "--max-tokens", "8", "--temperature", "0", "--json"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["n_prompt_tokens"] > 300 and res["events"]["offloads"] > 0
+    phase = res["timing"]["prompt_phase_ms"]
+    parts = ("model_decode", "offload", "thaw", "score_fold", "recall_scoring", "controller_other")
+    assert all(phase[k] >= 0 for k in parts) and phase["offload"] > 0 and phase["model_decode"] > 0
+    # the parts are disjoint pieces of the prompt phase
+    assert sum(phase[k] for k in parts) <= phase["total"] * 1.01 + 1
+    steps = res["timing"]["decode_phase_ms"]
+    assert steps["model_decode"] > 0 and steps["model_decode"] + steps["controller"] <= steps["total"] * 1.01 + 1
+
+
+def test_controller_settings_follow_where_the_kv_lives(demo_model_path):
+    import llama_cpp
+
+    with Engine(demo_model_path, ctx=1024, kv_budget=256, n_gpu_layers=99, n_threads=2) as e:
+        layers = e.controller.layers
+        all_layers = e.kv.layers().tolist()
+    if llama_cpp.llama_supports_gpu_offload():
+        assert device_defaults(99) == {"importance_every": 4} and layers == all_layers[::-1][::4][::-1]
+    else:  # a CPU build: the KV stays on the CPU whatever n_gpu_layers says, and every layer is scored
+        assert device_defaults(99) == {} and layers == all_layers
+    assert device_defaults(0) == {}
