@@ -11,9 +11,10 @@ from asrkf_gguf.policies import make_policy
 from conftest import random_tokens, session
 
 
-def run(path, policy, prompt, max_tokens, budget, n_ctx, **policy_params):
+def run(path, policy, prompt, max_tokens, budget, n_ctx, config=None, **policy_params):
     with session(path, n_ctx=n_ctx, flash_attn="on", n_batch=128, n_ubatch=128) as s, KVCache(ctx=s.context) as kv:
-        ctl = Controller(kv, make_policy(policy, **policy_params), ControllerConfig(budget_cells=budget))
+        ctl = Controller(kv, make_policy(policy, **policy_params),
+                         ControllerConfig(budget_cells=budget, **(config or {})))
         res = generate(s, ctl, prompt, max_tokens, check_every_step=True)
         return res, ctl.stats, ctl.table.counts()
 
@@ -34,14 +35,31 @@ def test_full_policy_reproduces_plain_greedy(demo_model_path):
 def test_asrkf_at_a_quarter_budget_accounts_for_every_position(demo_model_path):
     prompt = random_tokens(1500, seed=41, vocab=40000)
     budget = 1500 // 4
+    # the paper's rule (freeze every period whatever the budget) exercises every state under pressure
     res, stats, counts = run(demo_model_path, "asrkf", prompt, 48, budget=budget, n_ctx=budget,
-                             recent=64, period=8)
+                             config={"freeze_under_budget": True}, recent=64, period=8)
     assert len(res.tokens) == 48 and all(np.isfinite(l).all() for l in res.logits)
     assert counts["dropped"] == 0
     assert sum(counts.values()) == 1500 + 48   # nothing lost
     assert counts["offloaded"] >= 1500 - budget
     assert counts["active"] + counts["frozen"] <= budget
     assert stats.freezes > 0 and stats.offloads > 0 and stats.resident_peak <= budget
+
+
+def test_under_a_binding_budget_nothing_is_frozen_and_the_whole_budget_is_attended(tiny_path):
+    # a frozen cell holds device memory and is masked: with the budget full, asrkf attends as many cells as h2o
+    # (frozen tokens from before the budget filled are thawed back to attention, offloads take the lowest first)
+    prompt = random_tokens(200, seed=47)
+    with session(tiny_path, n_ctx=256, flash_attn="on", n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        ctl = Controller(kv, make_policy("asrkf", recent=16, period=4), ControllerConfig(budget_cells=240))
+        generate(s, ctl, prompt, 12, check_every_step=True)  # room left: low tokens freeze as in the paper
+        assert ctl.table.count(CellState.FROZEN) > 0
+        generate(s, ctl, random_tokens(100, seed=48), 40, check_every_step=True)  # the budget fills
+        c = ctl.table.counts()
+        assert ctl.budget_binding() and c["offloaded"] > 0
+        # full but for the last batched offload (a few cells that the next tokens take)
+        assert c["frozen"] == 0 and c["active"] >= 240 - ctl.offload_batch
+        assert not (kv.cells()[1] == CellState.FROZEN).any()  # no cell masked
 
 
 @pytest.mark.parametrize("policy", ["window", "h2o"])
@@ -64,7 +82,8 @@ def test_budget_that_leaves_no_room_is_refused(tiny_path):
 def test_every_recovery_level_keeps_the_cache_consistent(tiny_path, level):
     prompt = random_tokens(300, seed=43)
     with session(tiny_path, n_ctx=160, flash_attn="on", n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
-        ctl = Controller(kv, make_policy("asrkf", recent=16, period=2), ControllerConfig(budget_cells=150))
+        ctl = Controller(kv, make_policy("asrkf", recent=16, period=2),
+                         ControllerConfig(budget_cells=150, freeze_under_budget=True))
         generate(s, ctl, prompt, 16, check_every_step=True)
         before = ctl.table.counts()
         assert before["frozen"] + before["offloaded"] > 0
@@ -107,7 +126,8 @@ def test_bringing_everything_back_reproduces_the_full_logits(demo_model_path):
         expected = ref.decode(nxt, len(prompt))
     with session(demo_model_path, **opts) as s, KVCache(ctx=s.context) as kv:
         # no re-evaluation during the prompt: a freeze there would change the K/V of the later chunks
-        ctl = Controller(kv, make_policy("asrkf", period=10**6), ControllerConfig(budget_cells=620))
+        ctl = Controller(kv, make_policy("asrkf", period=10**6),
+                         ControllerConfig(budget_cells=620, freeze_under_budget=True))
         generate(s, ctl, prompt, 0)
         ctl.make_room(300)  # budget pressure: ~280 tokens go to host memory
         ctl._reevaluate()   # and the low ones among the rest freeze

@@ -38,6 +38,12 @@ class ControllerConfig:
     # entropy recovery SR/WR/FR/RR on spikes; False keeps watching the entropy (stats, traces) but never acts,
     # which is the "asrkf without recovery" ablation
     recovery: bool = True
+    # freeze (mask) low tokens while the device budget is binding. A frozen cell holds device memory and gives the
+    # model nothing, and under a full budget the same low tokens are the ones the next offloads move out anyway:
+    # freezing them first only shrinks the context the model attends (issue 16; h2o attends the whole budget).
+    # False (ours): freeze only while the budget has room, and thaw the frozen ones when it fills. True: the
+    # paper's rule, which had no hard budget: freeze every period whatever the budget
+    freeze_under_budget: bool = False
     # when the budget is full, offload at least this many tokens at once (0: budget_cells // 32): one batched
     # move every few dozen steps instead of a one-token move per step, which costs a device round trip each
     offload_batch: int = 0
@@ -252,10 +258,20 @@ class Controller:
 
     # ---- decisions
 
+    def budget_binding(self) -> bool:
+        """The device budget fills within the next period: from then on every low token leaves by offloading."""
+        t = self.table
+        return self.policy.uses_budget and \
+            t.count(CellState.ACTIVE) + t.count(CellState.FROZEN) + self.policy.period >= self.config.budget_cells
+
     def _reevaluate(self) -> None:
-        """Expired freezes come back; frozen tokens whose shadow score rose come back early; low ones freeze."""
+        """Expired freezes come back; frozen tokens whose shadow score rose come back early; low ones freeze
+        (while the budget has room: ControllerConfig.freeze_under_budget)."""
         t = self.table
         frozen = t.positions(CellState.FROZEN)
+        if not self.config.freeze_under_budget and self.budget_binding():
+            self._unfreeze(frozen)  # attended until an offload needs their cells: lowest scores leave first
+            return
         back = t.frozen_until[frozen] <= self.step  # expired
         if frozen.size and t.count(CellState.ACTIVE):
             back |= t.score[frozen] >= np.median(t.score[t.positions(CellState.ACTIVE)])  # risen
