@@ -6,22 +6,16 @@ Every per-token quantity crosses the boundary as a numpy array in one call: no P
 from __future__ import annotations
 
 import ctypes
-import enum
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
 from ._cffi import ffi, lib
+from .errors import ClosedError
+from .states import CellState  # noqa: F401  (re-exported: kv.CellState predates states.py)
 
 Positions = Union[Sequence[int], np.ndarray, Iterable[int]]
-
-
-class CellState(enum.IntEnum):
-    ACTIVE = 1
-    FROZEN = 2
-    OFFLOADED = 3
-    DROPPED = 4  # eviction baselines only (window, h2o): removed for good; never produced by the native core
 
 
 _CODES = {
