@@ -175,3 +175,26 @@ def test_importance_of_another_sequence_is_refused(tiny_path):
         with pytest.raises(AsrkfError) as err:
             kv.importance(1)
         assert "sequence 0" in err.value.message
+
+
+def test_use_after_close_raises_closed_error(tiny_path):
+    from asrkf_gguf import ClosedError
+
+    s = session(tiny_path, n_ctx=128)
+    kv = KVCache(ctx=s.context)
+    s.decode(random_tokens(20, seed=19), 0)
+    kv.close()
+    kv.close()  # twice is fine
+    for call in (kv.info, kv.cells, kv.check, lambda: kv.freeze([1]), lambda: kv.thaw([1]), lambda: kv.drop([1])):
+        with pytest.raises(ClosedError, match="closed"):
+            call()
+    with pytest.raises(AsrkfError):  # what it raised before ClosedError existed
+        kv.offloaded()
+    s.close()
+    s.close()
+    # these reached freed llama.cpp objects: a segfault (chat_prompt) or a C++ abort (tokenize)
+    for call in (lambda: s.tokenize("hi", add_special=True), lambda: s.decode([1], 20), lambda: s.piece(1),
+                 lambda: s.is_eog(1), lambda: s.chat_prompt([{"role": "user", "content": "hi"}]),
+                 lambda: s.seq_rm(0, -1), s.clear, s.pos_max, lambda: KVCache(ctx=s)):
+        with pytest.raises(ClosedError, match="closed"):
+            call()

@@ -38,6 +38,13 @@ class AsrkfError(RuntimeError):
         super().__init__(f"{message} [{_CODES.get(code, 'error')} ({code})]")
 
 
+class KVClosedError(AsrkfError, ClosedError):
+    """A KVCache used after close(): an AsrkfError (as it always was) and a ClosedError like the other wrappers'."""
+
+    def __init__(self):
+        super().__init__("handle", -1, "the KVCache is closed")
+
+
 def _check(op: str, code: int) -> None:
     if code != 0:
         raise AsrkfError(op, code, ffi.string(lib.asrkf_last_error()).decode("utf-8", "replace"))
@@ -150,7 +157,7 @@ class KVCache:
 
     def _h(self):
         if self.handle is None:
-            raise AsrkfError("handle", -1, "the KVCache was closed")
+            raise KVClosedError()
         return self.handle
 
     # ---- state

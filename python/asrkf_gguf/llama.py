@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import _lib  # noqa: F401  (must load before llama_cpp)
+from .errors import ClosedError
 import llama_cpp
 from llama_cpp import _internals
 
@@ -65,6 +66,7 @@ class LlamaSession:
             raise FileNotFoundError(f"model file not found: {model_path}")
         self.options = options
         self._stack = ExitStack()
+        self._closed = False
 
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = options.n_gpu_layers
@@ -92,10 +94,17 @@ class LlamaSession:
 
     @property
     def ctx(self):
+        self._live()
         return self.context.ctx
 
     def close(self) -> None:
+        self._closed = True
         self._stack.close()
+
+    def _live(self) -> None:
+        # after close the model and context pointers are freed: llama.cpp would crash or abort on them
+        if self._closed:
+            raise ClosedError("the LlamaSession is closed")
 
     def __enter__(self) -> "LlamaSession":
         return self
@@ -105,6 +114,7 @@ class LlamaSession:
 
     def decode(self, tokens: Sequence[int], pos0: int) -> np.ndarray:
         """Decode tokens at positions pos0.. in chunks of n_batch; returns the logits of the last token (copy)."""
+        self._live()
         tokens = list(tokens)
         if not tokens:
             raise ValueError("nothing to decode")
@@ -121,6 +131,7 @@ class LlamaSession:
     # ---- text
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list:
+        self._live()
         data = text.encode("utf-8")
         n_max = len(data) + 16
         buf = (llama_cpp.llama_token * n_max)()
@@ -130,6 +141,7 @@ class LlamaSession:
         return list(buf[:n])
 
     def piece(self, token: int) -> bytes:
+        self._live()
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, False)
         if n < 0:
@@ -138,11 +150,15 @@ class LlamaSession:
         return buf.raw[:n]
 
     def is_eog(self, token: int) -> bool:
+        self._live()
         return bool(llama_cpp.llama_vocab_is_eog(self.model.vocab, token))
 
-    def chat_prompt(self, messages: Sequence[dict], *, add_assistant: bool = True) -> str:
-        """The model's own chat template (from the GGUF) applied to [{role, content}, ...]."""
-        tmpl = llama_cpp.llama_model_chat_template(self.model.model, None)
+    def chat_prompt(self, messages: Sequence[dict], *, add_assistant: bool = True,
+                    template: Optional[str] = None) -> str:
+        """A chat template applied to [{role, content}, ...]: the model's own (from the GGUF), or `template`, a
+        Jinja template or the name of one of llama.cpp's built-ins ("chatml", "gemma", "llama3", ...)."""
+        self._live()
+        tmpl = template.encode() if template else llama_cpp.llama_model_chat_template(self.model.model, None)
         if not tmpl:
             raise ValueError("the model has no chat template")
         chat = (llama_cpp.llama_chat_message * len(messages))()
@@ -185,10 +201,13 @@ class LlamaSession:
 
     def clear(self) -> None:
         """Empty the KV cache (every sequence; an attached KVCache drops its host copies too)."""
+        self._live()
         llama_cpp.llama_memory_clear(self.context.memory, True)
 
     def seq_rm(self, p0: int, p1: int) -> bool:
+        self._live()
         return bool(llama_cpp.llama_memory_seq_rm(self.context.memory, 0, p0, p1))
 
     def pos_max(self) -> int:
+        self._live()
         return int(llama_cpp.llama_memory_seq_pos_max(self.context.memory, 0))
