@@ -50,6 +50,34 @@ def test_negative_positions_are_rejected_in_python(filled):
         kv.offload([-1])
 
 
+@pytest.mark.parametrize("op", ["freeze", "unfreeze", "offload", "thaw"])
+@pytest.mark.parametrize("pos,words", [
+    ([1.7], "whole numbers, got 1.7"),
+    ([2, 3.5], "whole numbers, got 3.5"),
+    ([float("nan")], "whole numbers, got nan"),
+    ([float("inf")], "whole numbers, got inf"),
+    (np.array([4.25]), "whole numbers"),
+    (["3"], "must be integers"),
+    ([True], "must be integers"),
+    ([1e12], "[0, 2^31)"),
+])
+def test_non_integral_positions_are_refused(filled, op, pos, words):
+    # a silent int() cast used to freeze position 1 for 1.7
+    _, kv = filled
+    before = snapshot(kv)
+    with pytest.raises(ValueError) as err:
+        getattr(kv, op)(pos)
+    assert words in str(err.value)
+    assert snapshot(kv) == before
+
+
+def test_whole_float_positions_are_positions(filled):
+    _, kv = filled
+    kv.freeze([5.0, 6.0])
+    pos, state, _ = kv.cells()
+    assert state[np.isin(pos, [5, 6])].tolist() == [2, 2]
+
+
 def test_thaw_without_free_cells_is_refused(filled):
     s, kv = filled
     s.decode(random_tokens(156, seed=15), 100)  # 97 + 156 + 3 offloaded: the 256 cells are full

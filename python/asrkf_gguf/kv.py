@@ -64,12 +64,20 @@ def _ctx_pointer(ctx) -> "ffi.CData":
 
 
 def _positions(pos: Positions) -> np.ndarray:
-    arr = np.ascontiguousarray(np.asarray(list(pos) if not isinstance(pos, np.ndarray) else pos, dtype=np.int64))
+    arr = np.asarray(list(pos) if not isinstance(pos, np.ndarray) else pos)
     if arr.ndim != 1:
         raise ValueError(f"positions must be one-dimensional, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind == "f":
+        # a cast to int would turn 1.7 into 1 and NaN into garbage: a position is a whole number or an error
+        finite = np.isfinite(arr)
+        bad = arr[~finite] if not finite.all() else arr[arr != np.round(arr)]
+        if bad.size:
+            raise ValueError(f"positions must be whole numbers, got {float(bad[0])}")
+    elif arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"positions must be integers, got {arr.dtype} values")
     if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
         raise ValueError(f"positions must be in [0, 2^31), got [{arr.min()}, {arr.max()}]")
-    return arr.astype(np.int32)
+    return np.ascontiguousarray(arr, dtype=np.int32) if arr.size else np.empty(0, np.int32)
 
 
 def _i32(arr: np.ndarray):
