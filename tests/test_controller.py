@@ -14,7 +14,7 @@ from conftest import random_tokens, session
 def run(path, policy, prompt, max_tokens, budget, n_ctx, **policy_params):
     with session(path, n_ctx=n_ctx, flash_attn="on", n_batch=128, n_ubatch=128) as s, KVCache(ctx=s.context) as kv:
         ctl = Controller(kv, make_policy(policy, **policy_params), ControllerConfig(budget_cells=budget))
-        res = generate(s, ctl, prompt, max_tokens, check_every_step=True)
+        res = generate(s, ctl, prompt, max_tokens, check_every_step=True, keep_logits=True)
         return res, ctl.stats, ctl.table.counts()
 
 
@@ -180,7 +180,9 @@ def test_score_every_scores_only_every_kth_step(tiny_path):
             before = ctl.table.mass.copy()
             ctl.on_decoded(1, None)
             scored.append(bool(np.any(ctl.table.mass != before)))
-        assert scored == [(ctl_step + 1) % 3 == 0 for ctl_step in range(ctl.step - 9, ctl.step)]
+        # two prompt chunks were steps 1 and 2; the decodes are steps 3..11, and steps 3, 6 and 9 are scored
+        assert ctl.step == 11
+        assert scored == [True, False, False] * 3
         ctl.table.check(kv)
 
 
@@ -221,3 +223,17 @@ def test_importance_every_scores_every_kth_layer_from_the_last(tiny_paths):
         ControllerConfig(budget_cells=8, importance_every=0)
     with pytest.raises(ValueError):
         ControllerConfig(budget_cells=8, importance_every=2, importance_layers=(0,))
+
+
+def test_logits_are_kept_only_when_asked(tiny_path):
+    # a full vocabulary row per token used to pile up in every result; now only keep_logits=True keeps them
+    prompt = random_tokens(40, seed=50)
+    results = {}
+    for keep in (False, True):
+        with session(tiny_path, n_ctx=128, flash_attn="on") as s, KVCache(ctx=s.context) as kv:
+            ctl = Controller(kv, make_policy("asrkf", recent=16), ControllerConfig(budget_cells=100))
+            results[keep] = generate(s, ctl, prompt, 20, keep_logits=keep)
+    assert results[False].logits == [] and len(results[False].tokens) == 20
+    kept = results[True]
+    assert results[True].tokens == results[False].tokens
+    assert len(kept.logits) == 20 and all(int(np.argmax(l)) == t for l, t in zip(kept.logits, kept.tokens))

@@ -40,7 +40,9 @@ def sampler(temperature: float, seed: int) -> Callable[[np.ndarray], int]:
 @dataclass
 class GenerationResult:
     tokens: List[int]
-    logits: List[np.ndarray] = field(repr=False)  # the distribution each generated token was taken from
+    # the distribution each generated token was taken from, kept only with keep_logits=True: a full vocabulary
+    # row per token (200 KB at 49k entries) would otherwise grow with every token of a long generation
+    logits: List[np.ndarray] = field(default_factory=list, repr=False)
     rewalks: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -60,16 +62,23 @@ def generate(session: LlamaSession, controller: Controller, prompt: Sequence[int
             on_token(token)
 
 
+def rewind(session: LlamaSession, controller: Controller, pos: int) -> None:
+    """Take positions pos.. out of the cache and the token table (offloaded ones lose their host copies)."""
+    session.seq_rm(pos, -1)
+    controller.table.truncate(pos)
+
+
 def generate_tokens(session: LlamaSession, controller: Controller, prompt: Sequence[int], max_tokens: int, *,
                     pick: Callable[[np.ndarray], int] = greedy, stop_at_eog: bool = False,
                     on_prefill: Optional[Callable[[int, int], None]] = None,
                     recall: bool = False, cancel: Optional[threading.Event] = None,
-                    check_every_step: bool = False) -> Generator[int, None, GenerationResult]:
+                    check_every_step: bool = False, keep_logits: bool = False
+                    ) -> Generator[int, None, GenerationResult]:
     """Decode `prompt` at the next positions of the sequence, then generate up to max_tokens tokens.
 
     Yields each generated token once it is final (held back rr_tokens steps, since a rewalk can take back the
-    last ones; an end-of-generation token is not yielded). Returns the GenerationResult. Setting `cancel` stops
-    it between two steps.
+    last ones; an end-of-generation token is not yielded). Returns the GenerationResult, whose `logits` holds
+    each generated token's distribution only with keep_logits. Setting `cancel` stops it between two steps.
     """
     if not prompt:
         raise ValueError("the prompt is empty")
@@ -97,14 +106,13 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
     if recall and controller.recall() > 0:
         # the first token must see what the question brought back: decode the prompt's last token again
         pos -= 1
-        session.seq_rm(pos, -1)
-        controller.table.truncate(pos)
+        rewind(session, controller, pos)
         logits = session.decode([prompt[-1]], pos)
         pos += 1
         controller.on_decoded(1, None)
         if check_every_step:
             controller.table.check(controller.kv, controller.seq_id)
-    res = GenerationResult(tokens=[], logits=[], n_prompt=len(prompt))
+    res = GenerationResult(tokens=[], n_prompt=len(prompt))
     res.prefill_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -114,7 +122,8 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
     while len(res.tokens) < max_tokens and not (cancel and cancel.is_set()):
         token = pick(logits)
         res.tokens.append(token)
-        res.logits.append(logits)
+        if keep_logits:
+            res.logits.append(logits)
         if stop_at_eog and session.is_eog(token):
             eog = True
             break
@@ -129,8 +138,7 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
             # rewalk: the cache was just restored (FR); take back the last k tokens and decode again from there
             keep = len(res.tokens) - k
             pos -= k + 1
-            session.seq_rm(pos, -1)
-            controller.table.truncate(pos)
+            rewind(session, controller, pos)
             del res.tokens[keep:], res.logits[keep:]
             logits = session.decode([res.tokens[-1]], pos)
             pos += 1
