@@ -16,6 +16,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
+import gguf
 import numpy as np
 
 QK_K = 256
@@ -85,8 +86,6 @@ def random_blocks(rng: np.random.Generator, ne0: int, ne1: int, kind: str) -> np
 
 def write_bench_model(path: str, shape: BenchModelShape = BenchModelShape(), seed: int = 0) -> int:
     """Writes the model; returns its size in bytes. Tensors are generated and written one at a time."""
-    import gguf
-
     q = {"q4_k": gguf.GGMLQuantizationType.Q4_K, "q6_k": gguf.GGMLQuantizationType.Q6_K}
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(path, "llama")
