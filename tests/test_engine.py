@@ -12,8 +12,8 @@ def test_budget_specs():
     assert budget_cells(None, 4096) == 4096
     assert budget_cells(0.25, 4096) == 1024 and budget_cells("0.25", 4096) == 1024
     assert budget_cells(512, 4096) == 512 and budget_cells("512", 4096) == 512
-    assert budget_cells(10**6, 4096) == 4096
-    for bad in (0, -3, 1.5, "x", 0.0):
+    assert budget_cells(4096, 4096) == 4096 and budget_cells(1.0, 4096) == 4096
+    for bad in (0, -3, 1.5, "x", 0.0, 4097, 10**6, "5000"):  # more cells than the context: refused, not clamped
         with pytest.raises(EngineError):
             budget_cells(bad, 4096)
 
@@ -113,6 +113,13 @@ def test_bad_input(engine, demo_model_path, tmp_path):
         engine.generate([{"role": "user"}])
     with pytest.raises(EngineError, match="too small"):
         Engine(demo_model_path, ctx=2048, kv_budget=32)
+    for ctx in (0, -1, 2.5):  # 0 fell back to the training context
+        with pytest.raises(EngineError, match="ctx must be a positive"):
+            Engine(demo_model_path, ctx=ctx)
+    with pytest.raises(EngineError, match="training context of 8192"):
+        Engine(demo_model_path, ctx=8193)
+    with pytest.raises(EngineError, match="no kv_budget"):
+        Engine(demo_model_path, ctx=2048, kv_budget=512, policy="full")
     with pytest.raises(EngineError, match="policy"):
         Engine(demo_model_path, ctx=2048, policy_params={"k": 0})
     with pytest.raises(EngineError):

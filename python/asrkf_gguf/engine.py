@@ -15,6 +15,7 @@ iterator then raises (EngineError, or ClosedError after close). Any use after cl
 from __future__ import annotations
 
 import codecs
+import numbers
 import threading
 import weakref
 from contextlib import ExitStack
@@ -26,7 +27,7 @@ from .controller import Controller, ControllerConfig
 from .errors import ClosedError
 from .generate import generate_tokens, rewind, sampler
 from .kv import KVCache
-from .llama import ContextOptions, LlamaSession
+from .llama import ContextCreateError, ContextOptions, LlamaSession, ModelLoadError
 from .policies import make_policy
 
 
@@ -49,7 +50,9 @@ def budget_cells(spec: Union[int, float, str, None], ctx: int) -> int:
         spec = int(spec * ctx)
     if spec < 1:
         raise EngineError(f"kv_budget must be positive, got {spec}")
-    return min(int(spec), ctx)
+    if spec > ctx:
+        raise EngineError(f"a kv_budget of {spec} cells is more than ctx {ctx}: the budget is part of the context")
+    return int(spec)
 
 
 class Engine:
@@ -64,30 +67,43 @@ class Engine:
         from .models import fetch_demo_model
 
         self.model_path = model_path or str(fetch_demo_model(progress=verbose))
+        if ctx is not None and (not isinstance(ctx, numbers.Integral) or ctx < 1):
+            raise EngineError(f"ctx must be a positive number of tokens, got {ctx}")
         try:
-            self.ctx = ctx or LlamaSession.n_ctx_train(self.model_path)
+            n_ctx_train = LlamaSession.n_ctx_train(self.model_path)
         except ValueError as err:
             raise EngineError(f"cannot load {self.model_path}: {err}") from None
-        if self.ctx < 1:
-            raise EngineError("ctx must be positive")
+        if ctx is not None and ctx > n_ctx_train:
+            # positions beyond the training context are out of the model's distribution (no RoPE scaling here)
+            raise EngineError(f"ctx {ctx} is beyond the model's training context of {n_ctx_train} tokens")
+        self.ctx = int(ctx) if ctx is not None else n_ctx_train
         try:
             self.policy = make_policy(policy, **(policy_params or {}))
         except (TypeError, ValueError) as err:
             raise EngineError(f"policy {policy!r}: {err}") from None
+        if kv_budget is not None and not self.policy.uses_budget:
+            raise EngineError(f"policy {self.policy.name!r} keeps the whole context on the device: it takes no "
+                              "kv_budget")
         budget = budget_cells(kv_budget, self.ctx) if self.policy.uses_budget else self.ctx
         if self.policy.uses_budget and budget <= self.policy.n_sinks + self.policy.recent:
             raise EngineError(f"a budget of {budget} cells is too small: {self.policy.n_sinks} sink and "
                               f"{self.policy.recent} recent tokens are always kept on the device")
 
+        try:
+            options = ContextOptions(n_ctx=budget, kv_type=kv_type, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers,
+                                     n_threads=n_threads)
+        except ValueError as err:
+            raise EngineError(str(err)) from None
         self._stack = ExitStack()
         try:
-            self.session = self._stack.enter_context(LlamaSession(
-                self.model_path, ContextOptions(n_ctx=budget, kv_type=kv_type, flash_attn=flash_attn,
-                                                n_gpu_layers=n_gpu_layers, n_threads=n_threads), verbose=verbose))
-        except (ValueError, RuntimeError) as err:
+            self.session = self._stack.enter_context(LlamaSession(self.model_path, options, verbose=verbose))
+        except ModelLoadError as err:
             self._stack.close()
             raise EngineError(f"cannot load {self.model_path}: {err} (truncated file or unsupported architecture?)") \
                 from None
+        except ContextCreateError:
+            self._stack.close()  # the message says how large a KV cache was asked for: a RuntimeError, not bad input
+            raise
         try:
             self.kv = self._stack.enter_context(KVCache(ctx=self.session.context))
             self.controller = Controller(self.kv, self.policy, ControllerConfig(
@@ -199,7 +215,11 @@ class Engine:
             if raw is not None:
                 tokens = s.tokenize(raw, add_special=True)
             else:
-                tokens = s.tokenize(s.chat_prompt(messages, template=self.chat_template), add_special=True)
+                try:
+                    text = s.chat_prompt(messages, template=self.chat_template)
+                except ValueError as err:
+                    raise EngineError(f"{err}: give one (chat_template=, --chat-template), e.g. chatml") from None
+                tokens = s.tokenize(text, add_special=True)
             if not tokens:
                 raise EngineError("the prompt tokenizes to nothing")
             need = len(tokens) + max_tokens
