@@ -237,3 +237,29 @@ def test_logits_are_kept_only_when_asked(tiny_path):
     kept = results[True]
     assert results[True].tokens == results[False].tokens
     assert len(kept.logits) == 20 and all(int(np.argmax(l)) == t for l, t in zip(kept.logits, kept.tokens))
+
+
+@pytest.mark.parametrize("policy", ["asrkf", "h2o"])
+def test_rewind_to_just_after_a_moved_position_can_decode_on(tiny_path, policy):
+    # llama.cpp decodes position p only when p - 1 is the newest resident position: a rewind (a template that
+    # rewrote an earlier turn, a taken-back turn) to just after an offloaded or dropped position used to leave
+    # the next decode failing
+    from asrkf_gguf.generate import rewind
+
+    prompt = random_tokens(150, seed=51)
+    with session(tiny_path, n_ctx=100, flash_attn="on", n_batch=32, n_ubatch=32) as s, KVCache(ctx=s.context) as kv:
+        ctl = Controller(kv, make_policy(policy, recent=16), ControllerConfig(budget_cells=80))
+        generate(s, ctl, prompt, 0)
+        moved = CellState.OFFLOADED if policy == "asrkf" else CellState.DROPPED
+        gone = ctl.table.positions(moved)
+        assert gone.size > 0
+        p = int(gone[-1]) + 1
+        at = rewind(s, ctl, p)
+        if policy == "asrkf":
+            assert at == p and ctl.table.state[p - 1] == CellState.ACTIVE  # brought back
+        else:
+            assert at < p and ctl.table.state[at - 1] != CellState.DROPPED  # rewound past the dropped run
+        assert ctl.table.n == at
+        res = generate(s, ctl, prompt[at:at + 20], 4, check_every_step=True)
+        assert len(res.tokens) == 4 and ctl.table.n == at + 20 + 4
+        ctl.table.check(kv)

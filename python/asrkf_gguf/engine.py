@@ -253,8 +253,7 @@ class Engine:
         # Templates that rewrite earlier turns (Gemma and Llama-3 trim the replies) or a reply that tokenizes
         # differently from how it was generated cost a re-prefill from the first differing token, nothing more.
         # At least one token is decoded: the first generated token needs its logits.
-        keep = min(common_prefix(self._cached, tokens), len(tokens) - 1)
-        rewind(s, self.controller, keep)
+        keep = rewind(s, self.controller, min(common_prefix(self._cached, tokens), len(tokens) - 1))
         del self._cached[keep:]
         it = generate_tokens(s, self.controller, tokens[keep:], max_tokens, pick=pick, stop_at_eog=True,
                              on_prefill=on_prefill, recall=self.policy.reversible, cancel=self._cancel)

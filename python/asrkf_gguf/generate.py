@@ -14,6 +14,7 @@ import numpy as np
 
 from .controller import Controller
 from .entropy import Recovery
+from .states import CellState
 from .llama import LlamaSession
 
 
@@ -62,10 +63,22 @@ def generate(session: LlamaSession, controller: Controller, prompt: Sequence[int
             on_token(token)
 
 
-def rewind(session: LlamaSession, controller: Controller, pos: int) -> None:
-    """Take positions pos.. out of the cache and the token table (offloaded ones lose their host copies)."""
+def rewind(session: LlamaSession, controller: Controller, pos: int) -> int:
+    """Take positions pos.. out of the cache and the token table (offloaded ones lose their host copies), so that
+    decoding continues at the returned position.
+
+    llama.cpp continues a sequence only right after its newest resident position. So an offloaded position just
+    before pos is brought back, and dropped ones (eviction baselines) are rewound too: the returned position is
+    then below pos, and the caller decodes from there."""
+    t = controller.table
+    while pos > 0 and t.state[pos - 1] == CellState.DROPPED:
+        pos -= 1
     session.seq_rm(pos, -1)
-    controller.table.truncate(pos)
+    t.truncate(pos)
+    if pos > 0 and t.state[pos - 1] == CellState.OFFLOADED:
+        controller.make_room(1)
+        controller.bring_back(np.array([pos - 1]))
+    return pos
 
 
 def generate_tokens(session: LlamaSession, controller: Controller, prompt: Sequence[int], max_tokens: int, *,
