@@ -242,3 +242,51 @@ def test_h2o_drops_are_counted_in_the_events(demo_model_path):
         events = e.stats()["events"]
         assert events["drops"] == e.controller.stats.drops > 0
         assert e.controller.table.counts()["dropped"] == events["drops"]
+
+
+def test_close_from_another_thread_stops_a_long_prefill(demo_model_path):
+    # close() waits for the step in progress; a prefill is one step, so it now stops between two chunks instead
+    # of running through the whole prompt (and the first tokens) first
+    e = Engine(demo_model_path, ctx=2048, kv_budget=256, n_threads=2)
+    progress, outcome = [], []
+    first_chunk = threading.Event()
+
+    def on_prefill(done, total):
+        progress.append((done, total))
+        first_chunk.set()
+
+    def consume():
+        try:
+            outcome.append("".join(e.chat("Write a long story about a lighthouse keeper. " * 60, max_tokens=8,
+                                          on_prefill=on_prefill)))
+        except ClosedError as err:
+            outcome.append(err)
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    assert first_chunk.wait(timeout=120)
+    closer = threading.Thread(target=e.close, daemon=True)
+    closer.start()
+    closer.join(timeout=120)
+    reader.join(timeout=120)
+    assert not closer.is_alive() and not reader.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], ClosedError)
+    done, total = progress[-1]
+    assert done < total  # stopped part way through the prompt
+
+
+def test_close_inside_a_callback_is_refused_not_a_deadlock(engine):
+    refused = []
+
+    def on_prefill(done, total):
+        for call in (engine.close, engine.reset):
+            try:
+                call()
+            except EngineError as err:
+                refused.append(str(err))
+
+    n_msgs = len(engine.messages)
+    "".join(engine.chat("Hi", max_tokens=2, on_prefill=on_prefill))
+    assert len(engine.messages) == n_msgs + 2  # the turn ran to its end
+    assert len(refused) >= 2 and all("inside a callback" in r for r in refused)
+    assert "".join(engine.chat("Hello", max_tokens=2))  # still open and usable

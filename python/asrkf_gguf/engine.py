@@ -122,6 +122,10 @@ class Engine:
         self._turn: Optional["weakref.ref[_Turn]"] = None  # the turn that chat() / generate() returned last
         self._turn_id = 0
         self._cancel = threading.Event()
+        # set by close() / reset() from another thread while they wait for the step: a long prefill stops between
+        # two chunks instead of running to its end (a decode stops at the cancel)
+        self._ending: Optional[tuple] = None
+        self._step_thread: Optional[int] = None  # the thread running a step (a callback must not wait for itself)
         self._closed = False
         self.n_prompt_tokens = 0
         self.n_generated_tokens = 0
@@ -135,6 +139,8 @@ class Engine:
         running in another thread is cancelled and waited for. Closing twice is fine."""
         if self._closed:
             return
+        self._not_from_a_callback("close()")
+        self._ending = (ClosedError, "the Engine was closed")  # a prefill in progress stops at its next chunk
         self._cancel.set()
         with self._step:
             if self._closed:
@@ -149,6 +155,11 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _not_from_a_callback(self, what: str) -> None:
+        # the step lock is not reentrant: from a callback of the running step (on_prefill) this would wait forever
+        if self._step_thread == threading.get_ident():
+            raise EngineError(f"{what} cannot run inside a callback of the running turn: call cancel() there")
+
     def _live(self) -> None:
         if self._closed:
             raise ClosedError("the Engine is closed")
@@ -162,11 +173,16 @@ class Engine:
     def reset(self) -> None:
         """Start a new conversation: the cache and the host copies are cleared (a turn in progress ends)."""
         self._live()
+        self._not_from_a_callback("reset()")
+        self._ending = (EngineError, "reset() ended this turn")
         self._cancel.set()
-        with self._step:
-            self._live()
-            self._end_turn(EngineError, "reset() ended this turn")
-            self._clear()
+        try:
+            with self._step:
+                self._live()
+                self._end_turn(EngineError, "reset() ended this turn")
+                self._clear()
+        finally:
+            self._ending = None
 
     def chat(self, message: str, *, max_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
              on_prefill: Optional[Callable[[int, int], None]] = None) -> Iterator[str]:
@@ -255,8 +271,14 @@ class Engine:
         # At least one token is decoded: the first generated token needs its logits.
         keep = rewind(s, self.controller, min(common_prefix(self._cached, tokens), len(tokens) - 1))
         del self._cached[keep:]
+        def prefill_step(done: int, total: int) -> None:
+            if self._ending is not None:
+                raise _TurnEnded(*self._ending)
+            if on_prefill:
+                on_prefill(done, total)
+
         it = generate_tokens(s, self.controller, tokens[keep:], max_tokens, pick=pick, stop_at_eog=True,
-                             on_prefill=on_prefill, recall=self.policy.reversible, cancel=self._cancel)
+                             on_prefill=prefill_step, recall=self.policy.reversible, cancel=self._cancel)
         pieces: List[bytes] = []
         decoder = text_decoder()
         try:
@@ -328,6 +350,15 @@ class Engine:
         }
 
 
+class _TurnEnded(Exception):
+    """Raised inside a turn's prefill when close() or reset() in another thread is waiting for it."""
+
+    def __init__(self, error: type, why: str):
+        super().__init__(why)
+        self.error = error
+        self.why = why
+
+
 class _Turn:
     """The iterator of one turn's text pieces: each next() runs the turn's generator under the engine's step lock."""
 
@@ -344,7 +375,14 @@ class _Turn:
             if self._ended is not None:
                 error, why = self._ended
                 raise error(why)
-            return next(self._gen)
+            self._engine._step_thread = threading.get_ident()
+            try:
+                return next(self._gen)
+            except _TurnEnded as ended:  # close() / reset() stopped the prefill; the turn was taken back
+                self._ended = (ended.error, ended.why)
+                raise ended.error(ended.why) from None
+            finally:
+                self._engine._step_thread = None
 
     def close(self) -> None:
         """Stop reading: the turn is taken back out of the cache."""
