@@ -18,6 +18,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
+import gguf
 import numpy as np
 
 QK_K = 256
@@ -116,8 +117,6 @@ def add_vocab(w, vocab: dict) -> None:
 def write_bench_model(path: str, shape: BenchModelShape = BenchModelShape(), seed: int = 0,
                       vocab: dict = None) -> int:
     """Writes the model; returns its size in bytes. Tensors are generated and written one at a time."""
-    import gguf
-
     q = {"q4_k": gguf.GGMLQuantizationType.Q4_K, "q6_k": gguf.GGMLQuantizationType.Q6_K}
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(path, "llama")

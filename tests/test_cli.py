@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -29,11 +30,13 @@ def test_run_json_on_the_demo_model(demo_model_path, tmp_path):
     assert kv["budget_cells"] == 256 and kv["resident_cells_peak"] <= 256
     assert kv["logical_tokens"] == out["n_prompt_tokens"] + 24 > 256
     assert kv["offloaded_tokens_final"] > 0 and kv["host_bytes_peak"] > 0
-    assert set(out["events"]["recoveries"]) == {"SR", "WR", "FR", "RR"}
+    ev = out["events"]
+    # every offloaded token is still offloaded or was thawed back (one turn: nothing removed the host copies)
+    assert ev["offloads"] - ev["thaws"] == kv["offloaded_tokens_final"] and ev["drops"] == 0
     log = out["recovery_log"]
-    assert len(log) == sum(out["events"]["recoveries"].values())
+    assert len(log) == sum(ev["recoveries"].values())
     assert all(e["entropy"] > e["threshold"] and e["level"] in ("SR", "WR", "FR", "RR") for e in log)
-    assert set(out["timing"]) == {"prefill_tokens_per_s", "decode_tokens_per_s", "controller_us_per_token"}
+    assert all(v > 0 for v in out["timing"].values()) and len(out["timing"]) == 3
 
 
 def test_turns_file_runs_one_session(demo_model_path, tmp_path):
@@ -46,6 +49,13 @@ def test_turns_file_runs_one_session(demo_model_path, tmp_path):
     assert out["kv"]["logical_tokens"] >= out["n_prompt_tokens"] + 2
 
 
+def one_error_line(r):
+    """The CLI's error contract: stderr is exactly one `error: ...` line, no traceback, no llama.cpp log."""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
 @pytest.mark.parametrize("make_args,words", [
     (lambda d: [str(d / "missing.gguf")], "not found"),
     (lambda d: [str(d / "text.gguf")], "not a GGUF"),
@@ -54,18 +64,98 @@ def test_turns_file_runs_one_session(demo_model_path, tmp_path):
     (lambda d: ["DEMO", "--policy", "full", "--ctx", "64", "--max-tokens", "60"], "more than ctx"),
     (lambda d: ["DEMO", "--turns-file", str(d / "bad.json")], "not valid JSON"),
     (lambda d: ["DEMO", "--turns-file", str(d / "notlist.json")], "list of non-empty strings"),
+    (lambda d: ["DEMO", "--turns-file", str(d / "blank.json")], "list of non-empty strings"),
     (lambda d: ["DEMO", "--kv-budget", "lots"], "kv_budget"),
     (lambda d: ["DEMO", "--importance-every", "0"], "importance_every >= 1"),
+    (lambda d: ["DEMO", "--ctx", "0"], "--ctx must be a positive"),
+    (lambda d: ["DEMO", "--ctx", "-5"], "--ctx must be a positive"),
+    (lambda d: ["DEMO", "--ctx", "100000"], "training context of 8192 tokens"),
+    (lambda d: ["DEMO", "--ctx", "2048", "--kv-budget", "4096"], "more than ctx 2048"),
+    (lambda d: ["DEMO", "--policy", "full", "--kv-budget", "512"], "--policy full"),
+    (lambda d: ["DEMO", "--prompt", " \n\t "], "empty"),
+    (lambda d: ["DEMO", "--prompt-file", str(d / "blank.txt")], "empty"),
+    (lambda d: ["DEMO", "--max-tokens", "many"], "invalid int value"),  # argparse's own errors too
+    (lambda d: ["DEMO", "--policy", "best"], "invalid choice"),
+    (lambda d: ["DEMO", "--no-such-flag"], "unrecognized arguments"),
 ])
-def test_bad_input_is_one_line_and_nonzero(demo_model_path, tmp_path, make_args, words):
+def test_bad_input_is_one_line_and_exit_2(demo_model_path, tmp_path, make_args, words):
     (tmp_path / "text.gguf").write_text("hello")
     with open(demo_model_path, "rb") as f:
         (tmp_path / "truncated.gguf").write_bytes(f.read(1 << 20))
     (tmp_path / "bad.json").write_text("[1, 2")
     (tmp_path / "notlist.json").write_text('{"a": 1}')
+    (tmp_path / "blank.json").write_text('["hi", "  "]')
+    (tmp_path / "blank.txt").write_text(" \n\n")
     args = [demo_model_path if a == "DEMO" else a for a in make_args(tmp_path)]
     r = cli(*args, "--max-tokens", "4") if "--max-tokens" not in args else cli(*args)
-    assert r.returncode != 0
-    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and words in lines[0], r.stderr
-    assert "Traceback" not in r.stderr
+    assert r.returncode == 2, r.stderr
+    assert words in one_error_line(r)
+
+
+def test_usage_errors_without_a_subcommand_are_one_line():
+    env = dict(os.environ, ASRKF_GGUF_LIB_DIR=str(_lib.lib_dir()))
+    r = subprocess.run([sys.executable, "-m", "asrkf_gguf"], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2
+    assert "required" in one_error_line(r)
+
+
+def test_a_context_llama_cpp_refuses_is_a_runtime_error_not_a_bad_file(demo_model_path):
+    # llama.cpp loads the model, then refuses the context (a quantized V cache without flash attention): exit 1,
+    # and the message is about the context and its KV size, not "truncated file or unsupported architecture?"
+    r = cli(demo_model_path, "--ctx", "2048", "--kv-type", "q4_0", "--flash-attn", "off", "--max-tokens", "4")
+    assert r.returncode == 1, r.stderr
+    line = one_error_line(r)
+    assert "could not create a context of 2048 cells" in line and "0.01 GiB q4_0 KV cache" in line
+    assert "truncated" not in line
+
+
+@pytest.fixture(scope="module")
+def tiny_cli_model():
+    from conftest import TINY_SPECS
+    from asrkf_gguf.testmodels import tiny_model
+
+    return str(tiny_model(TINY_SPECS["llama-gqa"]))
+
+
+def test_a_tiny_model_runs_quietly_and_verbose_shows_the_log(tiny_cli_model):
+    r = cli(tiny_cli_model, "--chat-template", "chatml", "--prompt", "Hi", "--max-tokens", "4")
+    assert r.returncode == 0 and r.stdout.strip() and r.stderr == "", r.stderr  # no llama.cpp lines
+    r = cli(tiny_cli_model, "--chat-template", "chatml", "--prompt", "Hi", "--max-tokens", "4", "--verbose")
+    assert r.returncode == 0 and "llama_model_loader" in r.stderr
+
+
+def test_a_model_without_a_chat_template_is_told_to_take_one(tiny_cli_model):
+    r = cli(tiny_cli_model, "--prompt", "Hi", "--max-tokens", "4")
+    assert r.returncode == 2
+    assert "no chat template" in one_error_line(r) and "--chat-template" in r.stderr
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_an_empty_reply_is_a_warning_not_an_error(tiny_cli_model, json_out):
+    # random weights and an all but uniform sampler: with seed 34 the first token drawn is </s>, so the reply is
+    # empty. That is exit 0 with one warning line on stderr (never on stdout, which --json keeps to one object)
+    args = ["--chat-template", "chatml", "--prompt", "Hi", "--max-tokens", "4", "--temperature", "1e6",
+            "--seed", "34"] + (["--json"] if json_out else [])
+    r = cli(tiny_cli_model, *args)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == "warning: the model produced no text\n"
+    if json_out:
+        out = json.loads(r.stdout)
+        assert out["text"] == "" and out["n_generated_tokens"] == 1
+    else:
+        assert r.stdout.strip() == ""
+
+
+def test_ctrl_c_exits_130_without_a_traceback(demo_model_path):
+    env = dict(os.environ, ASRKF_GGUF_LIB_DIR=str(_lib.lib_dir()))
+    proc = subprocess.Popen([sys.executable, "-m", "asrkf_gguf", "run", demo_model_path, "--ctx", "1024",
+                             "--prompt", "Count from one to one thousand, in words.", "--max-tokens", "900"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.read(1)  # it is generating
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert err.decode() == ""

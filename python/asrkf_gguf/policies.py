@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .kv import CellState
+from .states import CellState
 from .schedule import TokenTable
 
 

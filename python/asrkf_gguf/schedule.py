@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .kv import CellState
+from .states import CellState
 
 
 def freeze_durations(low_counts: np.ndarray, k: float) -> np.ndarray:

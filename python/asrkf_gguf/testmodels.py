@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf  # a runtime dependency (pyproject.toml): the scripts and benchmarks write these models too
 import numpy as np
 
 __all__ = ["TinyModelSpec", "write_tiny_model", "tiny_model"]
@@ -191,16 +192,14 @@ class TinyModelSpec:
 
 def write_tiny_model(path: str | os.PathLike, spec: TinyModelSpec) -> Path:
     """Write a random-weight GGUF for spec to path (atomically) and return it."""
-    import gguf  # imported lazily: only test code needs gguf-py
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, spec.arch)
-        _add_metadata(writer, spec, gguf)
-        for name, array in _tensors(spec, gguf):
+        _add_metadata(writer, spec)
+        for name, array in _tensors(spec):
             writer.add_tensor(name, array)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -230,7 +229,7 @@ def tiny_model(spec: TinyModelSpec, directory: str | os.PathLike | None = None) 
     return path
 
 
-def _add_metadata(writer, spec: TinyModelSpec, gguf) -> None:
+def _add_metadata(writer, spec: TinyModelSpec) -> None:
     writer.add_name(f"tiny-{spec.arch}-{spec.cache_key}")
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if spec.dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
     writer.add_context_length(spec.n_ctx_train)
@@ -260,7 +259,7 @@ def _add_metadata(writer, spec: TinyModelSpec, gguf) -> None:
     # A real (if tiny) SentencePiece vocab rather than tokenizer "none": with
     # it llama.cpp tokenizes/detokenizes and has bos/eos, so code paths that
     # touch the vocab work as on real models.
-    tokens, scores, types = _spm_vocab(spec.n_vocab, gguf)
+    tokens, scores, types = _spm_vocab(spec.n_vocab)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
@@ -270,7 +269,7 @@ def _add_metadata(writer, spec: TinyModelSpec, gguf) -> None:
     writer.add_eos_token_id(2)
 
 
-def _spm_vocab(n_vocab: int, gguf) -> tuple[list[str], list[float], list[int]]:
+def _spm_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
     """<unk> <s> </s>, the 256 byte tokens <0x00>..<0xFF>, then filler pieces."""
     T = gguf.TokenType
     tokens = ["<unk>", "<s>", "</s>"]
@@ -290,7 +289,7 @@ def _spm_vocab(n_vocab: int, gguf) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
-def _tensors(spec: TinyModelSpec, gguf):
+def _tensors(spec: TinyModelSpec):
     """Yield (name, array) in llama.cpp's layout: numpy shape (out, in)."""
     rng = np.random.default_rng(spec.seed)
     wtype = _DTYPES[spec.dtype]
