@@ -58,3 +58,28 @@ def test_controller_settings_follow_where_the_kv_lives(demo_model_path):
     else:  # a CPU build: the KV stays on the CPU whatever n_gpu_layers says, and every layer is scored
         assert device_defaults(99) == {} and layers == all_layers
     assert device_defaults(0) == {}
+
+
+def test_a_host_budget_refuses_the_offload_that_would_pass_it_and_keeps_the_chat(demo_model_path):
+    from asrkf_gguf.engine import EngineError, size_bytes
+    from asrkf_gguf.errors import HostBudgetError
+
+    assert size_bytes("512M") == 512 * 2**20 and size_bytes("1.5GiB") == 3 * 2**29 and size_bytes(4096) == 4096
+    for bad in ("", "x", "-1G", "0", True, 1.5):
+        with pytest.raises(EngineError):
+            size_bytes(bad)
+    with Engine(demo_model_path, ctx=4096, kv_budget=256, n_threads=2, host_budget="8M") as e:
+        per_token = e.kv.info().kv_bytes_per_token
+        limit = 8 * 2**20 // per_token  # tokens the host may hold
+        "".join(e.chat("Hello there, my friend! " * 70, max_tokens=4))
+        first = e.controller.table.counts()
+        assert 0 < first["offloaded"] <= limit
+        n_before, msgs_before = e.controller.table.n, list(e.messages)
+        with pytest.raises(HostBudgetError, match="host budget"):
+            "".join(e.chat("Tell me more. " * 400, max_tokens=4))
+        # the failed turn is taken back: the chat is where it was, every host copy within the budget and intact
+        assert e.controller.table.n == n_before and e.messages == msgs_before
+        assert e.kv.info().host_bytes_used <= 8 * 2**20
+        e.controller.table.check(e.kv)
+        "".join(e.chat("And now?", max_tokens=4))  # usable afterwards
+        assert e.controller.table.n > n_before

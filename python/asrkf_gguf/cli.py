@@ -35,6 +35,8 @@ def add_run_parser(sub) -> None:
     r.add_argument("--kv-type", choices=["f16", "q8_0", "q4_0"], default="f16")
     r.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
     r.add_argument("--n-gpu-layers", type=int, default=0)
+    r.add_argument("--host-budget", help="host memory for offloaded K/V, e.g. 512M or 4G (default: no limit); past it "
+                                         "the turn fails with an error and nothing is dropped")
     r.add_argument("--importance-every", type=int, default=None,
                    help="score every k-th attention layer (from the last); default: 4 when the KV cache is on a GPU "
                         "(keeps most of the decode speed), else 1")
@@ -97,7 +99,7 @@ def run(args) -> int:
                         controller_params={"score_every": args.score_every,
                                            **({} if args.importance_every is None
                                               else {"importance_every": args.importance_every})},
-                        chat_template=args.chat_template, verbose=args.verbose)
+                        chat_template=args.chat_template, host_budget=args.host_budget, verbose=args.verbose)
     except EngineError as err:
         raise UsageError(str(err)) from None
     with engine:

@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from .entropy import EntropyMonitor, Recovery, entropy_of
+from .errors import HostBudgetError
 from .kv import AsrkfError, CellState, KVCache
 from .policies import AsrkfPolicy, Policy
 from .schedule import TokenTable, freeze_durations
@@ -44,6 +45,9 @@ class ControllerConfig:
     # False (ours): freeze only while the budget has room, and thaw the frozen ones when it fills. True: the
     # paper's rule, which had no hard budget: freeze every period whatever the budget
     freeze_under_budget: bool = False
+    # host memory for offloaded K/V rows, in bytes (0: no limit). An offload past it is refused with
+    # HostBudgetError before anything moves; nothing is ever dropped to make room
+    host_budget_bytes: int = 0
     # when the budget is full, offload at least this many tokens at once (0: budget_cells // 32): one batched
     # move every few dozen steps instead of a one-token move per step, which costs a device round trip each
     offload_batch: int = 0
@@ -56,9 +60,9 @@ class ControllerConfig:
 
     def __post_init__(self):
         if self.budget_cells < 1 or not 0 < self.ema <= 1 or self.n_q < 1 or self.wr_window < 1 or self.rr_tokens < 0 \
-                or self.recall_pool < 0 or self.recall_redecode < 1 or self.offload_batch < 0 or self.score_every < 1 or self.importance_every < 1:
+                or self.recall_pool < 0 or self.recall_redecode < 1 or self.offload_batch < 0 or self.host_budget_bytes < 0 or self.score_every < 1 or self.importance_every < 1:
             raise ValueError("ControllerConfig: budget_cells >= 1, 0 < ema <= 1, n_q >= 1, wr_window >= 1, "
-                             "rr_tokens >= 0, recall_pool >= 0, recall_redecode >= 1, offload_batch >= 0, score_every >= 1, "
+                             "rr_tokens >= 0, recall_pool >= 0, recall_redecode >= 1, offload_batch >= 0, host_budget_bytes >= 0, score_every >= 1, "
                              "importance_every >= 1 are required")
         if self.importance_layers is not None and self.importance_every != 1:
             raise ValueError("ControllerConfig: give importance_layers or importance_every, not both")
@@ -308,6 +312,14 @@ class Controller:
     def _swap(self, out: np.ndarray, back: np.ndarray) -> None:
         """Offload `out`, then thaw `back` into the cells that freed: one batched native call each."""
         t = self.table
+        if out.size and self.config.host_budget_bytes:
+            need = (t.count(CellState.OFFLOADED) + out.size - back.size) * self.bytes_per_token
+            if need > self.config.host_budget_bytes:
+                raise HostBudgetError(
+                    f"the host budget of {self.config.host_budget_bytes / 2**20:.1f} MiB is full: "
+                    f"{t.count(CellState.OFFLOADED)} tokens are offloaded and {out.size - back.size} more would need "
+                    f"{need / 2**20:.1f} MiB ({self.bytes_per_token} bytes a token); raise the host budget or start "
+                    "a new conversation")
         if out.size:
             t0 = time.perf_counter()
             self.kv.offload(out, self.seq_id)

@@ -55,6 +55,21 @@ def budget_cells(spec: Union[int, float, str, None], ctx: int) -> int:
     return int(spec)
 
 
+def size_bytes(spec: Union[int, str]) -> int:
+    """A size in bytes from an int or a string such as "512M", "4G", "1.5GiB", "100000" (binary units)."""
+    if isinstance(spec, bool) or not isinstance(spec, (int, str)):
+        raise EngineError(f"a size must be bytes or a string such as 512M or 4G, got {spec!r}")
+    text = str(spec).strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}.get(text[-1:], 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text) * scale
+    except ValueError:
+        raise EngineError(f"a size must be bytes or a string such as 512M or 4G, got {spec!r}") from None
+    if not value > 0 or value != value:
+        raise EngineError(f"a size must be positive, got {spec!r}")
+    return int(value)
+
+
 def device_defaults(n_gpu_layers: int) -> dict:
     """Controller settings by where the KV cache lives. On a GPU each scored layer is a second pass over its keys
     next to a decode step that is short, and recall scores every scored layer on the host: every 4th layer keeps
@@ -72,10 +87,13 @@ class Engine:
                  kv_budget: Union[int, float, str, None] = None, policy: str = "asrkf", kv_type: str = "f16",
                  flash_attn: str = "auto", n_gpu_layers: int = 0, n_threads: Optional[int] = None,
                  policy_params: Optional[dict] = None, controller_params: Optional[dict] = None,
-                 chat_template: Optional[str] = None, verbose: bool = False):
+                 chat_template: Optional[str] = None, host_budget: Union[int, str, None] = None,
+                 verbose: bool = False):
         """policy_params go to the policy (e.g. n_sinks, recent, k, period, low_quantile for asrkf);
         controller_params to ControllerConfig (ema, n_q, importance_layers, wr_window, rr_tokens, recovery).
-        chat_template replaces the GGUF's: a Jinja template or a llama.cpp built-in name ("gemma", "llama3")."""
+        chat_template replaces the GGUF's: a Jinja template or a llama.cpp built-in name ("gemma", "llama3").
+        host_budget: host memory for offloaded K/V (bytes, or "512M", "4G"); past it a turn fails with
+        HostBudgetError and is taken back, nothing is dropped (None: no limit)."""
         from .models import fetch_demo_model
 
         self.model_path = model_path or str(fetch_demo_model(progress=verbose))
@@ -101,6 +119,7 @@ class Engine:
             raise EngineError(f"a budget of {budget} cells is too small: {self.policy.n_sinks} sink and "
                               f"{self.policy.recent} recent tokens are always kept on the device")
 
+        host_bytes = size_bytes(host_budget) if host_budget is not None else 0
         try:
             options = ContextOptions(n_ctx=budget, kv_type=kv_type, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers,
                                      n_threads=n_threads)
@@ -120,7 +139,7 @@ class Engine:
             self.kv = self._stack.enter_context(KVCache(ctx=self.session.context))
             self.controller = Controller(self.kv, self.policy, ControllerConfig(
                 budget_cells=min(budget, self.kv.info().n_cells),
-                **{**device_defaults(n_gpu_layers), **(controller_params or {})}))
+                **{**device_defaults(n_gpu_layers), "host_budget_bytes": host_bytes, **(controller_params or {})}))
         except Exception as err:
             self._stack.close()
             raise EngineError(str(err)) from None
