@@ -26,6 +26,11 @@ static void clear_error() {
     g_last_error_code = 0;
 }
 
+void asrkf_set_last_error(int32_t code, const std::string & msg) {
+    g_last_error      = msg;
+    g_last_error_code = code;
+}
+
 static int32_t fail(int32_t code, const char * func, const std::string & msg) {
     g_last_error      = msg;
     g_last_error_code = code;

@@ -75,6 +75,7 @@ llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_
     if (kv->layers.empty()) {
         KVF_FAIL(ASRKF_EUNSUPPORTED, "architecture %s has no full-attention layers to manage", llm_arch_name(model.arch));
     }
+
     if (kv->n_stream != 1) {
         KVF_FAIL(ASRKF_EUNSUPPORTED, "the KV cache has %u streams: create the context with kv_unified = true or n_seq_max = 1", kv->n_stream);
     }
@@ -1229,6 +1230,21 @@ void llama_kv_freeze::check() const {
         if (c.seq_get_all(i).none()) {
             KVF_FAIL(ASRKF_EINVAL, "check: cell %u has a position but no sequence", i);
         }
+        // the flag is per cell: a shared frozen cell would mask its position for every sequence holding it
+        if (c.is_frozen(i) && c.seq_count(i) != 1) {
+            KVF_FAIL(ASRKF_EINVAL, "check: frozen cell %u (position %d) is shared by %d sequences", i, c.pos_get(i), c.seq_count(i));
+        }
+    }
+
+    // the next decode of a sequence goes right after its newest resident position: no offloaded position may be there
+    for (auto it = records.begin(); it != records.end();) {
+        const llama_seq_id s = it->first.first;
+        it = records.lower_bound({s + 1, std::numeric_limits<llama_pos>::min()});
+        const llama_pos off = std::prev(it)->first.second;
+        const llama_pos res = c.seq_pos_max(s);
+        if (off > res) {
+            KVF_FAIL(ASRKF_EINVAL, "check: offloaded position %d of sequence %d is above its newest resident position (%d)", off, s, res);
+        }
     }
 }
 
@@ -1300,18 +1316,114 @@ void llama_kv_freeze_on_seq_keep(llama_kv_freeze * kvf, llama_seq_id seq_id) {
     kvf->on_seq_keep(seq_id);
 }
 
-static bool kvf_refuse(const char * op, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
-    LLAMA_LOG_ERROR("%s: refused: sequence %d has positions offloaded to host memory in [%d, %d) that this would "
-            "skip or overwrite; thaw them first\n", op, seq_id, p0, p1 < 0 ? std::numeric_limits<llama_pos>::max() : p1);
+// a refused llama.cpp call returns nothing that says why: the reason goes to the log and to asrkf_last_error()
+static bool kvf_refuse(const std::string & msg) {
+    LLAMA_LOG_ERROR("%s\n", msg.c_str());
+    asrkf_set_last_error(ASRKF_EREFUSED, msg);
     return false;
 }
 
+static bool kvf_refuse(const char * op, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    return kvf_refuse(fmt_error("%s: refused: sequence %d has positions offloaded to host memory in [%d, %d) that this would "
+            "skip or overwrite; thaw them first", op, seq_id, p0, p1 < 0 ? std::numeric_limits<llama_pos>::max() : p1));
+}
+
+llama_pos llama_kv_freeze::frozen_in(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const {
+    if (p0 < 0) {
+        p0 = 0;
+    }
+    if (p1 < 0) {
+        p1 = std::numeric_limits<llama_pos>::max();
+    }
+    const auto & c = kv->v_cells[0];
+    if ((size_t) seq_id >= kv->seq_to_stream.size() && seq_id >= 0) {
+        return -1; // llama.cpp's own checks refuse it
+    }
+    if (seq_id < 0) {
+        for (uint32_t i = 0; i < c.size(); ++i) {
+            if (!c.is_empty(i) && c.is_frozen(i) && c.pos_get(i) >= p0 && c.pos_get(i) < p1) {
+                return c.pos_get(i);
+            }
+        }
+        return -1;
+    }
+    const auto & sp = c.seq_pos_get(seq_id);
+    for (auto it = sp.lower_bound({p0, 0u}); it != sp.end() && it->first < p1; ++it) {
+        if (c.is_frozen(it->second)) {
+            return it->first;
+        }
+    }
+    return -1;
+}
+
+llama_pos llama_kv_freeze::offloaded_max_after_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const {
+    const auto lo = records.lower_bound({seq_id, std::numeric_limits<llama_pos>::min()});
+    for (auto it = records.lower_bound({seq_id + 1, std::numeric_limits<llama_pos>::min()}); it != lo;) {
+        --it;
+        const llama_pos p = it->first.second;
+        if (p < p0 || p >= p1) {
+            return p;
+        }
+    }
+    return -1;
+}
+
+llama_pos llama_kv_freeze::resident_max_after_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const {
+    const auto & sp = kv->v_cells[kv->seq_to_stream[seq_id]].seq_pos_get(seq_id);
+    if (sp.empty()) {
+        return -1;
+    }
+    const llama_pos p_max = sp.rbegin()->first;
+    if (p_max < p0 || p_max >= p1) {
+        return p_max;
+    }
+    // the newest position is removed, and with it everything up to it from p0: the newest one below p0 is left
+    const auto it = sp.lower_bound({p0, 0u});
+    return it == sp.begin() ? -1 : std::prev(it)->first;
+}
+
+bool llama_kv_freeze_allow_seq_rm(const llama_kv_freeze * kvf, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    if (p0 < 0) {
+        p0 = 0;
+    }
+    if (p1 < 0) {
+        p1 = std::numeric_limits<llama_pos>::max();
+    }
+    // every offloaded position must stay below the newest resident one: the next decode of a sequence goes right
+    // after its newest resident position, and would otherwise give an offloaded position a second, resident copy
+    for (auto it = kvf->records.begin(); it != kvf->records.end();) {
+        const llama_seq_id s = it->first.first;
+        it = kvf->records.lower_bound({s + 1, std::numeric_limits<llama_pos>::min()});
+        if (seq_id >= 0 && s != seq_id) {
+            continue;
+        }
+        const llama_pos off = kvf->offloaded_max_after_rm(s, p0, p1);
+        const llama_pos res = kvf->resident_max_after_rm(s, p0, p1);
+        if (off >= 0 && off > res) {
+            return kvf_refuse(fmt_error("seq_rm: refused: removing [%d, %d) of sequence %d would leave its offloaded position %d "
+                    "above its newest resident position (%d), and the next decode would give that position a second copy; "
+                    "thaw the offloaded positions above the new end first, or include them in the removal",
+                    p0, p1, s, off, res));
+        }
+    }
+    return true;
+}
+
 bool llama_kv_freeze_allow_seq_cp(const llama_kv_freeze * kvf, llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) {
+    if (seq_id_src == seq_id_dst) {
+        return true; // nothing to copy
+    }
     // the source would lose them in the copy; the target would get a resident twin of its own offloaded positions
     for (const llama_seq_id s : { seq_id_src, seq_id_dst }) {
         if (kvf->has_offloaded(s, p0, p1)) {
             return kvf_refuse("seq_cp", s, p0, p1);
         }
+    }
+    // the frozen flag is per cell and the copy shares the cell: the target would start out with the mask
+    const llama_pos pf = kvf->frozen_in(seq_id_src, p0, p1);
+    if (pf >= 0) {
+        return kvf_refuse(fmt_error("seq_cp: refused: position %d of sequence %d is frozen, and a copy to sequence %d would "
+                "share its cell and its mask; unfreeze the range first", pf, seq_id_src, seq_id_dst));
     }
     return true;
 }
@@ -1329,7 +1441,19 @@ bool llama_kv_freeze_allow_seq_div(const llama_kv_freeze * kvf, llama_seq_id seq
 }
 
 bool llama_kv_freeze_allow_state(const llama_kv_freeze * kvf, const char * op, llama_seq_id seq_id) {
-    return !kvf->has_offloaded(seq_id, 0, -1) || kvf_refuse(op, seq_id, 0, -1);
+    if (kvf->has_offloaded(seq_id, 0, -1)) {
+        return kvf_refuse(op, seq_id, 0, -1);
+    }
+    // a snapshot holds no frozen flags: the cells it restores would come back active (op is the __func__ of
+    // llama_kv_cache::state_write / state_read; a load replaces the sequence's cells, flags included)
+    if (strcmp(op, "state_write") == 0) {
+        const llama_pos pf = kvf->frozen_in(seq_id, 0, -1);
+        if (pf >= 0) {
+            return kvf_refuse(fmt_error("state_write: refused: position %d%s is frozen and a snapshot does not hold the "
+                    "frozen flags; unfreeze first", pf, seq_id < 0 ? "" : fmt_error(" of sequence %d", seq_id).c_str()));
+        }
+    }
+    return true;
 }
 
 void llama_kv_freeze_on_context_free(llama_context * lctx) {

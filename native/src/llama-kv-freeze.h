@@ -102,6 +102,12 @@ struct llama_kv_freeze {
     void on_seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1);
     void on_seq_keep(llama_seq_id seq_id);
     bool has_offloaded(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const;
+    // a frozen cell of seq_id in [p0, p1) (p1 < 0: no end; seq_id < 0: any sequence), -1 if none: its position
+    llama_pos frozen_in(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const;
+    // the newest offloaded position of seq_id that a removal of [p0, p1) keeps, and the newest resident one it
+    // keeps (-1: none)
+    llama_pos offloaded_max_after_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const;
+    llama_pos resident_max_after_rm (llama_seq_id seq_id, llama_pos p0, llama_pos p1) const;
     void on_context_free();
 
     //
@@ -184,6 +190,10 @@ private:
 };
 
 void llama_kv_freeze_check_unique(const std::vector<llama_pos> & pos, const char * op);
+
+// asrkf.cpp: what asrkf_last_error() / asrkf_last_error_code() report on this thread; a hook that refuses a
+// llama.cpp call (which has no way to say why) leaves its reason there
+void asrkf_set_last_error(int32_t code, const std::string & msg);
 
 // the controller is going away before the graph input it created: the input must not call back
 void llama_kv_freeze_input_detach(llm_graph_input_kv_freeze * inp);

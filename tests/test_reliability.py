@@ -1,0 +1,135 @@
+"""Issue 10 (reliability), native half: llama.cpp edits and snapshots that would break the freeze/offload state are
+refused with a clear error and change nothing."""
+
+import ctypes
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from asrkf_gguf import AsrkfError, CellState, KVCache
+from asrkf_gguf._cffi import ffi, lib
+from conftest import random_tokens, session
+
+
+def snapshot(kv, seq_id=0):
+    pos, state, cell = kv.cells(seq_id)
+    return pos.tolist(), state.tolist(), cell.tolist(), kv.offloaded(seq_id).tolist(), kv.info().host_bytes_used
+
+
+def last_error():
+    return ffi.string(lib.asrkf_last_error()).decode()
+
+
+# ---- 1. a removal must not leave an offloaded position where the next decode goes
+
+
+def test_seq_rm_that_would_leave_an_offloaded_position_above_the_newest_is_refused(tiny_path):
+    tokens = random_tokens(41, seed=40)
+    with session(tiny_path, n_ctx=128, flash_attn="on", n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        s.decode(tokens[:40], 0)
+        kv.offload([36, 37, 38])  # 39 is the newest and stays resident
+        mem = s.context.memory
+        before = snapshot(kv)
+        # removing the newest (or the newest and some of the offloaded ones) would make 38 (or 36) the position
+        # the next decode lands on, while its rows wait in host memory
+        for seq_id, p0, p1 in ((0, 39, 40), (0, 37, -1), (-1, 39, 40), (0, 38, 40)):
+            assert not llama_cpp.llama_memory_seq_rm(mem, seq_id, p0, p1), (seq_id, p0, p1)
+            assert "seq_rm" in last_error() and "offloaded" in last_error()
+            assert snapshot(kv) == before
+            assert s.pos_max() == 39
+        kv.check()
+        # the sequence goes on where it was
+        s.decode(tokens[40:41], 40)
+        kv.check()
+        assert s.seq_rm(40, 41)
+
+        # a removal that takes the offloaded positions above the new end along is allowed: nothing is left above it
+        assert s.seq_rm(36, -1)
+        assert kv.offloaded().tolist() == []
+        assert s.pos_max() == 35
+        kv.check()
+        s.decode(tokens[36:38], 36)
+        kv.check()
+        assert s.pos_max() == 37
+
+        # holes below the newest position are fine: the next decode still goes after the newest
+        kv.offload([10, 11])
+        assert s.seq_rm(20, 30)
+        assert kv.offloaded().tolist() == [10, 11]
+        # and so is a removal that leaves a resident position above the offloaded ones
+        assert s.seq_rm(12, 20)
+        kv.thaw([10, 11])
+        kv.check()
+
+
+# ---- 2. a copy must not share a frozen cell (the flag is per cell)
+
+
+def test_seq_cp_of_frozen_cells_is_refused(tiny_path):
+    with session(tiny_path, n_ctx=256, flash_attn="on", n_batch=64, n_ubatch=64, n_seq_max=2) as s, \
+            KVCache(ctx=s.context) as kv:
+        s.decode(random_tokens(40, seed=42), 0)
+        kv.freeze([5, 6])
+        mem = s.context.memory
+        before0, before1 = snapshot(kv, 0), snapshot(kv, 1)
+        llama_cpp.llama_memory_seq_cp(mem, 0, 1, 0, 20)
+        assert "seq_cp" in last_error() and "frozen" in last_error()
+        assert snapshot(kv, 0) == before0 and snapshot(kv, 1) == before1
+        assert len(kv.cells(1)[0]) == 0
+        kv.check()
+        # a range without frozen cells is copied
+        llama_cpp.llama_memory_seq_cp(mem, 0, 1, 10, 20)
+        assert kv.cells(1)[0].tolist() == list(range(10, 20))
+        assert np.all(kv.cells(1)[1] == CellState.ACTIVE)
+        # unfrozen, the rest goes too, and sequence 1 sees no mask
+        kv.unfreeze([5, 6])
+        llama_cpp.llama_memory_seq_cp(mem, 0, 1, 0, 10)
+        assert kv.cells(1)[0].tolist() == list(range(20))
+        assert np.all(kv.cells(1)[1] == CellState.ACTIVE)
+        assert kv.info().n_frozen == 0
+        kv.check()
+
+
+# ---- 3. a snapshot without the frozen flags is refused; what a load restores matches what was saved
+
+
+def test_state_save_is_refused_while_cells_are_frozen(tiny_path):
+    tokens = random_tokens(30, seed=43)
+    with session(tiny_path, n_ctx=128, flash_attn="on", n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        s.decode(tokens, 0)
+        kv.freeze([3, 4])
+        before = snapshot(kv)
+        assert llama_cpp.llama_state_seq_get_size(s.ctx, 0) == 0
+        assert "frozen" in last_error()
+        assert llama_cpp.llama_state_get_size(s.ctx) == 0
+        buf = (ctypes.c_uint8 * (1 << 22))()
+        assert llama_cpp.llama_state_seq_get_data(s.ctx, buf, len(buf), 0) == 0
+        assert llama_cpp.llama_state_get_data(s.ctx, buf, len(buf)) == 0
+        assert snapshot(kv) == before  # the refusal changed nothing
+        kv.check()
+
+        # unfrozen, the save goes through; a later freeze does not leak into what a load restores
+        kv.unfreeze([3, 4])
+        n = llama_cpp.llama_state_seq_get_data(s.ctx, buf, len(buf), 0)
+        assert n > 0
+        saved = snapshot(kv)
+        kv.freeze([7, 8, 9])
+        assert llama_cpp.llama_state_seq_set_data(s.ctx, buf, n, 0) == n
+        assert kv.info().n_frozen == 0
+        pos, state, _ = kv.cells()
+        assert pos.tolist() == saved[0] and np.all(state == CellState.ACTIVE)
+        kv.check()
+
+
+def test_state_save_of_another_sequence_is_not_refused_by_frozen_cells(tiny_path):
+    with session(tiny_path, n_ctx=256, flash_attn="on", n_batch=64, n_ubatch=64, n_seq_max=2) as s, \
+            KVCache(ctx=s.context) as kv:
+        s.decode(random_tokens(20, seed=44), 0)
+        s.batch.reset()
+        s.batch.add_sequence(random_tokens(10, seed=45), 1, False)
+        assert llama_cpp.llama_decode(s.ctx, s.batch.batch) == 0
+        kv.freeze([2], seq_id=0)
+        assert llama_cpp.llama_state_seq_get_size(s.ctx, 1) > 0
+        assert llama_cpp.llama_state_seq_get_size(s.ctx, 0) == 0
+        assert llama_cpp.llama_state_get_size(s.ctx) == 0  # the whole state holds sequence 0 too
