@@ -1,5 +1,6 @@
 """Issue 10 (reliability), native half: llama.cpp edits and snapshots that would break the freeze/offload state are
-refused with a clear error and change nothing."""
+refused with a clear error and change nothing; models whose attention the importance scores do not model are refused
+at attach."""
 
 import ctypes
 
@@ -133,3 +134,110 @@ def test_state_save_of_another_sequence_is_not_refused_by_frozen_cells(tiny_path
         assert llama_cpp.llama_state_seq_get_size(s.ctx, 1) > 0
         assert llama_cpp.llama_state_seq_get_size(s.ctx, 0) == 0
         assert llama_cpp.llama_state_get_size(s.ctx) == 0  # the whole state holds sequence 0 too
+
+
+# ---- 5. attention the importance scores do not model is refused at attach
+
+
+def _write_model(path, arch, extra_meta, tensors):
+    import gguf
+
+    from asrkf_gguf.testmodels import _spm_vocab
+
+    n_vocab, n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff = 512, 128, 2, 4, extra_meta.pop("n_head_kv"), 32, 256
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(4096)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_vocab_size(n_vocab)
+    for key, (kind, value) in extra_meta.items():
+        getattr(w, "add_" + kind)(f"{arch}.{key}", value)
+    toks, scores, types = _spm_vocab(n_vocab, gguf)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(toks)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    rng = np.random.default_rng(0)
+    dims = dict(V=n_vocab, E=n_embd, Q=n_head * head_dim, K=n_head_kv * head_dim, F=n_ff)
+    for name, shape in tensors(n_layer):
+        shape = tuple(dims[d] if isinstance(d, str) else d for d in shape)
+        arr = np.ones(shape, np.float32) if len(shape) == 1 else \
+            (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def _gemma2_tensors(n_layer):
+    yield "token_embd.weight", ("V", "E")
+    yield "output_norm.weight", ("E",)
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        yield b + "attn_norm.weight", ("E",)
+        yield b + "attn_q.weight", ("Q", "E")
+        yield b + "attn_k.weight", ("K", "E")
+        yield b + "attn_v.weight", ("K", "E")
+        yield b + "attn_output.weight", ("E", "Q")
+        yield b + "post_attention_norm.weight", ("E",)
+        yield b + "ffn_norm.weight", ("E",)
+        yield b + "ffn_gate.weight", ("F", "E")
+        yield b + "ffn_up.weight", ("F", "E")
+        yield b + "ffn_down.weight", ("E", "F")
+        yield b + "post_ffw_norm.weight", ("E",)
+
+
+def _mpt_tensors(n_layer):
+    yield "token_embd.weight", ("V", "E")
+    yield "output_norm.weight", ("E",)
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        yield b + "attn_norm.weight", ("E",)
+        yield b + "attn_qkv.weight", (128 + 2 * 128, "E")
+        yield b + "attn_output.weight", ("E", "E")
+        yield b + "ffn_norm.weight", ("E",)
+        yield b + "ffn_up.weight", ("F", "E")
+        yield b + "ffn_down.weight", ("E", "F")
+
+
+@pytest.fixture(scope="module")
+def softcap_path(tmp_path_factory):
+    # Gemma-2: attention logits soft-capped at 50 (metadata), iSWA cache
+    meta = {"n_head_kv": 2, "attention.layer_norm_rms_epsilon": ("float32", 1e-6),
+            "attention.sliding_window": ("uint32", 64), "attn_logit_softcapping": ("float32", 50.0),
+            "final_logit_softcapping": ("float32", 30.0)}
+    return _write_model(tmp_path_factory.mktemp("gemma2") / "tiny-gemma2.gguf", "gemma2", meta, _gemma2_tensors)
+
+
+@pytest.fixture(scope="module")
+def alibi_path(tmp_path_factory):
+    # MPT: ALiBi with max bias 8 (metadata), plain cache
+    meta = {"n_head_kv": 4, "attention.layer_norm_epsilon": ("float32", 1e-5),
+            "attention.max_alibi_bias": ("float32", 8.0)}
+    return _write_model(tmp_path_factory.mktemp("mpt") / "tiny-mpt.gguf", "mpt", meta, _mpt_tensors)
+
+
+@pytest.mark.parametrize("which,words", [("softcap", "soft-capping"), ("alibi", "ALiBi")])
+def test_attention_the_scores_do_not_model_is_refused_at_attach(which, words, softcap_path, alibi_path):
+    path = {"softcap": softcap_path, "alibi": alibi_path}[which]
+    prompt, more = random_tokens(12, seed=46), random_tokens(4, seed=47)
+    with session(path, n_ctx=256, flash_attn="off") as s:
+        s.decode(prompt, 0)  # the model loads and runs
+        with pytest.raises(AsrkfError) as err:
+            KVCache(ctx=s.context)
+        assert err.value.code == -5 and words in err.value.message
+        after = s.decode(more, len(prompt))  # nothing was left attached
+    with session(path, n_ctx=256, flash_attn="off") as ref:
+        ref.decode(prompt, 0)
+        expected = ref.decode(more, len(prompt))
+    np.testing.assert_allclose(after, expected, rtol=1e-5, atol=1e-5)

@@ -121,6 +121,9 @@ ASRKF_API const char * asrkf_last_error(void);
 ASRKF_API int32_t      asrkf_last_error_code(void);
 
 // attach to ctx; returns NULL on failure (unsupported cache, already attached, ...)
+// refused (-5) for models whose attention the importance scores and the host recall (softmax of kq_scale * q.k under
+// the mask) would get silently wrong: attention logit soft-capping (Gemma-2, Grok), ALiBi (BLOOM, MPT, ...),
+// attention sinks (gpt-oss); the message names the feature
 // the handle must be freed before or after the context; once the context is freed every call returns ASRKF_EFREED
 ASRKF_API asrkf_kv_t asrkf_kv_attach(struct llama_context * ctx, struct asrkf_kv_params params);
 

@@ -76,6 +76,24 @@ llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_
         KVF_FAIL(ASRKF_EUNSUPPORTED, "architecture %s has no full-attention layers to manage", llm_arch_name(model.arch));
     }
 
+    // the importance node and the host recall score a cell by softmax(kq_scale * q.k) over the mask: attention that
+    // changes the logits or the normalisation beyond that would get scores that are silently wrong
+    const llama_hparams & hp = model.hparams;
+    if (hp.attn_soft_cap || model.arch == LLM_ARCH_GROK) {
+        KVF_FAIL(ASRKF_EUNSUPPORTED, "architecture %s uses attention logit soft-capping (cap %.1f), which the importance "
+                "scores and the host recall do not compute", llm_arch_name(model.arch), hp.f_attn_logit_softcapping);
+    }
+    if (hp.use_alibi || hp.f_max_alibi_bias > 0.0f) {
+        KVF_FAIL(ASRKF_EUNSUPPORTED, "architecture %s uses ALiBi position biases (max bias %.1f), which the importance "
+                "scores and the host recall do not compute", llm_arch_name(model.arch), hp.f_max_alibi_bias);
+    }
+    for (size_t il = 0; il < model.layers.size(); ++il) {
+        if (model.layers[il].attn_sinks) {
+            KVF_FAIL(ASRKF_EUNSUPPORTED, "architecture %s uses attention sinks (layer %zu), which the importance scores and "
+                    "the host recall do not compute", llm_arch_name(model.arch), il);
+        }
+    }
+
     if (kv->n_stream != 1) {
         KVF_FAIL(ASRKF_EUNSUPPORTED, "the KV cache has %u streams: create the context with kv_unified = true or n_seq_max = 1", kv->n_stream);
     }
