@@ -39,6 +39,14 @@
 //   -6  backend or allocation failure
 // On any error the cache and the handle are left exactly as they were, and asrkf_last_error() says why.
 // Every call synchronizes the context's pending device work first.
+//
+// Threads: the calls on one handle take a mutex of the handle, so threads may share a handle and its calls run one
+// at a time. The cells they act on belong to the llama_context, which llama.cpp does not make thread-safe: no
+// asrkf_kv_* call may overlap another thread's use of the same context (llama_decode, llama_memory_*,
+// llama_state_*); serialize those as for llama.cpp itself. The one exception is llama_free(ctx): it may run while
+// a call on the handle runs on another thread; it waits for that call to finish, and every later call returns
+// ASRKF_EFREED. asrkf_kv_free deletes the handle: it must not overlap other calls on it. asrkf_last_error() is per
+// thread. Different handles (different contexts) are independent.
 
 #include <stddef.h>
 #include <stdint.h>

@@ -51,6 +51,9 @@ void llama_kv_freeze_check_unique(const std::vector<llama_pos> & pos, const char
 
 llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_t host_chunk_cells, bool force_gather, size_t scratch_bytes)
     : lctx(lctx), force_gather(force_gather), scratch_bytes(scratch_bytes) {
+    // one check-and-register: two threads attaching to one context cannot both succeed
+    std::lock_guard<std::mutex> lock(g_kvf_mutex);
+
     const llama_model & model = lctx->model;
 
     llama_memory_i * mem = lctx->memory.get();
@@ -97,7 +100,7 @@ llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_
     if (kv->n_stream != 1) {
         KVF_FAIL(ASRKF_EUNSUPPORTED, "the KV cache has %u streams: create the context with kv_unified = true or n_seq_max = 1", kv->n_stream);
     }
-    if (lctx->cparams.kv_freeze) {
+    if (lctx->cparams.kv_freeze || g_kvf_by_ctx.count(lctx)) {
         KVF_FAIL(ASRKF_EREFUSED, "a freeze controller is already attached to this context");
     }
 
@@ -130,10 +133,7 @@ llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_
 
     store.init(std::move(k_row_bytes), std::move(v_row_bytes), pinned_buft, host_chunk_cells);
 
-    {
-        std::lock_guard<std::mutex> lock(g_kvf_mutex);
-        g_kvf_by_ctx[lctx] = this;
-    }
+    g_kvf_by_ctx[lctx] = this;
 
     kv->freeze = this;
     lctx->cparams.kv_freeze = this;
@@ -146,12 +146,8 @@ llama_kv_freeze::~llama_kv_freeze() {
     }
     inputs.clear();
 
+    // llama_kv_freeze_release took us out of the registry already
     if (lctx) {
-        {
-            std::lock_guard<std::mutex> lock(g_kvf_mutex);
-            g_kvf_by_ctx.erase(lctx);
-        }
-
         // unfreeze so that the context behaves as if we had never been there; offloaded rows are the caller's loss
         for (uint32_t i = 0; i < kv->v_cells[0].size(); ++i) {
             if (!kv->v_cells[0].is_empty(i)) {
@@ -1478,7 +1474,28 @@ void llama_kv_freeze_on_context_free(llama_context * lctx) {
     std::lock_guard<std::mutex> lock(g_kvf_mutex);
     auto it = g_kvf_by_ctx.find(lctx);
     if (it != g_kvf_by_ctx.end()) {
+        // a call running on another thread finishes first (it holds the handle's mutex): it never sees the
+        // context disappear under it, and every later call answers ASRKF_EFREED
+        std::lock_guard<std::mutex> lock_kvf(it->second->mtx);
         it->second->on_context_free();
         g_kvf_by_ctx.erase(it);
     }
+}
+
+void llama_kv_freeze_release(llama_kv_freeze * kvf, bool force) {
+    std::lock_guard<std::mutex> lock(g_kvf_mutex);
+    {
+        std::lock_guard<std::mutex> lock_kvf(kvf->mtx);
+        if (kvf->lctx) {
+            if (!kvf->records.empty() && !force) {
+                KVF_FAIL(ASRKF_EREFUSED, "%zu positions are offloaded and would be lost; thaw them or free with force",
+                        kvf->records.size());
+            }
+            kvf->lctx->synchronize();
+            g_kvf_by_ctx.erase(kvf->lctx);
+        }
+    }
+    // out of the registry, so the context's destructor cannot reach it any more; the registry lock is still held
+    // until the destructor has detached from the context
+    delete kvf;
 }

@@ -10,6 +10,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -52,6 +53,11 @@ struct llama_kv_freeze {
 
     llama_kv_freeze(const llama_kv_freeze &) = delete;
     llama_kv_freeze & operator=(const llama_kv_freeze &) = delete;
+
+    // held by every C API call on this handle and by the context destructor's hook: calls from several threads run
+    // one at a time, and the context cannot be detached in the middle of one (lock order: the registry of
+    // attached contexts first, then this)
+    std::mutex mtx;
 
     // nullptr once the context is gone
     llama_context  * lctx = nullptr;
@@ -190,6 +196,10 @@ private:
 };
 
 void llama_kv_freeze_check_unique(const std::vector<llama_pos> & pos, const char * op);
+
+// asrkf_kv_free: detach from the context (refused with offloaded positions unless force) and delete kvf, atomically
+// with respect to the context's destructor; throws llama_kv_freeze_error and then leaves kvf as it was
+void llama_kv_freeze_release(llama_kv_freeze * kvf, bool force);
 
 // asrkf.cpp: what asrkf_last_error() / asrkf_last_error_code() report on this thread; a hook that refuses a
 // llama.cpp call (which has no way to say why) leaves its reason there
