@@ -21,6 +21,11 @@ struct llama_context;
 class  llama_kv_cache;
 class  llm_graph_input_kv_freeze;
 
+// printf-style message of a llama_kv_freeze_error
+std::string llama_kv_freeze_fmt(const char * fmt, ...);
+
+#define KVF_FAIL(code, ...) throw llama_kv_freeze_error(code, llama_kv_freeze_fmt(__VA_ARGS__))
+
 // an error with the code of the C API (asrkf.h); thrown inside libllama, turned into a return code at the boundary
 struct llama_kv_freeze_error : std::runtime_error {
     int32_t code;
@@ -43,7 +48,7 @@ struct llama_kv_freeze_record {
     uint32_t           cell; // where it was: thawing back there keeps the attention sums bit-identical
 };
 
-// device scratch and graphs of one gather or scatter (llama-kv-freeze.cpp)
+// device scratch and graphs of one gather or scatter (llama-kv-freeze-rows.h)
 struct llama_kv_freeze_rows;
 
 // the controller state of one llama_context: cell-state operations, the host store and the importance output
