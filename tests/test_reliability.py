@@ -64,6 +64,27 @@ def test_seq_rm_that_would_leave_an_offloaded_position_above_the_newest_is_refus
         kv.check()
 
 
+def test_refused_seq_rm_reaches_neither_cache_of_an_iswa_model():
+    # Gemma 3: the window layers' cache answers seq_pos_max; a removal the full-attention cache refuses must not
+    # have happened there either
+    from asrkf_gguf.models import fetch_gemma3_model
+    from conftest import fetched_model
+
+    path = fetched_model(fetch_gemma3_model)
+    tokens = random_tokens(41, seed=48, vocab=200000)
+    with session(path, n_ctx=512, n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        assert kv.info().iswa
+        s.decode(tokens[:40], 0)
+        kv.offload([37, 38])
+        before = snapshot(kv)
+        assert not s.seq_rm(39, 40)
+        assert s.pos_max() == 39 and snapshot(kv) == before
+        s.decode(tokens[40:41], 40)
+        assert s.seq_rm(37, -1)
+        assert s.pos_max() == 36 and kv.offloaded().tolist() == []
+        kv.check()
+
+
 # ---- 2. a copy must not share a frozen cell (the flag is per cell)
 
 
