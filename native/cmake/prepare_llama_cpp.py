@@ -121,6 +121,23 @@ def apply_patches(dest: Path, patches: list[Path]) -> None:
         raise PrepareError("the patches reported success but src/llama-kv-cells.h is unpatched")
 
 
+def keep_unchanged_mtimes(new: Path, old: Path) -> None:
+    """Files of the new tree with the same bytes as in the old one keep the old modification time, so that a patch
+    change rebuilds only the sources it changed (and what includes them), not the whole library."""
+    if not old.is_dir():
+        return
+    for path in new.rglob("*"):
+        if not path.is_file() or path.is_symlink():
+            continue
+        before = old / path.relative_to(new)
+        try:
+            st = before.stat()
+            if st.st_size == path.stat().st_size and before.read_bytes() == path.read_bytes():
+                os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        except OSError:
+            continue
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--source", default="")
@@ -144,6 +161,7 @@ def main() -> int:
         tmp.mkdir(parents=True)
         extract(source, tmp)
         apply_patches(tmp, patches)
+        keep_unchanged_mtimes(tmp, dest)
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
         stamp.write_text(key)

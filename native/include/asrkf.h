@@ -13,6 +13,22 @@
 // Every position of a sequence is, at any time, exactly one of: active (resident), frozen (resident, masked),
 // offloaded (host). Nothing is dropped unless the caller removes positions (llama_memory_seq_rm / clear).
 //
+// Invariants (asrkf_kv_check verifies them), kept by refusing the llama.cpp calls that would break them:
+//   - every offloaded position of a sequence is below its newest resident position: llama.cpp decodes the next
+//     token right after the newest resident position, which therefore is never an offloaded one. So positions
+//     0..newest are each resident or offloaded (|resident| + |offloaded| = newest + 1) unless the caller removed
+//     some below the newest. asrkf_kv_offload refuses the newest position; llama_memory_seq_rm returns false and
+//     changes nothing when the removal would leave an offloaded position above the new newest one (include those
+//     positions in the removal, or thaw them first).
+//   - a frozen cell belongs to one sequence (the flag is per cell): asrkf_kv_freeze refuses shared cells and
+//     llama_memory_seq_cp refuses (does nothing for) a range holding a frozen cell of the source.
+//   - a snapshot holds neither host rows nor frozen flags: llama_state_get_size / get_data / save_file and their
+//     seq_ variants give 0 (refused) while the saved sequence (any sequence, for the whole state) has offloaded
+//     positions or frozen cells; a load is refused while the sequence has offloaded positions, and the cells it
+//     restores are active. So after a load, the cells are frozen exactly as they were when the snapshot was taken.
+//   - llama_memory_seq_add / seq_div / seq_cp over offloaded positions are refused (nothing changes).
+// A llama.cpp call refused this way logs why and leaves the reason in asrkf_last_error() (code -2) on its thread.
+//
 // Return convention of every int32_t function:
 //    0  ok
 //   -1  invalid argument (unknown / duplicate / non-resident position, bad layer, null pointer, ...)
@@ -23,6 +39,14 @@
 //   -6  backend or allocation failure
 // On any error the cache and the handle are left exactly as they were, and asrkf_last_error() says why.
 // Every call synchronizes the context's pending device work first.
+//
+// Threads: the calls on one handle take a mutex of the handle, so threads may share a handle and its calls run one
+// at a time. The cells they act on belong to the llama_context, which llama.cpp does not make thread-safe: no
+// asrkf_kv_* call may overlap another thread's use of the same context (llama_decode, llama_memory_*,
+// llama_state_*); serialize those as for llama.cpp itself. The one exception is llama_free(ctx): it may run while
+// a call on the handle runs on another thread; it waits for that call to finish, and every later call returns
+// ASRKF_EFREED. asrkf_kv_free deletes the handle: it must not overlap other calls on it. asrkf_last_error() is per
+// thread. Different handles (different contexts) are independent.
 
 #include <stddef.h>
 #include <stdint.h>
@@ -105,6 +129,9 @@ ASRKF_API const char * asrkf_last_error(void);
 ASRKF_API int32_t      asrkf_last_error_code(void);
 
 // attach to ctx; returns NULL on failure (unsupported cache, already attached, ...)
+// refused (-5) for models whose attention the importance scores and the host recall (softmax of kq_scale * q.k under
+// the mask) would get silently wrong: attention logit soft-capping (Gemma-2, Grok), ALiBi (BLOOM, MPT, ...),
+// attention sinks (gpt-oss); the message names the feature
 // the handle must be freed before or after the context; once the context is freed every call returns ASRKF_EFREED
 ASRKF_API asrkf_kv_t asrkf_kv_attach(struct llama_context * ctx, struct asrkf_kv_params params);
 

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <new>
 #include <string>
 
@@ -26,6 +27,11 @@ static void clear_error() {
     g_last_error_code = 0;
 }
 
+void asrkf_set_last_error(int32_t code, const std::string & msg) {
+    g_last_error      = msg;
+    g_last_error_code = code;
+}
+
 static int32_t fail(int32_t code, const char * func, const std::string & msg) {
     g_last_error      = msg;
     g_last_error_code = code;
@@ -39,6 +45,8 @@ static int32_t guarded(const char * func, asrkf_kv_t kv, F && fn) {
     if (!kv || !kv->kvf) {
         return fail(ASRKF_EINVAL, func, "the handle is NULL or was freed");
     }
+    // calls on one handle run one at a time; the context's destructor waits for a running one
+    std::lock_guard<std::mutex> lock(kv->kvf->mtx);
     if (!kv->kvf->lctx) {
         return fail(ASRKF_EFREED, func, "the llama_context of this handle was freed");
     }
@@ -120,14 +128,15 @@ int32_t asrkf_kv_free(asrkf_kv_t kv, bool force) {
     if (!kv) {
         return ASRKF_OK;
     }
-    if (kv->kvf && kv->kvf->lctx && !kv->kvf->records.empty() && !force) {
-        return fail(ASRKF_EREFUSED, __func__, std::to_string(kv->kvf->records.size()) +
-                " positions are offloaded and would be lost; thaw them or free with force");
+    if (kv->kvf) {
+        try {
+            llama_kv_freeze_release(kv->kvf, force);
+        } catch (const llama_kv_freeze_error & err) {
+            return fail(err.code, __func__, err.what());
+        } catch (const std::exception & err) {
+            return fail(ASRKF_EBACKEND, __func__, err.what());
+        }
     }
-    if (kv->kvf && kv->kvf->lctx) {
-        kv->kvf->lctx->synchronize();
-    }
-    delete kv->kvf;
     delete kv;
     clear_error();
     return ASRKF_OK;

@@ -20,8 +20,10 @@ void llama_kv_freeze_on_clear   (llama_kv_freeze * kvf);
 void llama_kv_freeze_on_seq_rm  (llama_kv_freeze * kvf, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
 void llama_kv_freeze_on_seq_keep(llama_kv_freeze * kvf, llama_seq_id seq_id);
 
-// llama_kv_cache(_iswa): false (and an error logged) when the edit would skip offloaded positions or land on them:
-// a shift or copy over them, or a snapshot without them
+// llama_kv_cache(_iswa): false (and an error logged) when the edit would skip offloaded positions or land on them
+// (a shift or copy over them, a snapshot without them, a removal that leaves one above the newest resident
+// position), copy a frozen cell's flag to another sequence, or save a snapshot without the frozen flags
+bool llama_kv_freeze_allow_seq_rm (const llama_kv_freeze * kvf, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
 bool llama_kv_freeze_allow_seq_cp (const llama_kv_freeze * kvf, llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1);
 bool llama_kv_freeze_allow_seq_add(const llama_kv_freeze * kvf, llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift);
 bool llama_kv_freeze_allow_seq_div(const llama_kv_freeze * kvf, llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d);

@@ -10,6 +10,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -19,6 +20,11 @@
 struct llama_context;
 class  llama_kv_cache;
 class  llm_graph_input_kv_freeze;
+
+// printf-style message of a llama_kv_freeze_error
+std::string llama_kv_freeze_fmt(const char * fmt, ...);
+
+#define KVF_FAIL(code, ...) throw llama_kv_freeze_error(code, llama_kv_freeze_fmt(__VA_ARGS__))
 
 // an error with the code of the C API (asrkf.h); thrown inside libllama, turned into a return code at the boundary
 struct llama_kv_freeze_error : std::runtime_error {
@@ -42,7 +48,7 @@ struct llama_kv_freeze_record {
     uint32_t           cell; // where it was: thawing back there keeps the attention sums bit-identical
 };
 
-// device scratch and graphs of one gather or scatter (llama-kv-freeze.cpp)
+// device scratch and graphs of one gather or scatter (llama-kv-freeze-rows.h)
 struct llama_kv_freeze_rows;
 
 // the controller state of one llama_context: cell-state operations, the host store and the importance output
@@ -52,6 +58,11 @@ struct llama_kv_freeze {
 
     llama_kv_freeze(const llama_kv_freeze &) = delete;
     llama_kv_freeze & operator=(const llama_kv_freeze &) = delete;
+
+    // held by every C API call on this handle and by the context destructor's hook: calls from several threads run
+    // one at a time, and the context cannot be detached in the middle of one (lock order: the registry of
+    // attached contexts first, then this)
+    std::mutex mtx;
 
     // nullptr once the context is gone
     llama_context  * lctx = nullptr;
@@ -102,6 +113,12 @@ struct llama_kv_freeze {
     void on_seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1);
     void on_seq_keep(llama_seq_id seq_id);
     bool has_offloaded(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const;
+    // a frozen cell of seq_id in [p0, p1) (p1 < 0: no end; seq_id < 0: any sequence), -1 if none: its position
+    llama_pos frozen_in(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const;
+    // the newest offloaded position of seq_id that a removal of [p0, p1) keeps, and the newest resident one it
+    // keeps (-1: none)
+    llama_pos offloaded_max_after_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const;
+    llama_pos resident_max_after_rm (llama_seq_id seq_id, llama_pos p0, llama_pos p1) const;
     void on_context_free();
 
     //
@@ -184,6 +201,14 @@ private:
 };
 
 void llama_kv_freeze_check_unique(const std::vector<llama_pos> & pos, const char * op);
+
+// asrkf_kv_free: detach from the context (refused with offloaded positions unless force) and delete kvf, atomically
+// with respect to the context's destructor; throws llama_kv_freeze_error and then leaves kvf as it was
+void llama_kv_freeze_release(llama_kv_freeze * kvf, bool force);
+
+// asrkf.cpp: what asrkf_last_error() / asrkf_last_error_code() report on this thread; a hook that refuses a
+// llama.cpp call (which has no way to say why) leaves its reason there
+void asrkf_set_last_error(int32_t code, const std::string & msg);
 
 // the controller is going away before the graph input it created: the input must not call back
 void llama_kv_freeze_input_detach(llm_graph_input_kv_freeze * inp);

@@ -180,24 +180,30 @@ class KVCache:
         """Resident cells of seq_id ordered by position: (pos, state, cell) int32 / uint8 / int32 arrays."""
         h = self._h()
         n = ffi.new("int32_t *")
-        _check("cells", lib.asrkf_kv_cells(h, seq_id, ffi.NULL, ffi.NULL, ffi.NULL, 0, n))
-        cap = n[0]
+        # one call with room for every cell: a count taken by a separate call can be stale by the time the arrays
+        # are filled when another thread shares the handle
+        if self._n_cells is None:
+            self._n_cells = self.info().n_cells
+        cap = self._n_cells
         pos = np.empty(cap, np.int32)
         state = np.empty(cap, np.uint8)
         cell = np.empty(cap, np.int32)
-        if cap:
-            _check("cells", lib.asrkf_kv_cells(h, seq_id, _i32(pos), ffi.cast("uint8_t *", ffi.from_buffer(state)),
-                                               _i32(cell), cap, n))
-        return pos, state, cell
+        _check("cells", lib.asrkf_kv_cells(h, seq_id, _i32(pos), ffi.cast("uint8_t *", ffi.from_buffer(state)),
+                                           _i32(cell), cap, n))
+        k = n[0]
+        return pos[:k].copy(), state[:k].copy(), cell[:k].copy()
 
     def offloaded(self, seq_id: int = 0) -> np.ndarray:
         h = self._h()
         n = ffi.new("int32_t *")
         _check("offloaded", lib.asrkf_kv_offloaded(h, seq_id, ffi.NULL, 0, n))
-        pos = np.empty(n[0], np.int32)
-        if n[0]:
-            _check("offloaded", lib.asrkf_kv_offloaded(h, seq_id, _i32(pos), n[0], n))
-        return pos
+        # the count can change between the two calls when another thread shares the handle: retry until it fits
+        while True:
+            cap = n[0]
+            pos = np.empty(cap, np.int32)
+            _check("offloaded", lib.asrkf_kv_offloaded(h, seq_id, _i32(pos), cap, n))
+            if n[0] <= cap:
+                return pos[:n[0]].copy()
 
     # ---- operations
 

@@ -1,0 +1,510 @@
+#include "llama-kv-freeze.h"
+
+#include "asrkf.h"
+#include "llama-kv-freeze-rows.h"
+
+#include "llama-impl.h"
+#include "llama-kv-cache.h"
+
+#include "ggml-cpp.h"
+
+#include <algorithm>
+#include <cstring>
+
+// row copies between the device cache and host memory: per run of cells, or gathered / scattered on the device in
+// passes through a bounded scratch buffer
+
+//
+// device copies
+//
+
+ggml_backend_t llama_kv_freeze::backend_for(const ggml_tensor * t) {
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(t->buffer));
+    if (!dev && ggml_backend_buffer_is_host(t->buffer)) {
+        // ggml's plain CPU buffer type names no device
+        dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    }
+    if (!dev) {
+        return nullptr;
+    }
+    auto it = backends.find(dev);
+    if (it != backends.end()) {
+        return it->second;
+    }
+    ggml_backend_t backend = ggml_backend_dev_init(dev, nullptr);
+    backends[dev] = backend; // nullptr is remembered too: then copies are synchronous
+    return backend;
+}
+
+void llama_kv_freeze::read(const ggml_tensor * t, size_t offset, size_t size, void * dst) {
+    n_copies++;
+    if (ggml_backend_buffer_is_host(t->buffer)) {
+        memcpy(dst, (const uint8_t *) t->data + offset, size);
+    } else if (ggml_backend_t backend = backend_for(t)) {
+        ggml_backend_tensor_get_async(backend, t, dst, offset, size);
+    } else {
+        ggml_backend_tensor_get(t, dst, offset, size);
+    }
+}
+
+void llama_kv_freeze::write(ggml_tensor * t, size_t offset, size_t size, const void * src) {
+    n_copies++;
+    if (ggml_backend_buffer_is_host(t->buffer)) {
+        memcpy((uint8_t *) t->data + offset, src, size);
+    } else if (ggml_backend_t backend = backend_for(t)) {
+        ggml_backend_tensor_set_async(backend, t, src, offset, size);
+    } else {
+        ggml_backend_tensor_set(t, src, offset, size);
+    }
+}
+
+void llama_kv_freeze::finish_copies() {
+    for (auto & [dev, backend] : backends) {
+        if (backend) {
+            ggml_backend_synchronize(backend);
+        }
+    }
+    scatter_rows.reset();
+}
+
+bool llama_kv_freeze::can_gather(const ggml_tensor * t) const {
+    // the I32 alias needs whole 4-byte words per row (true when n_embd_gqa % 64 == 0 for q4_0)
+    if (t->nb[1] % 4 != 0 || !t->buffer) {
+        return false;
+    }
+    return force_gather || !ggml_backend_buffer_is_host(t->buffer);
+}
+
+// the one backend that runs the gather/scatter graph of these tensors, and how many rows go in one pass (the
+// device scratch is bounded to scratch_bytes); nullptr: copy per run of cells instead
+ggml_backend_t llama_kv_freeze::rows_backend(const std::vector<ggml_tensor *> & tensors, size_t n_rows, size_t & n_pass) {
+    ggml_backend_t backend = backend_for(tensors[0]);
+    if (!backend) {
+        LLAMA_LOG_WARN("%s: no backend for the device of %s: copying per run of cells\n", __func__, tensors[0]->name);
+        return nullptr;
+    }
+    size_t bytes_per_row = 0;
+    for (const auto * t : tensors) {
+        if (backend_for(t) != backend) {
+            LLAMA_LOG_WARN("%s: the cache spans several devices: copying per run of cells\n", __func__);
+            return nullptr;
+        }
+        bytes_per_row += t->nb[1];
+    }
+    // few large passes: every pass costs device calls (the first is the only one nothing else overlaps)
+    n_pass = std::min(n_rows, std::max<size_t>(1, scratch_bytes / bytes_per_row));
+    return backend;
+}
+
+static bool kvf_plan_rows(llama_kv_freeze_rows & plan, ggml_backend_t backend, const std::vector<ggml_tensor *> & tensors,
+        const std::vector<int32_t> & rows, size_t n_pass, ggml_type word_type) {
+    const size_t n_t = tensors.size();
+
+    ggml_init_params ip = { ggml_tensor_overhead()*(3*n_t + 2), nullptr, /*.no_alloc =*/ true };
+    plan.ctx.reset(ggml_init(ip));
+
+    const ggml_tensor * t0 = tensors[0];
+    const size_t stride = n_t > 1 ? (size_t) ((const uint8_t *) tensors[1]->data - (const uint8_t *) t0->data) : 0;
+    bool uniform = n_t > 1 && tensors[1]->data > t0->data && stride >= ggml_nbytes(t0) && stride % 4 == 0;
+    for (size_t i = 0; uniform && i < n_t; ++i) {
+        const ggml_tensor * t = tensors[i];
+        uniform = t->buffer == t0->buffer && t->nb[1] == t0->nb[1] && ggml_nbytes(t) == ggml_nbytes(t0) &&
+                  (const uint8_t *) t->data == (const uint8_t *) t0->data + i*stride;
+    }
+
+    auto make_alias = [&](const ggml_tensor * t, size_t count) -> ggml_tensor * {
+        const int64_t words = (int64_t) (t->nb[1]/4);
+        const int64_t n_row = (int64_t) (ggml_nbytes(t)/t->nb[1]);
+        const size_t  span  = (count - 1)*stride + ggml_nbytes(t);
+        ggml_tensor * flat = ggml_new_tensor_1d(plan.ctx.get(), word_type, (int64_t) (span/4));
+        if (ggml_backend_tensor_alloc(t->buffer, flat, t->data) != GGML_STATUS_SUCCESS) {
+            LLAMA_LOG_WARN("%s: cannot alias %s: copying per run of cells\n", __func__, t->name);
+            return nullptr;
+        }
+        ggml_tensor * alias = ggml_view_3d(plan.ctx.get(), flat, words, n_row, (int64_t) count, t->nb[1],
+                count > 1 ? stride : ggml_nbytes(t), 0);
+        ggml_backend_view_init(alias);
+        return alias;
+    };
+
+    const size_t align = ggml_backend_get_alignment(backend);
+    size_t size = 0;
+    for (size_t i = 0; i < n_t; i += uniform ? n_t : 1) {
+        const size_t count = uniform ? n_t : 1;
+        ggml_tensor * alias = make_alias(tensors[i], count);
+        if (!alias) {
+            return false;
+        }
+        plan.groups.push_back({ alias, i, count, size });
+        size += GGML_PAD(n_pass*count*tensors[i]->nb[1], align);
+    }
+    plan.max_count = uniform ? n_t : 1;
+
+    // per pass, its rows repeated for every tensor of a group: get_rows takes one column of ids per tensor
+    const size_t n_rows = rows.size();
+    plan.ids.resize(n_rows*plan.max_count);
+    for (size_t r0 = 0; r0 < n_rows; r0 += n_pass) {
+        const size_t n = std::min(n_pass, n_rows - r0);
+        for (size_t c = 0; c < plan.max_count; ++c) {
+            std::copy(rows.begin() + r0, rows.begin() + r0 + n, plan.ids.begin() + r0*plan.max_count + c*n);
+        }
+    }
+    plan.idx = ggml_new_tensor_1d(plan.ctx.get(), GGML_TYPE_I32, (int64_t) plan.ids.size());
+
+    plan.idx_buf.reset(ggml_backend_alloc_buffer(backend, ggml_nbytes(plan.idx)));
+    plan.scratch.reset(ggml_backend_alloc_buffer(backend, size));
+    if (!plan.idx_buf || !plan.scratch ||
+            ggml_backend_tensor_alloc(plan.idx_buf.get(), plan.idx, ggml_backend_buffer_get_base(plan.idx_buf.get())) != GGML_STATUS_SUCCESS) {
+        LLAMA_LOG_WARN("%s: no device memory for %zu rows: copying per run of cells\n", __func__, n_pass);
+        return false;
+    }
+    ggml_backend_tensor_set_async(backend, plan.idx, plan.ids.data(), 0, plan.ids.size()*sizeof(int32_t));
+    return true;
+}
+
+// a pass's context and the ids of its rows for a group: [n, count]
+// per group: the ids view, the rows (gather: get_rows; scatter: the uploaded rows and the set_rows view), and
+// the alias view the graph also visits
+static size_t kvf_pass_graph_size(size_t n_groups) {
+    return 4*n_groups + 4;
+}
+
+static ggml_context * kvf_pass_ctx(llama_kv_freeze_rows & plan) {
+    const size_t n_g = plan.groups.size();
+    ggml_init_params ip = {
+        /*.mem_size   =*/ ggml_tensor_overhead()*(4*n_g + 1) + ggml_graph_overhead_custom(kvf_pass_graph_size(n_g), false),
+        /*.mem_buffer =*/ nullptr,
+        /*.no_alloc   =*/ true,
+    };
+    plan.pass_ctx.emplace_back(ggml_init(ip));
+    return plan.pass_ctx.back().get();
+}
+
+static ggml_tensor * kvf_pass_ids(llama_kv_freeze_rows & plan, ggml_context * ctx, size_t r0, size_t n, size_t count) {
+    ggml_tensor * idx = ggml_view_2d(ctx, plan.idx, (int64_t) n, (int64_t) count, n*sizeof(int32_t),
+            r0*plan.max_count*sizeof(int32_t));
+    ggml_backend_view_init(idx);
+    return idx;
+}
+
+// events recorded after queued copies, so that the host can work on what landed while the rest still copies;
+// on the way out the backend is synchronized first (nothing may still write into memory the caller frees)
+struct kvf_events {
+    ggml_backend_t                    backend = nullptr;
+    std::vector<ggml_backend_event_t> ev; // nullptr where the device has no events: wait for everything there
+
+    explicit kvf_events(ggml_backend_t backend) : backend(backend) {}
+
+    void record() {
+        ggml_backend_event_t e = ggml_backend_event_new(ggml_backend_get_device(backend));
+        if (e) {
+            ggml_backend_event_record(e, backend);
+        }
+        ev.push_back(e);
+    }
+
+    void wait(size_t i) const {
+        if (ev[i]) {
+            ggml_backend_event_synchronize(ev[i]);
+        } else {
+            ggml_backend_synchronize(backend);
+        }
+    }
+
+    ~kvf_events() {
+        ggml_backend_synchronize(backend);
+        for (auto * e : ev) {
+            if (e) {
+                ggml_backend_event_free(e);
+            }
+        }
+    }
+};
+
+bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows,
+        const std::vector<uint8_t *> & dst, const std::function<void(size_t, size_t)> & landed) {
+    if (tensors.empty() || rows.empty()) {
+        return true;
+    }
+
+    const size_t n_rows = rows.size();
+    size_t n_pass = 0;
+    ggml_backend_t backend = rows_backend(tensors, n_rows, n_pass);
+    if (!backend) {
+        return false;
+    }
+
+    llama_kv_freeze_rows plan;
+    if (!kvf_plan_rows(plan, backend, tensors, rows, n_pass, GGML_TYPE_I32)) {
+        return false;
+    }
+    uint8_t * scratch_base = (uint8_t *) ggml_backend_buffer_get_base(plan.scratch.get());
+
+    // every pass is queued before any is hashed (the passes reuse one scratch in stream order), with an event
+    // after each: the caller hashes pass after pass while the device copies the rest
+    kvf_events landed_ev(backend);
+
+    const size_t n_passes = (n_rows + n_pass - 1)/n_pass;
+    for (size_t p = 0; p < n_passes; ++p) {
+        const size_t r0 = p*n_pass;
+        const size_t n  = std::min(n_pass, n_rows - r0);
+
+        ggml_context * ctx = kvf_pass_ctx(plan);
+        ggml_cgraph  * gf  = ggml_new_graph_custom(ctx, kvf_pass_graph_size(plan.groups.size()), false);
+        std::vector<ggml_tensor *> outs;
+        for (const auto & g : plan.groups) {
+            ggml_tensor * out = ggml_get_rows(ctx, g.alias, kvf_pass_ids(plan, ctx, r0, n, g.count)); // [words, n, count]
+            ggml_backend_tensor_alloc(plan.scratch.get(), out, scratch_base + g.offset);
+            ggml_build_forward_expand(gf, out);
+            outs.push_back(out);
+        }
+        if (ggml_backend_graph_compute_async(backend, gf) != GGML_STATUS_SUCCESS) {
+            throw llama_kv_freeze_error(ASRKF_EBACKEND, "offload: the gather graph failed on the device");
+        }
+        n_gathers++;
+        for (size_t ig = 0; ig < plan.groups.size(); ++ig) {
+            const auto & g = plan.groups[ig];
+            for (size_t i = g.first; i < g.first + g.count; ++i) {
+                const size_t rb = tensors[i]->nb[1];
+                ggml_backend_tensor_get_async(backend, outs[ig], dst[i] + r0*rb, (i - g.first)*n*rb, n*rb);
+                n_copies++;
+            }
+        }
+        if (landed) {
+            landed_ev.record();
+        }
+    }
+    for (size_t p = 0; landed && p < n_passes; ++p) {
+        landed_ev.wait(p);
+        landed(p*n_pass, std::min(n_pass, n_rows - p*n_pass));
+    }
+    ggml_backend_synchronize(backend);
+
+    return true;
+}
+
+// thaw's counterpart of gather(): rows[i] of every tensor := row i of src[t], with one set_rows per group of
+// tensors on the device instead of a copy per run of cells. The cache is viewed as rows of 4-byte words typed
+// F32, and set_rows from F32 to F32 moves them bit for bit, whatever the KV type. Every pass is queued at once
+// and this returns without waiting for them (finish_copies() does): the caller verifies the host rows meanwhile.
+// false: the caller writes per run.
+bool llama_kv_freeze::scatter(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows,
+        const std::vector<const uint8_t *> & src) {
+    if (tensors.empty() || rows.empty()) {
+        return true;
+    }
+
+    const size_t n_rows = rows.size();
+    size_t n_pass = 0;
+    ggml_backend_t backend = rows_backend(tensors, n_rows, n_pass);
+    if (!backend) {
+        return false;
+    }
+
+    scatter_rows = std::make_unique<llama_kv_freeze_rows>();
+    auto & plan = *scatter_rows;
+    if (!kvf_plan_rows(plan, backend, tensors, rows, n_pass, GGML_TYPE_F32)) {
+        scatter_rows.reset();
+        return false;
+    }
+    uint8_t * scratch_base = (uint8_t *) ggml_backend_buffer_get_base(plan.scratch.get());
+
+    for (size_t r0 = 0; r0 < n_rows; r0 += n_pass) {
+        const size_t n = std::min(n_pass, n_rows - r0);
+
+        ggml_context * ctx = kvf_pass_ctx(plan);
+        ggml_cgraph  * gf  = ggml_new_graph_custom(ctx, kvf_pass_graph_size(plan.groups.size()), false);
+        for (const auto & g : plan.groups) {
+            const size_t rb = tensors[g.first]->nb[1];
+            ggml_tensor * in = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, (int64_t) (rb/4), (int64_t) n, (int64_t) g.count);
+            ggml_backend_tensor_alloc(plan.scratch.get(), in, scratch_base + g.offset);
+            for (size_t i = g.first; i < g.first + g.count; ++i) {
+                ggml_backend_tensor_set_async(backend, in, src[i] + r0*rb, (i - g.first)*n*rb, n*rb);
+                n_copies++;
+            }
+            ggml_build_forward_expand(gf, ggml_set_rows(ctx, g.alias, in, kvf_pass_ids(plan, ctx, r0, n, g.count)));
+        }
+        if (ggml_backend_graph_compute_async(backend, gf) != GGML_STATUS_SUCCESS) {
+            // nothing was recorded as thawed yet: the caller reports the failure and the host copies stay
+            finish_copies();
+            throw llama_kv_freeze_error(ASRKF_EBACKEND, "thaw: the scatter graph failed on the device");
+        }
+        n_gathers++;
+    }
+    return true;
+}
+
+std::vector<kvf_run> kvf_runs(const std::vector<uint32_t> & cell, const std::vector<llama_kv_host_slot> & slot) {
+    std::vector<kvf_run> runs;
+    for (uint32_t i = 0; i < cell.size(); ++i) {
+        if (!runs.empty()) {
+            auto & r = runs.back();
+            const uint32_t j = r.first + r.n - 1;
+            if (cell[i] == cell[j] + 1 && slot[i].chunk == slot[j].chunk && slot[i].index == slot[j].index + 1) {
+                r.n++;
+                continue;
+            }
+        }
+        runs.push_back({i, 1});
+    }
+    return runs;
+}
+
+//
+// offload's copy to the host
+//
+
+void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & cell, const std::vector<llama_kv_host_slot> & slot, uint64_t * sums) {
+    const auto runs = kvf_runs(cell, slot);
+
+    const uint64_t kv_size = kv->get_size();
+    const uint32_t n_layer = (uint32_t) layer_k.size();
+
+    // hashing the host rows costs as much as copying them: it runs on the rows that landed while the device
+    // copies the next ones (by pass of a gather, or by layer of the per-run copies); hashed_to says how far
+    uint32_t hashed_to = 0; // layers [0, hashed_to) hashed for every slot
+    auto hash_layers = [&](uint32_t il1) {
+        if (sums && il1 > hashed_to) {
+            store.checksum_add(slot.data(), slot.size(), hashed_to, il1, sums);
+            hashed_to = il1;
+        }
+    };
+
+    std::vector<uint8_t> staging;
+
+    // K (and V unless transposed) of every layer: one gather per tensor where the device can, else a copy per run
+    std::vector<ggml_tensor *> gather_t;
+    std::vector<uint8_t *>     gather_dst;
+    std::vector<std::pair<uint32_t, bool>> gather_what; // (layer, is_v)
+
+    // gathered rows land back to back: straight into the slots when they are one run in one chunk
+    const bool slots_contiguous = runs.size() == 1 || std::all_of(slot.begin(), slot.end(), [&](const llama_kv_host_slot & sl) {
+        return sl.chunk == slot[0].chunk && sl.index == slot[0].index + (&sl - slot.data());
+    });
+    std::vector<std::vector<uint8_t>> gather_staging;
+
+    // a gather is a graph and a scratch buffer on the device: for a few runs, plain copies cost less
+    const bool few_runs = runs.size() < kvf_gather_min_runs && !force_gather;
+
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        for (const bool is_v : { false, true }) {
+            ggml_tensor * t = is_v ? layer_v[il] : layer_k[il];
+            if ((is_v && kv->v_trans) || few_runs || !can_gather(t)) {
+                continue;
+            }
+            gather_t.push_back(t);
+            gather_what.emplace_back(il, is_v);
+            if (slots_contiguous) {
+                gather_dst.push_back(is_v ? store.v_row(slot[0], il) : store.k_row(slot[0], il));
+            } else {
+                gather_staging.emplace_back(cell.size()*t->nb[1]);
+                gather_dst.push_back(gather_staging.back().data());
+            }
+        }
+    }
+
+    // every row of a pass in its slot as the pass lands: hash that pass's slots, all layers
+    const bool gather_all = gather_t.size() == 2*(size_t) n_layer && slots_contiguous;
+    std::function<void(size_t, size_t)> landed;
+    if (sums && gather_all) {
+        landed = [&](size_t r0, size_t n) {
+            store.checksum_add(slot.data() + r0, n, 0, n_layer, sums + r0);
+        };
+    }
+
+    std::vector<int32_t> rows(cell.size());
+    for (size_t i = 0; i < cell.size(); ++i) {
+        rows[i] = (int32_t) (strm*kv_size + cell[i]);
+    }
+    if (!gather(gather_t, rows, gather_dst, landed)) {
+        gather_t.clear();
+        gather_what.clear();
+        gather_staging.clear();
+    } else if (landed) {
+        hashed_to = n_layer;
+    }
+    for (size_t g = 0; g < gather_staging.size(); ++g) {
+        const auto [il, is_v] = gather_what[g];
+        const size_t rb = gather_t[g]->nb[1];
+        for (size_t i = 0; i < cell.size(); ++i) {
+            memcpy(is_v ? store.v_row(slot[i], il) : store.k_row(slot[i], il), gather_staging[g].data() + i*rb, rb);
+        }
+    }
+    auto gathered = [&](uint32_t il, bool is_v) {
+        return std::find(gather_what.begin(), gather_what.end(), std::make_pair(il, is_v)) != gather_what.end();
+    };
+
+    // per-run copies of every layer are queued first, with an event after each group of layers of at least
+    // 16 MiB of rows (smaller units cost more in waking the hashing threads); then the host hashes group after
+    // group while the device copies the rest
+    ggml_backend_t ev_backend = gather_t.empty() && sums && !kv->v_trans ? backend_for(layer_k[0]) : nullptr;
+    for (uint32_t il = 0; ev_backend && il < n_layer; ++il) {
+        for (const ggml_tensor * t : { layer_k[il], layer_v[il] }) {
+            if (!t->buffer || ggml_backend_buffer_is_host(t->buffer) || backend_for(t) != ev_backend) {
+                ev_backend = nullptr; // copies of several devices or plain memcpys: hash after all of them
+            }
+        }
+    }
+    std::unique_ptr<kvf_events> layer_ev;
+    std::vector<uint32_t>       layer_ev_end; // layers [0, end) have landed once event i fired
+    if (ev_backend) {
+        layer_ev = std::make_unique<kvf_events>(ev_backend);
+    }
+    uint32_t group_start = 0;
+
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        ggml_tensor * k = layer_k[il];
+        ggml_tensor * v = layer_v[il];
+
+        const size_t kb = store.k_row_bytes(il);
+        const size_t vb = store.v_row_bytes(il);
+
+        // decided once per layer, not per run: the lookup scans every gathered tensor
+        const bool copy_k = !gathered(il, false);
+        const bool copy_v = !kv->v_trans && !gathered(il, true);
+        for (size_t ir = 0; (copy_k || copy_v) && ir < runs.size(); ++ir) {
+            const auto & r = runs[ir];
+            const size_t row0 = strm*kv_size + cell[r.first];
+            if (copy_k) {
+                read(k, row0*k->nb[1], r.n*kb, store.k_row(slot[r.first], il));
+            }
+            if (copy_v) {
+                read(v, row0*v->nb[1], r.n*vb, store.v_row(slot[r.first], il));
+            }
+        }
+
+        if (kv->v_trans) {
+            // cell i, channel j lives at (j*kv_size + i): gather channel-major, then transpose into the slots
+            const size_t  es   = ggml_type_size(v->type);
+            const int64_t n_ch = v->ne[0];
+
+            staging.resize(cell.size()*n_ch*es);
+            for (const auto & r : runs) {
+                for (int64_t j = 0; j < n_ch; ++j) {
+                    const size_t off = strm*v->nb[2] + (j*kv_size + cell[r.first])*es;
+                    read(v, off, r.n*es, staging.data() + (j*cell.size() + r.first)*es);
+                }
+            }
+            finish_copies();
+            for (uint32_t i = 0; i < cell.size(); ++i) {
+                uint8_t * dst = store.v_row(slot[i], il);
+                for (int64_t j = 0; j < n_ch; ++j) {
+                    memcpy(dst + j*es, staging.data() + (j*cell.size() + i)*es, es);
+                }
+            }
+        }
+
+        if (layer_ev && (il + 1 == n_layer || (il + 1 - group_start)*(store.token_bytes()/n_layer)*cell.size() >= (16u << 20))) {
+            layer_ev->record();
+            layer_ev_end.push_back(il + 1);
+            group_start = il + 1;
+        }
+    }
+    for (size_t g = 0; g < layer_ev_end.size(); ++g) {
+        layer_ev->wait(g);
+        hash_layers(layer_ev_end[g]);
+    }
+
+    finish_copies();
+    hash_layers(n_layer);
+}

@@ -1,0 +1,44 @@
+#pragma once
+
+// internal to llama-kv-freeze*.cpp: the device plan of a gather or scatter, and runs of cells
+
+#include "llama-kv-freeze.h"
+
+#include "ggml-cpp.h"
+
+#include <cstdint>
+#include <vector>
+
+// the cache tensors viewed as rows of 4-byte words (get_rows / set_rows move them bit for bit, whatever the KV
+// type), the row ids, and one device scratch buffer that every pass of a gather or scatter reuses: the passes
+// queue back to back on the backend's stream, which orders a pass's reuse of the scratch after the last one's copy.
+// Tensors of one shape laid out at a fixed stride in one buffer (a cache's layers, as llama.cpp allocates them)
+// form one group: one get_rows / set_rows for all of them per pass, where every operation counts (launches)
+struct llama_kv_freeze_rows {
+    struct group {
+        ggml_tensor * alias;  // [words, rows, count]
+        size_t        first;  // index of its first tensor
+        size_t        count;
+        size_t        offset; // of its rows in the scratch
+    };
+
+    ggml_context_ptr              ctx;
+    ggml_backend_buffer_ptr       idx_buf;
+    ggml_backend_buffer_ptr       scratch;
+    ggml_tensor                 * idx = nullptr;
+    std::vector<int32_t>          ids;      // idx's host copy: an async upload reads it after the caller returned
+    std::vector<group>            groups;
+    size_t                        max_count = 1;
+    std::vector<ggml_context_ptr> pass_ctx; // kept until the passes ran
+};
+
+// below this many runs of cells, offload copies per run instead of gathering on the device
+static constexpr size_t kvf_gather_min_runs = 8;
+
+// runs of i where cells and slots both advance by one: each run is one copy per layer and tensor
+struct kvf_run {
+    uint32_t first; // index into the cell/slot arrays
+    uint32_t n;
+};
+
+std::vector<kvf_run> kvf_runs(const std::vector<uint32_t> & cell, const std::vector<llama_kv_host_slot> & slot);
