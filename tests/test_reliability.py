@@ -179,7 +179,7 @@ def _write_model(path, arch, extra_meta, tensors):
     w.add_vocab_size(n_vocab)
     for key, (kind, value) in extra_meta.items():
         getattr(w, "add_" + kind)(f"{arch}.{key}", value)
-    toks, scores, types = _spm_vocab(n_vocab, gguf)
+    toks, scores, types = _spm_vocab(n_vocab)
     w.add_tokenizer_model("llama")
     w.add_token_list(toks)
     w.add_token_scores(scores)

@@ -78,11 +78,14 @@ def rewind(session: LlamaSession, controller: Controller, pos: int) -> int:
     t = controller.table
     while pos > 0 and t.state[pos - 1] == CellState.DROPPED:
         pos -= 1
-    session.seq_rm(pos, -1)
-    t.truncate(pos)
-    if pos > 0 and t.state[pos - 1] == CellState.OFFLOADED:
+    if 0 < pos < t.n and t.state[pos - 1] == CellState.OFFLOADED:
+        # first: llama.cpp (patched) refuses a removal that would leave an offloaded position above the newest
+        # resident one, since the next decode would land on it
         controller.make_room(1)
         controller.bring_back(np.array([pos - 1]))
+    if pos < t.n and not session.seq_rm(pos, -1):
+        raise RuntimeError(f"llama.cpp refused to remove positions {pos}..{t.n - 1}")
+    t.truncate(pos)
     return pos
 
 
