@@ -92,8 +92,11 @@ def recall_mass(kv, positions: np.ndarray, layers, seq_id: int = 0, others: np.n
 
     layers = list(layers)
     # layers are independent and numpy's conversions, exps and reductions release the GIL: one thread per layer
-    # (up to the cores) keeps every core busy where a single thread would leave all but BLAS's idle
-    workers = min(len(layers), os.cpu_count() or 1, 16)
+    # (up to the cores) keeps every core busy where a single thread would leave all but BLAS's idle, within ~2 GiB
+    # of temporaries (a layer holds its keys and its logits as float32)
+    n_q = kv.query(layers[0])[0].shape[0] if layers else 0
+    per_layer = 4 * len(keys) * (info.n_head_kv * d + info.n_head * n_q)
+    workers = min(len(layers), os.cpu_count() or 1, 16, max(1, (2 << 30) // max(1, per_layer)))
     if workers > 1 and len(keys) * info.n_head >= 1 << 16:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             parts = list(pool.map(layer_mass, layers))
