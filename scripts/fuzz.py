@@ -60,7 +60,8 @@ def main() -> int:
             which = "kv" if (r % 2 == 1 or engine_left <= 0 or args.only == "kv") and kv_left > 0 \
                 and args.only != "engine" else "engine"
             n = min(args.round, kv_left if which == "kv" else engine_left)
-            print(f"fuzz: round {r}: {which} machine, seed {rs}, {n} examples", flush=True)
+            print(f"fuzz: round {r}: {which} machine, seed {rs}, {n} examples ({time.monotonic() - t0:.0f} s in)",
+                  flush=True)
             try:
                 if which == "kv":
                     ops, compared, refused = kvf.run_kv_machine((s, holder, ref), n, args.steps, rs)
@@ -72,6 +73,9 @@ def main() -> int:
                     totals["engine_ops"] += ef.run_engine_machine(path, n, args.engine_steps, rs)
                     engine_left -= n
             except BaseException as err:  # noqa: BLE001  (hypothesis raises the failure, an ExceptionGroup for several)
+                import traceback
+
+                traceback.print_exception(err)  # with hypothesis's notes: the falsifying steps of each failure
                 print(f"fuzz: FAILED in round {r} ({which} machine), seed {rs}: {type(err).__name__}: {err}",
                       flush=True)
                 print(f"fuzz: replay with --only {which} --seed {rs} --examples {n} "
