@@ -51,6 +51,7 @@ def main() -> int:
             session(path, n_ctx=2 * kvf.MAX_POS + 16, n_batch=16, n_ubatch=16, flash_attn="off", n_threads=1,
                     n_seq_max=2) as ref:
         holder = {"kv": KVCache(ctx=s.context)}
+        assert holder["kv"].info().n_cells == kvf.N_CELLS
         r = 0
         while (kv_left > 0 and args.only != "engine") or (engine_left > 0 and args.only != "kv"):
             if args.minutes is not None and time.monotonic() - t0 > 60 * args.minutes:
