@@ -164,8 +164,9 @@ class LlamaSession:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def decode(self, tokens: Sequence[int], pos0: int) -> np.ndarray:
-        """Decode tokens at positions pos0.. in chunks of n_batch; returns the logits of the last token (copy)."""
+    def decode(self, tokens: Sequence[int], pos0: int, seq_id: int = 0) -> np.ndarray:
+        """Decode tokens at positions pos0.. of seq_id in chunks of n_batch; returns the logits of the last token
+        (copy). A seq_id other than 0 needs n_seq_max > seq_id."""
         self._live()
         tokens = list(tokens)
         if not tokens:
@@ -173,6 +174,9 @@ class LlamaSession:
         for start in range(0, len(tokens), self.options.n_batch):
             chunk = tokens[start:start + self.options.n_batch]
             self.batch.set_batch(chunk, n_past=pos0 + start, logits_all=False)
+            if seq_id:
+                for i in range(len(chunk)):
+                    self.batch.batch.seq_id[i][0] = seq_id
             rc = llama_cpp.llama_decode(self.ctx, self.batch.batch)
             if rc != 0:
                 raise RuntimeError(f"llama_decode returned {rc} at positions {pos0 + start}..{pos0 + start + len(chunk) - 1}"
