@@ -86,14 +86,7 @@ def prose_haystack(n_tokens: int, count: Count, essays: Sequence[str], rng: np.r
     while len(text) < 6 * n_tokens:  # > 4 characters per token in English prose: enough to cut from
         text += essays[i % len(essays)].strip() + "\n\n"
         i += 1
-    cut = len(text)
-    for _ in range(4):  # refine the character cut from the measured characters per token
-        n = count(text[:cut])
-        if abs(n - n_tokens) <= max(8, n_tokens // 200):
-            break
-        cut = int(cut * n_tokens / n)
-    end = text.rfind(". ", 0, cut)
-    return text[: end + 1 if end > 0 else cut]
+    return _cut_to_tokens(text, n_tokens, count, ". ").rstrip(" ")  # ends with the sentence's period
 
 
 def insert_at(text: str, depth: float, needle: str) -> str:
