@@ -70,7 +70,7 @@ def size_bytes(spec: Union[int, str]) -> int:
     return int(value)
 
 
-def device_defaults(n_gpu_layers: int) -> dict:
+def device_defaults(n_gpu_layers: int, given: Optional[dict] = None) -> dict:
     """Controller settings by where the KV cache lives. On a GPU each scored layer is a second pass over its keys
     next to a decode step that is short, and recall scores every scored layer on the host: every 4th layer keeps
     most of the speed (docs/gpu.md: time to first token 9.8 -> 7.1 s, decode 1.03x -> 1.10x the full cache at 30k
@@ -78,6 +78,8 @@ def device_defaults(n_gpu_layers: int) -> dict:
     is a small part of a step: every layer."""
     import llama_cpp
 
+    if given and ("importance_every" in given or "importance_layers" in given):
+        return {}  # the caller chose the layers
     on_gpu = n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
     return {"importance_every": 4} if on_gpu else {}
 
@@ -139,7 +141,8 @@ class Engine:
             self.kv = self._stack.enter_context(KVCache(ctx=self.session.context))
             self.controller = Controller(self.kv, self.policy, ControllerConfig(
                 budget_cells=min(budget, self.kv.info().n_cells),
-                **{**device_defaults(n_gpu_layers), "host_budget_bytes": host_bytes, **(controller_params or {})}))
+                **{**device_defaults(n_gpu_layers, controller_params), "host_budget_bytes": host_bytes,
+                   **(controller_params or {})}))
         except Exception as err:
             self._stack.close()
             raise EngineError(str(err)) from None
