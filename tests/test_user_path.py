@@ -58,7 +58,6 @@ def test_controller_settings_follow_where_the_kv_lives(demo_model_path):
     else:  # a CPU build: the KV stays on the CPU whatever n_gpu_layers says, and every layer is scored
         assert device_defaults(99) == {} and layers == all_layers
     assert device_defaults(0) == {}
-    assert device_defaults(99, {"importance_layers": (1,)}) == {} == device_defaults(99, {"importance_every": 2})
 
 
 def test_a_host_budget_refuses_the_offload_that_would_pass_it_and_keeps_the_chat(demo_model_path):
