@@ -89,7 +89,6 @@ with Tokenizer(path) as tok:
                 mE = np.stack([p.sum(0) for p in Pq]).sum((0, 1))[:nm]
                 variants["E_q_only_pool3"] = pooled_max(movable, mE, 3, t.n)
                 # F: true denom, sum over heads of sqrt mass (less dominated)
-                variants["F_block16"] = None
                 blk = (movable // 16)
                 bm = np.zeros(blk.max() + 1); np.maximum.at(bm, blk, mB)
                 variants["F_block16"] = bm[blk]

@@ -89,13 +89,13 @@ def prose_haystack(n_tokens: int, count: Count, essays: Sequence[str], rng: np.r
     return _cut_to_tokens(text, n_tokens, count, ". ").rstrip(" ")  # ends with the sentence's period
 
 
-def insert_at(text: str, depth: float, needle: str) -> str:
-    """Insert a sentence at the sentence boundary nearest to depth * len(text)."""
+def insert_at(text: str, depth: float, needle: str, sep: str = ". ") -> str:
+    """Insert a sentence (sep ". ") or a line (sep "\n") at the boundary nearest to depth * len(text)."""
     at = int(depth * len(text))
-    before, after = text.rfind(". ", 0, at), text.find(". ", at)
-    cands = [p + 2 for p in (before, after) if p >= 0]
+    before, after = text.rfind(sep, 0, at), text.find(sep, at)
+    cands = [p + len(sep) for p in (before, after) if p >= 0]
     pos = min(cands, key=lambda p: abs(p - at)) if cands else at
-    return text[:pos] + needle + " " + text[pos:]
+    return text[:pos] + needle + sep[-1] + text[pos:]
 
 
 def insert_group(parts: List[str], depth: float, needle: str) -> List[str]:
@@ -281,15 +281,6 @@ def natural_needle(rng: np.random.Generator) -> Tuple[str, str, str]:
             f"What is the password of the {word} room? Answer with the password only.", value)
 
 
-def insert_line(text: str, depth: float, line: str) -> str:
-    """Insert a line at the line boundary nearest to depth * len(text)."""
-    at = int(depth * len(text))
-    before, after = text.rfind("\n", 0, at), text.find("\n", at)
-    cands = [p + 1 for p in (before, after) if p >= 0]
-    pos = min(cands, key=lambda p: abs(p - at)) if cands else at
-    return text[:pos] + line + "\n" + text[pos:]
-
-
 def natural(kind: str, ctx: int, depth: float, seed: int, count: Count, essays: Sequence[str], multi_turn: bool,
             **_) -> Case:
     task = f"needle-{kind}"
@@ -298,7 +289,7 @@ def natural(kind: str, ctx: int, depth: float, seed: int, count: Count, essays: 
     unrelated = PROSE_UNRELATED
     n = _doc_tokens(ctx, count, [question, unrelated], [16, 32])
     doc = natural_haystack(kind, n - 32, count, essays, rng)
-    doc = insert_line(doc, depth, f"# {statement}") if kind == "code" else insert_at(doc, depth, statement)
+    doc = insert_at(doc, depth, f"# {statement}", "\n") if kind == "code" else insert_at(doc, depth, statement)
     return _chat(task + ("-mt" if multi_turn else ""), doc, question, [answer], multi_turn, unrelated, 32,
                  ctx=ctx, depth=depth, seed=seed)
 
