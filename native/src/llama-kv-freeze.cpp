@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <unordered_map>
@@ -132,6 +134,9 @@ llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_
 
     store.init(std::move(k_row_bytes), std::move(v_row_bytes), pinned_buft, host_chunk_cells);
 
+    const char * trace = getenv("ASRKF_TRACE_MOVES");
+    trace_moves = trace && *trace && strcmp(trace, "0") != 0;
+
     g_kvf_by_ctx[lctx] = this;
 
     kv->freeze = this;
@@ -159,9 +164,41 @@ llama_kv_freeze::~llama_kv_freeze() {
         bump_graph();
     }
 
+    for (auto & [backend, bufs] : dev_buffers) {
+        for (auto * buf : bufs) {
+            if (buf) {
+                ggml_backend_buffer_free(buf);
+            }
+        }
+    }
+    if (staging_pinned) {
+        ggml_backend_buffer_free(staging_pinned);
+    }
     for (auto & [dev, backend] : backends) {
         ggml_backend_free(backend);
     }
+}
+
+uint8_t * llama_kv_freeze::host_staging(size_t size) {
+    if (staging_pinned && ggml_backend_buffer_get_size(staging_pinned) >= size) {
+        return (uint8_t *) ggml_backend_buffer_get_base(staging_pinned);
+    }
+    if (!staging_pinned && staging_plain.size() >= size) {
+        return staging_plain.data();
+    }
+    if (staging_pinned) {
+        ggml_backend_buffer_free(staging_pinned);
+        staging_pinned = nullptr;
+    }
+    if (ggml_backend_buffer_type_t buft = store.pinned_type()) {
+        staging_pinned = ggml_backend_buft_alloc_buffer(buft, size);
+        if (staging_pinned) {
+            staging_plain = {};
+            return (uint8_t *) ggml_backend_buffer_get_base(staging_pinned);
+        }
+    }
+    staging_plain.resize(size);
+    return staging_plain.data();
 }
 
 void llama_kv_freeze::on_context_free() {

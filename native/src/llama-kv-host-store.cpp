@@ -26,9 +26,11 @@ void llama_kv_host_store::init(std::vector<size_t> k_row_bytes, std::vector<size
 
     this->pinned_buft = pinned_buft;
 
-    // default: 16 MiB chunks, between 64 and 4096 tokens: few allocations, little slack
+    // default: 64 MiB chunks, between 64 and 4096 tokens. Pinned host memory costs a driver call and page locking
+    // per allocation: an 8B model's f16 rows are 128 KiB a token, and 16 MiB chunks (128 tokens) meant one
+    // allocation every 128 tokens offloaded, a large part of a prompt's offload time on a GPU
     if (chunk_slots == 0) {
-        chunk_slots = (uint32_t) std::clamp<size_t>((16u << 20) / std::max<size_t>(1, bytes_per_token), 64, 4096);
+        chunk_slots = (uint32_t) std::clamp<size_t>((64u << 20) / std::max<size_t>(1, bytes_per_token), 64, 4096);
     }
     this->chunk_slots = chunk_slots;
 
@@ -36,6 +38,8 @@ void llama_kv_host_store::init(std::vector<size_t> k_row_bytes, std::vector<size
 }
 
 uint32_t llama_kv_host_store::add_chunk(uint32_t n_slots) {
+    const auto t0 = std::chrono::steady_clock::now();
+
     auto c = std::make_unique<chunk>();
 
     const size_t size = (size_t) n_slots*bytes_per_token;
@@ -54,6 +58,9 @@ uint32_t llama_kv_host_store::add_chunk(uint32_t n_slots) {
 
     c->n_slots = n_slots;
     c->used.assign(n_slots, 0);
+
+    n_chunk_allocs++;
+    alloc_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
     for (uint32_t i = 0; i < chunks.size(); ++i) {
         if (!chunks[i]) {
@@ -91,7 +98,24 @@ std::vector<llama_kv_host_slot> llama_kv_host_store::alloc(uint32_t n) {
         }
     }
 
-    // otherwise any free slots, then a new chunk for the rest
+    // otherwise, when the free slots cannot hold all n, one new chunk for all of them: rows that land in one run of
+    // slots are one device copy per tensor straight into pinned memory, where slots spread over chunks would need a
+    // staging copy (the free slots left behind serve later, smaller moves)
+    size_t n_free = 0;
+    for (const auto & c : chunks) {
+        n_free += c ? c->n_slots - c->n_used : 0;
+    }
+    if (n_free < n) {
+        const uint32_t ic = add_chunk(std::max(chunk_slots, n));
+        for (uint32_t i = 0; i < n; ++i) {
+            chunks[ic]->used[i] = 1;
+            res.push_back({ic, i});
+        }
+        chunks[ic]->n_used = n;
+        return res;
+    }
+
+    // otherwise any free slots
     for (uint32_t ic = 0; ic < chunks.size() && res.size() < n; ++ic) {
         const auto & c = chunks[ic];
         if (!c) {
@@ -101,14 +125,6 @@ std::vector<llama_kv_host_slot> llama_kv_host_store::alloc(uint32_t n) {
             if (!c->used[i]) {
                 res.push_back({ic, i});
             }
-        }
-    }
-
-    if (res.size() < n) {
-        const uint32_t n_missing = n - (uint32_t) res.size();
-        const uint32_t ic = add_chunk(std::max(chunk_slots, n_missing));
-        for (uint32_t i = 0; i < n_missing; ++i) {
-            res.push_back({ic, i});
         }
     }
 
@@ -229,19 +245,23 @@ void llama_kv_host_store::checksum_add(const llama_kv_host_slot * slot, size_t n
     if (bytes < (1u << 20)) {
         work(0, n);
     } else {
-        if (!pool) {
-            const size_t n_cores = std::max(1u, std::thread::hardware_concurrency());
-            pool = std::make_unique<llama_kv_thread_pool>(std::min<size_t>(n_cores, 16) - 1);
-        }
         // items of ~1 MiB: even shares for the threads, and no thread waits long on the last one
         const size_t per_item = std::max<size_t>(1, (1u << 20)/std::max<size_t>(1, bytes_per_slot));
-        pool->run((n + per_item - 1)/per_item, [&](size_t item) {
+        parallel_for((n + per_item - 1)/per_item, [&](size_t item) {
             work(item*per_item, std::min(n, (item + 1)*per_item));
         });
     }
 
     hashed_bytes += bytes;
     hash_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+void llama_kv_host_store::parallel_for(size_t n, const std::function<void(size_t)> & fn) {
+    if (!pool) {
+        const size_t n_cores = std::max(1u, std::thread::hardware_concurrency());
+        pool = std::make_unique<llama_kv_thread_pool>(std::min<size_t>(n_cores, 16) - 1);
+    }
+    pool->run(n, fn);
 }
 
 void llama_kv_host_store::checksums(const llama_kv_host_slot * slot, size_t n, uint64_t * out) {

@@ -61,7 +61,8 @@ public:
     void init(std::vector<size_t> k_row_bytes, std::vector<size_t> v_row_bytes,
               ggml_backend_buffer_type_t pinned_buft, uint32_t chunk_slots);
 
-    // n free slots, ascending; consecutive when a run of n free slots exists; throws std::bad_alloc
+    // n free slots, ascending; consecutive when a run of n free slots exists or the free slots are fewer than n (a
+    // new chunk then holds all of them); throws std::bad_alloc
     std::vector<llama_kv_host_slot> alloc(uint32_t n);
 
     void release(const llama_kv_host_slot & slot);
@@ -77,12 +78,21 @@ public:
     // acc[i] += the part of checksum(slot[i]) from layers [il0, il1); large batches are split over threads
     void checksum_add(const llama_kv_host_slot * slot, size_t n, uint32_t il0, uint32_t il1, uint64_t * acc);
 
+    // fn(i) for i in [0, n) on the store's worker threads (started at the first use)
+    void parallel_for(size_t n, const std::function<void(size_t)> & fn);
+
     // checksum() of n slots into out
     void checksums(const llama_kv_host_slot * slot, size_t n, uint64_t * out);
 
     // bytes hashed and seconds spent hashing by checksum_add since init (the cost of verifying host copies)
     uint64_t hashed_bytes = 0;
     double   hash_seconds = 0.0;
+
+    // chunks allocated and seconds spent allocating them (pinned host memory is not free to get)
+    uint64_t n_chunk_allocs = 0;
+    double   alloc_seconds  = 0.0;
+
+    ggml_backend_buffer_type_t pinned_type() const { return pinned_buft; }
 
     size_t token_bytes()     const { return bytes_per_token; }
     size_t bytes_allocated() const;

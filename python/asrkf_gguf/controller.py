@@ -91,6 +91,8 @@ class ControllerStats:
     thaw_seconds: float = 0.0
     fold_seconds: float = 0.0
     recall_score_seconds: float = 0.0
+    # recall's scoring by part, seconds summed over its threads (recall.recall_mass)
+    recall_parts: Dict[str, float] = field(default_factory=dict)
 
 
 def pooled_max(pos: np.ndarray, value: np.ndarray, half: int, n: int) -> np.ndarray:
@@ -245,7 +247,8 @@ class Controller:
             return 0
         fixed = np.setdiff1d(np.concatenate([t.positions(CellState.ACTIVE), t.positions(CellState.FROZEN)]), movable)
         t1 = time.perf_counter()
-        mass = recall_mass(self.kv, movable, self.layers, self.seq_id, others=fixed).astype(np.float32)
+        mass = recall_mass(self.kv, movable, self.layers, self.seq_id, others=fixed,
+                           timing=self.stats.recall_parts).astype(np.float32)
         self.stats.recall_score_seconds += time.perf_counter() - t1
         mass = pooled_max(movable, mass, self.config.recall_pool, t.n)
         t.score[movable] = mass / self._n_queries  # the new question's view replaces the running score, per query

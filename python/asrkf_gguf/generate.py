@@ -114,6 +114,7 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
     t0 = time.perf_counter()
     st = controller.stats
     parts_before = (st.seconds, st.offload_seconds, st.thaw_seconds, st.fold_seconds, st.recall_score_seconds)
+    recall_parts_before = dict(st.recall_parts)
     t_decode = 0.0
     pos = controller.table.n
     logits = None
@@ -150,9 +151,13 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
     res.prompt_phase_ms = {k: round(1e3 * v, 1) for k, v in (
         ("total", res.prefill_seconds), ("model_decode", t_decode), ("offload", d[1]), ("thaw", d[2]),
         ("score_fold", d[3]), ("recall_scoring", d[4]), ("controller_other", d[0] - sum(d[1:])))}
+    # recall's scoring by part, summed over the threads that score layers side by side (more than its wall time)
+    for part, sec in st.recall_parts.items():
+        res.prompt_phase_ms[f"recall_{part}_threads"] = round(1e3 * (sec - recall_parts_before.get(part, 0.0)), 1)
 
     t0 = time.perf_counter()
     controller_before = st.seconds
+    moves_before = (st.offload_seconds, st.thaw_seconds, st.fold_seconds)
     t_model = 0.0
     k = controller.config.rr_tokens
     emitted = 0  # tokens yielded: held back k steps, since a rewalk can take back the last k
@@ -191,7 +196,10 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
         emitted += 1
     res.decode_seconds = time.perf_counter() - t0
     t_ctl = st.seconds - controller_before
+    # the controller's part broken down like the prompt's: its moves, the native score folds and the rest
+    d = [after - before for after, before in zip((st.offload_seconds, st.thaw_seconds, st.fold_seconds), moves_before)]
     res.decode_phase_ms = {k: round(1e3 * v, 1) for k, v in (
         ("total", res.decode_seconds), ("model_decode", t_model), ("controller", t_ctl),
+        ("controller_offload", d[0]), ("controller_thaw", d[1]), ("controller_score_fold", d[2]),
         ("other", res.decode_seconds - t_model - t_ctl))}
     return res
