@@ -104,3 +104,50 @@ def test_k_rows_gathered_equal_k_rows_copied_per_run(tiny_paths, kv_type):
                 assert kv.info().n_gathers - gathers == len(kv.layers())
     for a, b in zip(out[False], out[True]):
         assert np.array_equal(a, b)
+
+
+def test_reserved_host_memory_is_allocated_ahead_and_taken_by_the_offloads(tiny_paths):
+    # reserve_host allocates on a background thread; the offloads then take the reserved chunks (host bytes do
+    # not grow) and the rows come back exact
+    import time
+
+    path = tiny_paths["llama-hd128"]
+    tokens = random_tokens(100, seed=36)
+    with session(path, **OPTS) as ref:
+        ref.decode(tokens[:-1], 0)
+        expected = ref.decode(tokens[-1:], len(tokens) - 1)
+    with session(path, **OPTS) as s, KVCache(ctx=s.context, host_chunk_cells=16, force_gather=True) as kv:
+        s.decode(tokens[:-1], 0)
+        per_token = kv.info().kv_bytes_per_token
+        assert kv.info().host_bytes == 0
+        kv.reserve_host(40 * per_token)  # 3 chunks of 16
+        deadline = time.monotonic() + 30
+        while kv.info().host_bytes < 48 * per_token and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert kv.info().host_bytes == 48 * per_token
+        kv.offload(np.arange(10, 50))
+        assert kv.info().host_bytes == 48 * per_token and kv.info().host_bytes_used == 40 * per_token
+        kv.reserve_host(0)
+        kv.thaw(np.arange(10, 50))
+        kv.check()
+        assert np.array_equal(expected, s.decode(tokens[-1:], len(tokens) - 1))
+        with pytest.raises(ValueError):
+            kv.reserve_host(-1)
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0", "q4_0"])
+def test_k_rows_f32_is_ggml_conversion_of_the_raw_rows(tiny_paths, kv_type):
+    # what recall scores with: the raw rows converted to float32 by ggml, resident and offloaded alike, equal to
+    # the numpy reading of the same bytes (recall.dequantize_rows, itself checked against gguf's)
+    from asrkf_gguf.recall import dequantize_rows
+
+    path = tiny_paths["llama-hd128"]
+    with session(path, **{**OPTS, "kv_type": kv_type}) as s, KVCache(ctx=s.context) as kv:
+        s.decode(random_tokens(120, seed=37), 0)
+        kv.offload(np.arange(40, 70))
+        info = kv.info()
+        pos = np.random.default_rng(38).permutation(119)[:100]
+        for il in kv.layers().tolist():
+            want = dequantize_rows(kv.k_rows(il, pos), info.type_k, info.n_head_kv * info.n_embd_head_k)
+            got = kv.k_rows_f32(il, pos)
+            assert got.dtype == np.float32 and np.array_equal(got, want)

@@ -158,6 +158,12 @@ ASRKF_API int32_t asrkf_kv_offload(asrkf_kv_t kv, int32_t seq_id, const int32_t 
 // bring offloaded positions back into free cells (a contiguous run when one exists), active or frozen
 ASRKF_API int32_t asrkf_kv_thaw(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n, bool frozen);
 
+// have host memory for `bytes` more offloaded rows ready before the offloads that need it: pinned memory is
+// allocated on a background thread (page locking costs about as much as the copies into it), so reserving what a
+// prompt will offload before decoding it takes the allocations off the moves. Returns at once; a smaller request
+// does not cancel a larger one still pending; 0 stops reserving more. Reserved memory counts in asrkf_kv_info.host_bytes and is kept until the handle is freed
+ASRKF_API int32_t asrkf_kv_reserve_host(asrkf_kv_t kv, uint64_t bytes);
+
 // importance output: layers are model layer indices with K/V in the managed cache (n_layers = 0: all of them)
 // changing it rebuilds the graph once; enabled = false removes the extra nodes entirely
 ASRKF_API int32_t asrkf_kv_set_importance(asrkf_kv_t kv, bool enabled, int32_t n_q, const int32_t * layers, int32_t n_layers, bool export_q);
@@ -196,6 +202,10 @@ ASRKF_API int32_t asrkf_kv_row_bytes(asrkf_kv_t kv, int32_t layer, size_t * k_by
 // raw K bytes (asrkf_kv_row_bytes per position, cache type, stored space) of positions for one layer: offloaded
 // ones from the host copy, resident ones read from their cell; with asrkf_kv_query, the host can score any token
 ASRKF_API int32_t asrkf_kv_k_rows(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int32_t * pos, int32_t n, void * out, size_t size);
+
+// the same rows converted to float (ggml's to_float of the cache's K type: f16 widened, q8_0 / q4_0 dequantized),
+// [n][n_embd_k_gqa] into out, which holds cap floats; the conversion runs on the handle's worker threads
+ASRKF_API int32_t asrkf_kv_k_rows_f32(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int32_t * pos, int32_t n, float * out, size_t cap);
 
 // check the invariants of the cell table and the host store; -1 with a message on the first violation
 ASRKF_API int32_t asrkf_kv_check(asrkf_kv_t kv);

@@ -37,9 +37,7 @@ void llama_kv_host_store::init(std::vector<size_t> k_row_bytes, std::vector<size
     chunks.clear();
 }
 
-uint32_t llama_kv_host_store::add_chunk(uint32_t n_slots) {
-    const auto t0 = std::chrono::steady_clock::now();
-
+std::unique_ptr<llama_kv_host_store::chunk> llama_kv_host_store::new_chunk(uint32_t n_slots) const {
     auto c = std::make_unique<chunk>();
 
     const size_t size = (size_t) n_slots*bytes_per_token;
@@ -58,10 +56,96 @@ uint32_t llama_kv_host_store::add_chunk(uint32_t n_slots) {
 
     c->n_slots = n_slots;
     c->used.assign(n_slots, 0);
+    return c;
+}
 
+uint32_t llama_kv_host_store::add_chunk(uint32_t n_slots) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto c = new_chunk(n_slots);
     n_chunk_allocs++;
     alloc_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return place_chunk(std::move(c));
+}
 
+uint32_t llama_kv_host_store::take_spare() {
+    std::unique_ptr<chunk> c;
+    {
+        std::lock_guard<std::mutex> lock(spare_mtx);
+        if (spare.empty()) {
+            return UINT32_MAX;
+        }
+        c = std::move(spare.back());
+        spare.pop_back();
+        spare_wanted = spare_wanted > 0 ? spare_wanted - 1 : 0;
+    }
+    return place_chunk(std::move(c));
+}
+
+void llama_kv_host_store::reserve(size_t bytes) {
+    size_t n_free = 0;
+    for (const auto & c : chunks) {
+        n_free += c ? c->n_slots - c->n_used : 0;
+    }
+    const size_t chunk_bytes = (size_t) chunk_slots*bytes_per_token;
+    const size_t need = bytes > n_free*bytes_per_token ? bytes - n_free*bytes_per_token : 0;
+    {
+        std::lock_guard<std::mutex> lock(spare_mtx);
+        // at least what an earlier call still wants (a prompt's reservation outlives the decode's small ones)
+        const size_t n_chunks = (need + chunk_bytes - 1)/std::max<size_t>(1, chunk_bytes);
+        spare_wanted = bytes == 0 ? 0 : std::max(spare_wanted, n_chunks);
+        if (spare_wanted <= spare.size() || reserver.joinable()) {
+            spare_cv.notify_one();
+            return;
+        }
+    }
+    reserver = std::thread([this]() {
+        std::unique_lock<std::mutex> lock(spare_mtx);
+        for (;;) {
+            spare_cv.wait(lock, [&]() { return spare_stop || spare.size() < spare_wanted; });
+            if (spare_stop) {
+                return;
+            }
+            lock.unlock();
+            const auto t0 = std::chrono::steady_clock::now();
+            std::unique_ptr<chunk> c;
+            try {
+                c = new_chunk(chunk_slots);
+            } catch (...) {
+                c.reset(); // out of memory: the moves allocate (and report) it themselves
+            }
+            const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            lock.lock();
+            if (!c) {
+                spare_wanted = spare.size();
+                continue;
+            }
+            reserve_seconds += dt;
+            n_reserved_chunks++;
+            spare.push_back(std::move(c));
+        }
+    });
+}
+
+void llama_kv_host_store::stop_reserver() {
+    {
+        std::lock_guard<std::mutex> lock(spare_mtx);
+        spare_stop = true;
+    }
+    spare_cv.notify_all();
+    if (reserver.joinable()) {
+        reserver.join();
+    }
+    std::lock_guard<std::mutex> lock(spare_mtx);
+    spare.clear();
+    spare_wanted = 0;
+    spare_stop   = false;
+}
+
+llama_kv_host_store::~llama_kv_host_store() {
+    stop_reserver();
+}
+
+uint32_t llama_kv_host_store::place_chunk(std::unique_ptr<chunk> c) {
     for (uint32_t i = 0; i < chunks.size(); ++i) {
         if (!chunks[i]) {
             chunks[i] = std::move(c);
@@ -106,12 +190,21 @@ std::vector<llama_kv_host_slot> llama_kv_host_store::alloc(uint32_t n) {
         n_free += c ? c->n_slots - c->n_used : 0;
     }
     if (n_free < n) {
-        const uint32_t ic = add_chunk(std::max(chunk_slots, n));
-        for (uint32_t i = 0; i < n; ++i) {
-            chunks[ic]->used[i] = 1;
-            res.push_back({ic, i});
+        // reserved chunks first (one run each), then one allocation for the rest
+        for (uint32_t left = n; left > 0;) {
+            uint32_t ic = take_spare();
+            if (ic == UINT32_MAX) {
+                ic = add_chunk(std::max(chunk_slots, left));
+            }
+            auto & c = chunks[ic];
+            const uint32_t m = std::min(left, c->n_slots);
+            for (uint32_t i = 0; i < m; ++i) {
+                c->used[i] = 1;
+                res.push_back({ic, i});
+            }
+            c->n_used = m;
+            left -= m;
         }
-        chunks[ic]->n_used = n;
         return res;
     }
 
@@ -161,6 +254,7 @@ void llama_kv_host_store::release(const llama_kv_host_slot & slot) {
 }
 
 void llama_kv_host_store::clear() {
+    stop_reserver();
     chunks.clear();
 }
 
@@ -379,6 +473,10 @@ size_t llama_kv_host_store::bytes_allocated() const {
     size_t res = 0;
     for (const auto & c : chunks) {
         res += c ? (size_t) c->n_slots*bytes_per_token : 0;
+    }
+    std::lock_guard<std::mutex> lock(spare_mtx);
+    for (const auto & c : spare) {
+        res += (size_t) c->n_slots*bytes_per_token;
     }
     return res;
 }

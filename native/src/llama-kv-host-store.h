@@ -68,6 +68,15 @@ public:
     void release(const llama_kv_host_slot & slot);
     void clear();
 
+    // have free slots for `bytes` more rows ready: chunks are allocated on a background thread into a spare list
+    // that alloc() takes from. Pinned host memory costs about as much to get as the copies into it cost (page
+    // locking: ~30 ms for 64 MiB on an H200 host), so allocating it while the device computes a prompt takes it
+    // off the path of the moves. Returns at once; a smaller request does not cancel a larger pending one; 0 stops
+    // reserving more
+    void reserve(size_t bytes);
+
+    ~llama_kv_host_store();
+
     uint8_t * k_row(const llama_kv_host_slot & slot, uint32_t il_kv) const;
     uint8_t * v_row(const llama_kv_host_slot & slot, uint32_t il_kv) const;
 
@@ -129,4 +138,22 @@ private:
     std::unique_ptr<llama_kv_thread_pool> pool; // started at the first large batch
 
     uint32_t add_chunk(uint32_t n_slots);
+    std::unique_ptr<chunk> new_chunk(uint32_t n_slots) const;
+    uint32_t place_chunk(std::unique_ptr<chunk> c);
+    // a reserved chunk moved into chunks, or UINT32_MAX when none is ready
+    uint32_t take_spare();
+
+    // the reserver: chunks of chunk_slots allocated on its thread until spare_wanted are ready
+    std::thread                         reserver;
+    mutable std::mutex                  spare_mtx;
+    std::condition_variable             spare_cv;
+    std::vector<std::unique_ptr<chunk>> spare;
+    size_t                              spare_wanted = 0; // chunks the reserver should have ready (guarded)
+    bool                                spare_stop   = false;
+    void stop_reserver();
+
+public:
+    // chunks the reserver allocated and the seconds it spent (off the moves' path)
+    uint64_t n_reserved_chunks = 0;
+    double   reserve_seconds   = 0.0;
 };

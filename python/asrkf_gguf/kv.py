@@ -223,6 +223,13 @@ class KVCache:
         p = _positions(pos)
         _check("thaw", lib.asrkf_kv_thaw(self._h(), seq_id, _i32(p), p.size, frozen))
 
+    def reserve_host(self, n_bytes: int) -> None:
+        """Have host memory for n_bytes more offloaded rows allocated ahead, on a background thread (pinned memory
+        is slow to get); returns at once. Reserved memory counts in info().host_bytes."""
+        if n_bytes < 0:
+            raise ValueError("reserve_host: the number of bytes cannot be negative")
+        _check("reserve_host", lib.asrkf_kv_reserve_host(self._h(), int(n_bytes)))
+
     def drop(self, pos: Positions, seq_id: int = 0) -> None:
         """Remove positions for good (llama_memory_seq_rm, one call per run of consecutive positions).
 
@@ -313,6 +320,17 @@ class KVCache:
         out = np.empty((p.size, self.row_bytes(layer)[0]), np.uint8)
         _check("k_rows", lib.asrkf_kv_k_rows(self._h(), seq_id, layer, _i32(p), p.size,
                                              ffi.from_buffer(out), out.nbytes))
+        return out
+
+    def k_rows_f32(self, layer: int, pos: Positions, seq_id: int = 0) -> np.ndarray:
+        """K rows of positions as float32 [n, n_embd_k_gqa] (ggml's conversion of the cache type, on native
+        threads: what recall scores with)."""
+        p = _positions(pos)
+        info = self.info()
+        n_embd = info.n_head_kv * info.n_embd_head_k
+        out = np.empty((p.size, n_embd), np.float32)
+        _check("k_rows_f32", lib.asrkf_kv_k_rows_f32(self._h(), seq_id, layer, _i32(p), p.size,
+                                                     ffi.cast("float *", ffi.from_buffer(out)), out.size))
         return out
 
     def check(self) -> None:

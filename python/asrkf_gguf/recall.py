@@ -78,8 +78,9 @@ def recall_mass(kv, positions: np.ndarray, layers, seq_id: int = 0, others: np.n
     the sinks or at the question itself gives the document little, and without those keys in the denominator its
     near-uniform leftovers would count as much as a retrieval head's peak.
 
-    `timing`: seconds added under "read" (queries and K rows out of the native core), "dequantize" and "softmax"
-    (the products and softmax), summed over the threads that score layers side by side."""
+    `timing`: seconds added under "read" (queries and K rows out of the native core, as float32, waiting for the
+    handle included) and "softmax" (the products and softmax), summed over the threads that score layers side by
+    side."""
     info = kv.info()
     d = info.n_embd_head_k
     newest = int(kv.cells(seq_id)[0].max())
@@ -88,22 +89,19 @@ def recall_mass(kv, positions: np.ndarray, layers, seq_id: int = 0, others: np.n
 
     native = threading.Lock()  # one call into the handle at a time; the numpy work runs beside it
 
-    spent = {"read": 0.0, "dequantize": 0.0, "softmax": 0.0}
+    spent = {"read": 0.0, "softmax": 0.0}
 
     def layer_mass(il: int) -> np.ndarray:
         t0 = time.perf_counter()
         with native:
             q, scale = kv.query(il)
-            raw = kv.k_rows(il, keys, seq_id)
+            k = kv.k_rows_f32(il, keys, seq_id)  # converted by ggml on native threads (numpy's f16 is scalar)
         t1 = time.perf_counter()
         q_pos = np.arange(newest - q.shape[0] + 1, newest + 1)
-        k = dequantize_rows(raw, info.type_k, info.n_head_kv * d)
-        t2 = time.perf_counter()
         mass = attention_mass(q, k.reshape(len(keys), info.n_head_kv, d), scale, q_pos, keys)
         with native:
             spent["read"] += t1 - t0
-            spent["dequantize"] += t2 - t1
-            spent["softmax"] += time.perf_counter() - t2
+            spent["softmax"] += time.perf_counter() - t1
         return mass
 
     layers = list(layers)
