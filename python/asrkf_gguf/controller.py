@@ -220,30 +220,11 @@ class Controller:
             excess = t.count(CellState.ACTIVE) + t.count(CellState.FROZEN) + n_next - self.config.budget_cells
             if excess > 0:
                 if self.policy.reversible:
-                    # a whole batch at once, as far as movable tokens allow; the host memory of the next batch is
-                    # allocated meanwhile
+                    # a whole batch at once, as far as movable tokens allow
                     self._offload(max(excess, min(self.offload_batch, self._n_movable())), excess)
-                    self._reserve(self.offload_batch)
                 else:
                     self._drop(excess)
         self.stats.seconds += time.perf_counter() - t0
-
-    def expect(self, n_next: int) -> None:
-        """n_next tokens are about to be decoded (a prompt): have the host memory their offloads will need allocated
-        ahead, on a native background thread, while the device computes (pinned memory is slow to get: on an H200
-        host allocating it cost more than the copies into it). Also one offload batch beyond, for the decode after."""
-        if not (self.policy.uses_budget and self.policy.reversible):
-            return
-        t = self.table
-        n_out = max(0, t.count(CellState.ACTIVE) + t.count(CellState.FROZEN) + n_next - self.config.budget_cells)
-        self._reserve(n_out + self.offload_batch)
-
-    def _reserve(self, n_tokens: int) -> None:
-        n_bytes = n_tokens * self.bytes_per_token
-        if self.config.host_budget_bytes:  # never hold more than the host budget allows
-            n_bytes = min(n_bytes, max(0, self.config.host_budget_bytes
-                                       - self.table.count(CellState.OFFLOADED) * self.bytes_per_token))
-        self.kv.reserve_host(n_bytes)
 
     def _n_movable(self) -> int:
         t = self.table
