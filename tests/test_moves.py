@@ -133,21 +133,3 @@ def test_reserved_host_memory_is_allocated_ahead_and_taken_by_the_offloads(tiny_
         assert np.array_equal(expected, s.decode(tokens[-1:], len(tokens) - 1))
         with pytest.raises(ValueError):
             kv.reserve_host(-1)
-
-
-@pytest.mark.parametrize("kv_type", ["f16", "q8_0", "q4_0"])
-def test_k_rows_f32_is_ggml_conversion_of_the_raw_rows(tiny_paths, kv_type):
-    # what recall scores with: the raw rows converted to float32 by ggml, resident and offloaded alike, equal to
-    # the numpy reading of the same bytes (recall.dequantize_rows, itself checked against gguf's)
-    from asrkf_gguf.recall import dequantize_rows
-
-    path = tiny_paths["llama-hd128"]
-    with session(path, **{**OPTS, "kv_type": kv_type}) as s, KVCache(ctx=s.context) as kv:
-        s.decode(random_tokens(120, seed=37), 0)
-        kv.offload(np.arange(40, 70))
-        info = kv.info()
-        pos = np.random.default_rng(38).permutation(119)[:100]
-        for il in kv.layers().tolist():
-            want = dequantize_rows(kv.k_rows(il, pos), info.type_k, info.n_head_kv * info.n_embd_head_k)
-            got = kv.k_rows_f32(il, pos)
-            assert got.dtype == np.float32 and np.array_equal(got, want)

@@ -203,9 +203,6 @@ ASRKF_API int32_t asrkf_kv_row_bytes(asrkf_kv_t kv, int32_t layer, size_t * k_by
 // ones from the host copy, resident ones read from their cell; with asrkf_kv_query, the host can score any token
 ASRKF_API int32_t asrkf_kv_k_rows(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int32_t * pos, int32_t n, void * out, size_t size);
 
-// the same rows converted to float (ggml's to_float of the cache's K type: f16 widened, q8_0 / q4_0 dequantized),
-// [n][n_embd_k_gqa] into out, which holds cap floats; the conversion runs on the handle's worker threads
-ASRKF_API int32_t asrkf_kv_k_rows_f32(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int32_t * pos, int32_t n, float * out, size_t cap);
 
 // check the invariants of the cell table and the host store; -1 with a message on the first violation
 ASRKF_API int32_t asrkf_kv_check(asrkf_kv_t kv);

@@ -318,15 +318,6 @@ int32_t asrkf_kv_k_rows(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int3
     });
 }
 
-int32_t asrkf_kv_k_rows_f32(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int32_t * pos, int32_t n, float * out, size_t cap) {
-    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
-        if (!out && n > 0) {
-            throw llama_kv_freeze_error(ASRKF_EINVAL, "k_rows_f32: out is NULL");
-        }
-        kvf.k_rows_f32(seq_id, layer, positions(pos, n), out, cap);
-    });
-}
-
 int32_t asrkf_kv_reserve_host(asrkf_kv_t kv, uint64_t bytes) {
     return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
         kvf.store.reserve((size_t) bytes); // no synchronize: it touches no cell, and the device may be busy

@@ -467,40 +467,6 @@ void llama_kv_freeze::k_rows(llama_seq_id seq_id, int32_t il, const std::vector<
     finish_copies();
 }
 
-void llama_kv_freeze::k_rows_f32(llama_seq_id seq_id, int32_t il, const std::vector<llama_pos> & pos, float * out, size_t cap) {
-    const int32_t ikv = layer_index(il);
-    if (ikv < 0) {
-        KVF_FAIL(ASRKF_EINVAL, "k_rows_f32: layer %d has no K/V in the managed cache", il);
-    }
-    const ggml_tensor * k = layer_k[ikv];
-    const int64_t n_embd = k->ne[0];
-    if (cap < pos.size()*(size_t) n_embd) {
-        KVF_FAIL(ASRKF_EINVAL, "k_rows_f32: the output holds %zu floats, %zu positions need %zu", cap, pos.size(),
-                pos.size()*(size_t) n_embd);
-    }
-    const auto * traits = ggml_get_type_traits(k->type);
-    if (k->type != GGML_TYPE_F32 && !traits->to_float) {
-        KVF_FAIL(ASRKF_EUNSUPPORTED, "k_rows_f32: ggml cannot convert K of type %s to float", ggml_type_name(k->type));
-    }
-
-    const size_t kb = store.k_row_bytes(ikv);
-    std::vector<uint8_t> raw(pos.size()*kb);
-    k_rows(seq_id, il, pos, raw.data(), raw.size());
-
-    // numpy widens f16 one value at a time: ggml's row conversion on the store's threads is an order faster
-    const size_t per_item = std::max<size_t>(1, (256u << 10)/std::max<size_t>(1, kb));
-    store.parallel_for((pos.size() + per_item - 1)/per_item, [&](size_t item) {
-        const size_t i1 = std::min(pos.size(), (item + 1)*per_item);
-        for (size_t i = item*per_item; i < i1; ++i) {
-            if (k->type == GGML_TYPE_F32) {
-                memcpy(out + i*n_embd, raw.data() + i*kb, kb);
-            } else {
-                traits->to_float(raw.data() + i*kb, out + i*n_embd, n_embd);
-            }
-        }
-    });
-}
-
 void llama_kv_freeze::debug_corrupt(llama_seq_id seq_id, llama_pos pos, uint64_t byte) {
     sync();
 

@@ -99,7 +99,6 @@ struct llama_kv_freeze {
     float entropy() const; // of the last logits row of the latest decode, nats
     void query(int32_t il, std::vector<float> & out, int32_t & n_q, int32_t & n_head, int32_t & n_embd_head, float & kq_scale) const;
     void k_rows(llama_seq_id seq_id, int32_t il, const std::vector<llama_pos> & pos, uint8_t * out, size_t size);
-    void k_rows_f32(llama_seq_id seq_id, int32_t il, const std::vector<llama_pos> & pos, float * out, size_t cap);
 
     // resident cells of seq_id ordered by position: (pos, cell)
     std::vector<std::pair<llama_pos, uint32_t>> resident(llama_seq_id seq_id) const;

@@ -65,7 +65,6 @@ int32_t asrkf_kv_query(asrkf_kv_t kv, int32_t layer, float * out, int64_t cap, i
 int32_t asrkf_kv_layers(asrkf_kv_t kv, int32_t * layers, int32_t cap, int32_t * n_out);
 int32_t asrkf_kv_row_bytes(asrkf_kv_t kv, int32_t layer, size_t * k_bytes, size_t * v_bytes);
 int32_t asrkf_kv_reserve_host(asrkf_kv_t kv, uint64_t bytes);
-int32_t asrkf_kv_k_rows_f32(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int32_t * pos, int32_t n, float * out, size_t cap);
 int32_t asrkf_kv_k_rows(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int32_t * pos, int32_t n, void * out, size_t size);
 int32_t asrkf_kv_check(asrkf_kv_t kv);
 int32_t asrkf_kv_debug_corrupt(asrkf_kv_t kv, int32_t seq_id, int32_t pos, uint64_t byte);

@@ -325,17 +325,6 @@ class KVCache:
                                              ffi.from_buffer(out), out.nbytes))
         return out
 
-    def k_rows_f32(self, layer: int, pos: Positions, seq_id: int = 0) -> np.ndarray:
-        """K rows of positions as float32 [n, n_embd_k_gqa] (ggml's conversion of the cache type, on native
-        threads: what recall scores with)."""
-        p = _positions(pos)
-        info = self.info()
-        n_embd = info.n_head_kv * info.n_embd_head_k
-        out = np.empty((p.size, n_embd), np.float32)
-        _check("k_rows_f32", lib.asrkf_kv_k_rows_f32(self._h(), seq_id, layer, _i32(p), p.size,
-                                                     ffi.cast("float *", ffi.from_buffer(out)), out.size))
-        return out
-
     def check(self) -> None:
         _check("check", lib.asrkf_kv_check(self._h()))
 
