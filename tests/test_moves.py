@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from asrkf_gguf import KVCache
+from asrkf_gguf.kv import AsrkfError
 from conftest import random_tokens, session
 
 OPTS = dict(n_ctx=256, kv_type="f16", flash_attn="on", n_batch=64, n_ubatch=64)
@@ -133,3 +134,51 @@ def test_reserved_host_memory_is_allocated_ahead_and_taken_by_the_offloads(tiny_
         assert np.array_equal(expected, s.decode(tokens[-1:], len(tokens) - 1))
         with pytest.raises(ValueError):
             kv.reserve_host(-1)
+
+
+@pytest.mark.parametrize("kv_type,fa", [("f16", "on"), ("q8_0", "on"), ("f16", "off")])
+def test_pageable_store_stages_every_move_and_is_exact(tiny_paths, kv_type, fa):
+    # pinned_host=False: the rows live in pageable memory and every device move goes through the handle's staging
+    # (forced on the CPU cache with force_gather): offload in several rounds of passes, a spread thaw and a
+    # one-run thaw, the same logits as never offloading, and one gather per pass, not a copy per run
+    path = tiny_paths["llama-hd128"]
+    tokens = random_tokens(100, seed=39)
+    opts = {**OPTS, "kv_type": kv_type, "flash_attn": fa}
+    with session(path, **opts) as ref:
+        ref.decode(tokens[:-1], 0)
+        expected = ref.decode(tokens[-1:], len(tokens) - 1)
+    with session(path, **opts) as s, KVCache(ctx=s.context, pinned_host=False, force_gather=True,
+                                             scratch_bytes=4096) as kv:
+        s.decode(tokens[:-1], 0)
+        kv.offload(np.arange(5, 90, 2))
+        assert kv.info().n_gathers > 1  # passes of a few rows
+        kv.thaw(np.arange(5, 90, 4))
+        kv.thaw(np.arange(7, 90, 4))
+        kv.offload(np.arange(30, 60))
+        kv.debug_corrupt(44, byte=3)  # the staged checksums still catch a corrupted host copy
+        with pytest.raises(AsrkfError, match="checksum"):
+            kv.thaw(np.arange(30, 60))
+        kv.debug_corrupt(44, byte=3)  # flipped back
+        kv.thaw(np.arange(30, 60))
+        kv.check()
+        assert kv.info().n_offloaded == 0
+        assert np.array_equal(expected, s.decode(tokens[-1:], len(tokens) - 1))
+
+
+def test_engine_with_pageable_host_memory_reserves_ahead_and_answers_the_same(demo_model_path):
+    # host_memory="pageable" reaches the native store and the controller (which then reserves a prompt's host
+    # memory ahead: test_reserved_host_memory_... checks the reservation), and greedy replies are those of pinned
+    # host memory
+    from asrkf_gguf.engine import Engine, EngineError
+
+    prompt = "Here is a list: " + ", ".join(f"item {i} is {i * 7 % 13}" for i in range(120)) + ". What is item 5?"
+    replies = {}
+    for memory in ("pinned", "pageable"):
+        with Engine(demo_model_path, ctx=2048, kv_budget=256, n_threads=2, host_memory=memory) as e:
+            replies[memory] = "".join(e.generate(prompt, max_tokens=12, temperature=0))
+            info = e.kv.info()
+            assert info.n_offloaded > 0
+            assert e.controller.config.reserve_ahead == (memory == "pageable")
+    assert replies["pinned"] == replies["pageable"]
+    with pytest.raises(EngineError, match="host_memory"):
+        Engine(demo_model_path, ctx=2048, kv_budget=256, host_memory="swap")

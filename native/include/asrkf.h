@@ -91,9 +91,11 @@ enum asrkf_cell_state {
 };
 
 struct asrkf_kv_params {
-    bool     pinned_host;      // use the device's pinned host buffers for offloaded rows when it has them
+    bool     pinned_host;      // offloaded rows in the device's pinned host memory (moved straight); false: in
+                               // pageable memory, every device move staged through one pinned buffer of the handle
     uint32_t host_chunk_cells; // offloaded rows are stored in chunks of at least this many tokens (0: automatic)
-    bool     force_gather;     // testing: gather rows with get_rows also for caches in host memory (always on for devices)
+    bool     force_gather;     // testing: gather rows with get_rows also for caches in host memory (always on for
+                               // devices), and stage them as a device would when pinned_host is false
     uint64_t scratch_bytes;    // device scratch of one gather/scatter pass (0: 64 MiB); a move of more rows takes several passes
 };
 

@@ -230,7 +230,7 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
 
     // many runs on a device: one set_rows per tensor (scatter) instead of a copy per run, layer and tensor
     std::vector<ggml_tensor *> scatter_t;
-    if (runs.size() >= kvf_gather_min_runs || force_gather) {
+    if (runs.size() >= kvf_gather_min_runs || force_gather || staged) {
         std::vector<std::pair<uint32_t, bool>> what; // (layer, is_v) of scatter_t[i]
         size_t row_bytes = 0;                        // of all scattered tensors, per token
         for (uint32_t il = 0; il < layer_k.size(); ++il) {
@@ -256,16 +256,16 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
         n_slot_runs = slot_runs.size();
         if (scatter_t.empty()) {
             // nothing to scatter
-        } else if (kvf_slot_runs_direct(slot_runs.size(), n)) {
+        } else if (!staged && kvf_slot_runs_direct(slot_runs.size(), n)) {
             // straight from the slots: one device copy per run of slots and tensor
             path = "scatter";
             if (!scatter(scatter_t, rows, slot_runs, host_row)) {
                 scatter_t.clear();
             }
         } else {
-            // slots spread over many runs (tokens recalled from all over the host tier): the rows are staged in
-            // pinned memory by the store's threads, in rounds of at most 256 MiB, and each round goes up with one
-            // device copy per tensor
+            // slots spread over many runs (tokens recalled from all over the host tier), or a pageable store: the
+            // rows are staged in pinned memory by the store's threads, in rounds of at most 256 MiB, and each round
+            // goes up with one device copy per tensor
             path = "staged";
             const size_t n_round = std::min<size_t>(n, std::max<size_t>(1, (256u << 20)/std::max<size_t>(1, row_bytes)));
             uint8_t * stage = host_staging(n_round*row_bytes);

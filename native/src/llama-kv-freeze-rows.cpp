@@ -437,7 +437,72 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
     // a gather is a graph and a scratch buffer on the device: for a few runs, plain copies cost less
     const bool few_runs = runs.size() < kvf_gather_min_runs && !force_gather;
 
-    for (uint32_t il = 0; il < n_layer; ++il) {
+    if (staged) {
+        // a pageable store: every gatherable tensor goes through the pinned staging, in rounds of at most 256 MiB;
+        // each pass that lands there is copied into the slots (and hashed) by the store's threads while the device
+        // copies the next
+        size_t row_bytes = 0;
+        for (uint32_t il = 0; il < n_layer; ++il) {
+            for (const bool is_v : { false, true }) {
+                ggml_tensor * t = is_v ? layer_v[il] : layer_k[il];
+                if ((is_v && kv->v_trans) || !can_gather(t)) {
+                    continue;
+                }
+                gather_t.push_back(t);
+                gather_what.emplace_back(il, is_v);
+                row_bytes += t->nb[1];
+            }
+        }
+        const bool hash_landed = sums && gather_t.size() == 2*(size_t) n_layer;
+        const size_t n = cell.size();
+        const size_t n_round = std::min(n, std::max<size_t>(1, (256u << 20)/std::max<size_t>(1, row_bytes)));
+        uint8_t * stage = gather_t.empty() ? nullptr : host_staging(n_round*row_bytes);
+        bool ok = !gather_t.empty();
+        for (size_t q0 = 0; ok && q0 < n; q0 += n_round) {
+            const size_t m = std::min(n_round, n - q0);
+            std::vector<size_t> off(gather_t.size(), 0);
+            for (size_t i = 1; i < gather_t.size(); ++i) {
+                off[i] = off[i - 1] + m*gather_t[i - 1]->nb[1];
+            }
+            std::vector<int32_t> rows_round(m);
+            for (size_t j = 0; j < m; ++j) {
+                rows_round[j] = (int32_t) (strm*kv_size + cell[q0 + j]);
+            }
+            auto landed = [&](size_t r0, size_t cnt) {
+                const size_t per_item = 32;
+                store.parallel_for((cnt + per_item - 1)/per_item, [&](size_t item) {
+                    const size_t j1 = std::min(r0 + cnt, r0 + (item + 1)*per_item);
+                    for (size_t i = 0; i < gather_t.size(); ++i) {
+                        const auto [il, is_v] = gather_what[i];
+                        const size_t rb = gather_t[i]->nb[1];
+                        for (size_t j = r0 + item*per_item; j < j1; ++j) {
+                            uint8_t * dst = is_v ? store.v_row(slot[q0 + j], il) : store.k_row(slot[q0 + j], il);
+                            memcpy(dst, stage + off[i] + j*rb, rb);
+                        }
+                    }
+                });
+                if (hash_landed) {
+                    store.checksum_add(slot.data() + q0 + r0, cnt, 0, n_layer, sums + q0 + r0);
+                }
+            };
+            const std::vector<kvf_run> one_run = { { 0, (uint32_t) m } };
+            ok = gather(gather_t, rows_round, one_run, [&](size_t i, size_t a) { return stage + off[i] + a*gather_t[i]->nb[1]; },
+                    landed);
+        }
+        if (!ok) {
+            // no gather (several devices, no device memory): per-run copies into the pageable slots below, hashed
+            // from scratch
+            if (sums) {
+                std::fill(sums, sums + n, 0);
+            }
+            gather_t.clear();
+            gather_what.clear();
+        } else if (hash_landed) {
+            hashed_to = n_layer;
+        }
+    }
+
+    for (uint32_t il = 0; !staged && il < n_layer; ++il) {
         for (const bool is_v : { false, true }) {
             ggml_tensor * t = is_v ? layer_v[il] : layer_k[il];
             if ((is_v && kv->v_trans) || few_runs || !can_gather(t)) {
@@ -472,7 +537,9 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
         const auto [il, is_v] = gather_what[i];
         return is_v ? store.v_row(slot[row], il) : store.k_row(slot[row], il);
     };
-    if (!gather(gather_t, rows, direct ? slot_runs : all_rows, gather_dst, landed)) {
+    if (staged) {
+        // gathered (or not) through the pinned staging above
+    } else if (!gather(gather_t, rows, direct ? slot_runs : all_rows, gather_dst, landed)) {
         gather_t.clear();
         gather_what.clear();
         gather_staging.clear();

@@ -195,6 +195,8 @@ private:
 
     // host memory that stages rows of a thaw whose slots are spread out (pinned when the device has pinned memory),
     // kept across moves and grown on demand
+    ggml_backend_buffer_type_t staging_buft = nullptr; // the device's pinned host memory, if it has one
+    bool staged = false; // the host store is pageable: device moves go through the pinned staging
     ggml_backend_buffer_t staging_pinned = nullptr;
     std::vector<uint8_t>  staging_plain;
     uint8_t * host_staging(size_t size);

@@ -37,7 +37,7 @@ void llama_kv_host_store::init(std::vector<size_t> k_row_bytes, std::vector<size
     chunks.clear();
 }
 
-std::unique_ptr<llama_kv_host_store::chunk> llama_kv_host_store::new_chunk(uint32_t n_slots) const {
+std::unique_ptr<llama_kv_host_store::chunk> llama_kv_host_store::new_chunk(uint32_t n_slots, bool touch) const {
     auto c = std::make_unique<chunk>();
 
     const size_t size = (size_t) n_slots*bytes_per_token;
@@ -49,9 +49,12 @@ std::unique_ptr<llama_kv_host_store::chunk> llama_kv_host_store::new_chunk(uint3
         }
     }
     if (!c->base) {
-        // no pinned memory (or it ran out): pageable memory still works, only the copies are slower
+        // pageable memory (asked for, or pinned memory ran out)
         c->plain.reset(new uint8_t[size]);
         c->base = c->plain.get();
+        if (touch) {
+            memset(c->base, 0, size); // fault the pages in here, on the reserver's thread, not in the moves
+        }
     }
 
     c->n_slots = n_slots;
@@ -61,7 +64,7 @@ std::unique_ptr<llama_kv_host_store::chunk> llama_kv_host_store::new_chunk(uint3
 
 uint32_t llama_kv_host_store::add_chunk(uint32_t n_slots) {
     const auto t0 = std::chrono::steady_clock::now();
-    auto c = new_chunk(n_slots);
+    auto c = new_chunk(n_slots, /*touch =*/ false);
     n_chunk_allocs++;
     alloc_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return place_chunk(std::move(c));
@@ -109,7 +112,7 @@ void llama_kv_host_store::reserve(size_t bytes) {
             const auto t0 = std::chrono::steady_clock::now();
             std::unique_ptr<chunk> c;
             try {
-                c = new_chunk(chunk_slots);
+                c = new_chunk(chunk_slots, /*touch =*/ true);
             } catch (...) {
                 c.reset(); // out of memory: the moves allocate (and report) it themselves
             }

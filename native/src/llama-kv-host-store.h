@@ -138,7 +138,7 @@ private:
     std::unique_ptr<llama_kv_thread_pool> pool; // started at the first large batch
 
     uint32_t add_chunk(uint32_t n_slots);
-    std::unique_ptr<chunk> new_chunk(uint32_t n_slots) const;
+    std::unique_ptr<chunk> new_chunk(uint32_t n_slots, bool touch) const;
     uint32_t place_chunk(std::unique_ptr<chunk> c);
     // a reserved chunk moved into chunks, or UINT32_MAX when none is ready
     uint32_t take_spare();

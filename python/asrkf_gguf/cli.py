@@ -37,6 +37,9 @@ def add_run_parser(sub) -> None:
     r.add_argument("--n-gpu-layers", type=int, default=0)
     r.add_argument("--host-budget", help="host memory for offloaded K/V, e.g. 512M or 4G (default: no limit); past it "
                                          "the turn fails with an error and nothing is dropped")
+    r.add_argument("--host-memory", choices=["pinned", "pageable"], default="pinned",
+                   help="host memory for offloaded K/V: the device's pinned memory (moved straight, slow to allocate) "
+                        "or pageable memory allocated ahead while the prompt decodes, moved through a pinned buffer")
     r.add_argument("--importance-every", type=int, default=None,
                    help="score every k-th attention layer (from the last); default: 4 when the KV cache is on a GPU "
                         "(keeps most of the decode speed), else 1")
@@ -99,7 +102,8 @@ def run(args) -> int:
                         controller_params={"score_every": args.score_every,
                                            **({} if args.importance_every is None
                                               else {"importance_every": args.importance_every})},
-                        chat_template=args.chat_template, host_budget=args.host_budget, verbose=args.verbose)
+                        chat_template=args.chat_template, host_budget=args.host_budget, host_memory=args.host_memory,
+                        verbose=args.verbose)
     except EngineError as err:
         raise UsageError(str(err)) from None
     with engine:

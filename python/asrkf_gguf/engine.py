@@ -90,12 +90,15 @@ class Engine:
                  flash_attn: str = "auto", n_gpu_layers: int = 0, n_threads: Optional[int] = None,
                  policy_params: Optional[dict] = None, controller_params: Optional[dict] = None,
                  chat_template: Optional[str] = None, host_budget: Union[int, str, None] = None,
-                 verbose: bool = False):
+                 host_memory: str = "pinned", verbose: bool = False):
         """policy_params go to the policy (e.g. n_sinks, recent, k, period, low_quantile for asrkf);
         controller_params to ControllerConfig (ema, n_q, importance_layers, wr_window, rr_tokens, recovery).
         chat_template replaces the GGUF's: a Jinja template or a llama.cpp built-in name ("gemma", "llama3").
         host_budget: host memory for offloaded K/V (bytes, or "512M", "4G"); past it a turn fails with
-        HostBudgetError and is taken back, nothing is dropped (None: no limit)."""
+        HostBudgetError and is taken back, nothing is dropped (None: no limit).
+        host_memory: where offloaded K/V lives on the host: "pinned" (the device's pinned memory, moved straight;
+        slow to allocate) or "pageable" (allocated ahead on a background thread while a prompt decodes, every move
+        staged through one pinned buffer); docs/gpu.md measures both."""
         from .models import fetch_demo_model
 
         self.model_path = model_path or str(fetch_demo_model(progress=verbose))
@@ -122,6 +125,8 @@ class Engine:
                               f"{self.policy.recent} recent tokens are always kept on the device")
 
         host_bytes = size_bytes(host_budget) if host_budget is not None else 0
+        if host_memory not in ("pinned", "pageable"):
+            raise EngineError(f"host_memory must be 'pinned' or 'pageable', got {host_memory!r}")
         try:
             options = ContextOptions(n_ctx=budget, kv_type=kv_type, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers,
                                      n_threads=n_threads)
@@ -138,11 +143,12 @@ class Engine:
             self._stack.close()  # the message says how large a KV cache was asked for: a RuntimeError, not bad input
             raise
         try:
-            self.kv = self._stack.enter_context(KVCache(ctx=self.session.context))
+            self.kv = self._stack.enter_context(KVCache(ctx=self.session.context,
+                                                        pinned_host=host_memory == "pinned"))
             self.controller = Controller(self.kv, self.policy, ControllerConfig(
                 budget_cells=min(budget, self.kv.info().n_cells),
                 **{**device_defaults(n_gpu_layers, controller_params), "host_budget_bytes": host_bytes,
-                   **(controller_params or {})}))
+                   "reserve_ahead": host_memory == "pageable", **(controller_params or {})}))
         except Exception as err:
             self._stack.close()
             raise EngineError(str(err)) from None

@@ -118,6 +118,7 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
     t_decode = 0.0
     pos = controller.table.n
     logits = None
+    controller.expect(len(prompt))
     for start in range(0, len(prompt), chunk):
         part = list(prompt[start:start + chunk])
         controller.make_room(len(part))
