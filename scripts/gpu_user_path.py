@@ -26,7 +26,8 @@ SETTINGS = {
     "full": ["--policy", "full"],
     "asrkf-25%": ["--kv-budget", "0.25"],                                  # the defaults (GPU: every 4th layer)
     "asrkf-25%-all-layers": ["--kv-budget", "0.25", "--importance-every", "1"],
-    "asrkf-25%-pageable": ["--kv-budget", "0.25", "--host-memory", "pageable"],
+    "asrkf-25%-pageable": ["--kv-budget", "0.25", "--host-memory", "pageable"],  # the GPU default since 2026-11-30
+    "asrkf-25%-pinned": ["--kv-budget", "0.25", "--host-memory", "pinned"],
 }
 
 

@@ -37,9 +37,10 @@ def add_run_parser(sub) -> None:
     r.add_argument("--n-gpu-layers", type=int, default=0)
     r.add_argument("--host-budget", help="host memory for offloaded K/V, e.g. 512M or 4G (default: no limit); past it "
                                          "the turn fails with an error and nothing is dropped")
-    r.add_argument("--host-memory", choices=["pinned", "pageable"], default="pinned",
+    r.add_argument("--host-memory", choices=["auto", "pinned", "pageable"], default="auto",
                    help="host memory for offloaded K/V: the device's pinned memory (moved straight, slow to allocate) "
-                        "or pageable memory allocated ahead while the prompt decodes, moved through a pinned buffer")
+                        "or pageable memory allocated ahead while the prompt decodes, moved through a pinned buffer; "
+                        "auto: pageable when layers run on a GPU, else pinned")
     r.add_argument("--importance-every", type=int, default=None,
                    help="score every k-th attention layer (from the last); default: 4 when the KV cache is on a GPU "
                         "(keeps most of the decode speed), else 1")
