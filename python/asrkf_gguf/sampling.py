@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import ctypes
 import json
-from contextlib import ExitStack
+import logging
+import os
+import sys
+import tempfile
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -39,6 +43,26 @@ RANDOM_SEED = llama_cpp.LLAMA_DEFAULT_SEED  # 0xFFFFFFFF: llama.cpp draws a seed
 # llama_token_data {int32 id; float logit; float p;}
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)], align=True)
 assert _TOKEN_DATA.itemsize == ctypes.sizeof(llama_cpp.llama_token_data)
+
+
+@contextmanager
+def _stderr_to_log():
+    """llama.cpp's grammar parser writes its errors with fprintf(stderr) instead of its log: catch file descriptor 2
+    while it parses and hand the text to llama.cpp's logger (asrkf_gguf.llama), so that the CLI's stderr stays one
+    `error:` line without --verbose. (Another thread writing to stderr in that instant is caught too.)"""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", "replace").strip()
+    if text:
+        logging.getLogger("asrkf_gguf.llama").error("%s", text)
 
 
 class SamplingError(ValueError):
@@ -132,7 +156,8 @@ class Sampler:
                 if params.penalties else None
             self._grammar = None
             if params.grammar is not None:
-                g = llama_cpp.llama_sampler_init_grammar(vocab, params.grammar.encode("utf-8"), b"root")
+                with _stderr_to_log():
+                    g = llama_cpp.llama_sampler_init_grammar(vocab, params.grammar.encode("utf-8"), b"root")
                 if not g:
                     raise SamplingError("llama.cpp cannot parse the grammar (GBNF with a `root` rule; --verbose "
                                         "shows where)")
