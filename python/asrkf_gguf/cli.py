@@ -98,7 +98,7 @@ def add_run_parser(sub) -> None:
                    help="score every k-th attention layer (from the last); default: 4 when the KV cache is on a GPU "
                         "(keeps most of the decode speed), else 1")
     k.add_argument("--score-every", type=int, default=1, help="score every k-th generated token")
-    r.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout (no progress bars)")
+    r.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     add_verbose_flag(r)
 
 
@@ -207,9 +207,9 @@ def run(args) -> int:
         sampling_params(**sampling)  # bad values are reported before the model loads
     except EngineError as err:
         raise UsageError(_flag_names(str(err))) from None
-    # progress bars only for a person watching: stderr on a terminal, and never with --json
-    progress = sys.stderr.isatty() and not args.json
-    model = _model_path(args, progress=sys.stderr.isatty())
+    # progress bars only for a person watching: on stderr, when it is a terminal (stdout, --json's too, stays clean)
+    progress = sys.stderr.isatty()
+    model = _model_path(args, progress=progress)
     try:
         engine = Engine(model, ctx=args.ctx, kv_budget=args.kv_budget, policy=args.policy,
                         kv_type=args.kv_type, flash_attn=args.flash_attn, n_gpu_layers=args.n_gpu_layers,

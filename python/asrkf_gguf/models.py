@@ -152,7 +152,9 @@ def fetch_hf_model(repo: str, filename: str | None = None, *, progress: bool = F
     if filename is not None and quant:
         raise ModelNotFoundError("give the file (--hf-file) or a :QUANT tag, not both")
     if not progress:
-        huggingface_hub.utils.disable_progress_bars()
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
     try:
         if filename is None:
             filename = _pick_gguf(repo, _repo_ggufs(repo), quant)
