@@ -22,23 +22,6 @@ def greedy(logits: np.ndarray) -> int:
     return int(np.argmax(logits))
 
 
-def sampler(temperature: float, seed: int) -> Callable[[np.ndarray], int]:
-    """Softmax sampling at a temperature (0: greedy), reproducible for a seed: numpy only, for scripts that draw
-    without a model. The Engine and the CLI sample with llama.cpp's chain (asrkf_gguf.sampling.Sampler)."""
-    if temperature < 0:
-        raise ValueError(f"temperature cannot be negative, got {temperature}")
-    if temperature == 0:
-        return greedy
-    rng = np.random.default_rng(seed)
-
-    def pick(logits: np.ndarray) -> int:
-        z = (np.asarray(logits, np.float64) - np.max(logits)) / temperature
-        p = np.exp(z)
-        return int(rng.choice(p.size, p=p / p.sum()))
-
-    return pick
-
-
 @dataclass
 class GenerationResult:
     tokens: List[int]
