@@ -49,12 +49,20 @@ def test_temperature_0_is_numpy_argmax_bit_for_bit(engine):
     engine.reset()
 
 
-def test_greedy_breaks_ties_as_argmax_does(tiny_session):
-    logits = np.zeros(tiny_session.n_vocab, np.float32)
-    logits[[7, 300, 41]] = 3.0  # three equal maxima: argmax takes the first
-    with Sampler(tiny_session, SamplingParams(temperature=0)) as pick:
-        pick.prime([])
-        assert pick(logits) == int(np.argmax(logits)) == 7
+def test_llama_cpps_greedy_sampler_is_argmax(tiny_session):
+    # plain greedy runs as numpy's argmax; llama.cpp's greedy sampler (what runs behind penalties or a grammar)
+    # must pick the same token, ties included (the first largest logit)
+    rng = np.random.default_rng(3)
+    rows = [rng.standard_normal(tiny_session.n_vocab).astype(np.float32) for _ in range(20)]
+    tie = np.zeros(tiny_session.n_vocab, np.float32)
+    tie[[7, 300, 41]] = 3.0
+    with Sampler(tiny_session, SamplingParams(temperature=0)) as fast, \
+            Sampler(tiny_session, SamplingParams(temperature=0)) as chain:
+        chain._argmax = False  # through llama_sampler_apply
+        assert fast._argmax
+        for logits in rows + [tie]:
+            assert fast(logits) == chain(logits) == int(np.argmax(logits))
+        assert chain(tie) == 7
 
 
 def test_penalties_see_the_prompt_and_the_reply(engine):
