@@ -279,3 +279,18 @@ def test_progress_shows_on_a_terminal_only(tiny_cli_model, tmp_path):
                                     "--max-tokens", "2", "--json")
     assert code == 0 and b"3/3" in seen and b"turn" in seen
     assert len(json.loads(out)["turns"]) == 3  # stdout is the one JSON object still
+
+
+def test_the_gguf_a_quant_tag_picks():
+    from asrkf_gguf.models import ModelNotFoundError, _pick_gguf
+
+    files = sorted(["m-Q8_0.gguf", "m-q4_k_m.gguf", "big/m-Q6_K-00001-of-00002.gguf",
+                    "big/m-Q6_K-00002-of-00002.gguf"])
+    assert _pick_gguf("o/m", files, "") == "m-q4_k_m.gguf"              # no tag: Q4_K_M, any case
+    assert _pick_gguf("o/m", files, "Q8_0") == "m-Q8_0.gguf"
+    assert _pick_gguf("o/m", files, "q6_k") == "big/m-Q6_K-00001-of-00002.gguf"  # a split model: its first part
+    assert _pick_gguf("o/m", ["a-F16.gguf", "a-Q5_K.gguf"], "") == "a-F16.gguf"  # no Q4_K_M: the first
+    with pytest.raises(ModelNotFoundError, match="no .gguf with IQ2 in its name"):
+        _pick_gguf("o/m", files, "IQ2")
+    with pytest.raises(ModelNotFoundError, match="holds no .gguf"):
+        _pick_gguf("o/m", [], "")
