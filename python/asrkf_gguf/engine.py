@@ -6,11 +6,12 @@
         print(engine.stats()["kv"])
 
 One chat session per Engine; its KV persists across turns and the chat template comes from the GGUF (its Jinja
-template, or chat_template=). Tokens are drawn by llama.cpp's sampler chain (asrkf_gguf.sampling).
-create_chat_completion() takes and returns what llama_cpp.Llama's does. Use one Engine per thread; `cancel()` may be called from any thread and stops the running generation
-between two tokens, and close() from another thread cancels and waits for the token step in progress. A turn whose
-iterator is not exhausted is taken back out of the cache when the next turn starts, on reset() and on close(); its
-iterator then raises (EngineError, or ClosedError after close). Any use after close() raises ClosedError.
+template, or chat_template=). Tokens are drawn by llama.cpp's sampler chain (asrkf_gguf.sampling);
+create_chat_completion() takes and returns what llama_cpp.Llama's does. Use one Engine per thread; `cancel()` may be
+called from any thread and stops the running generation between two tokens, and close() from another thread cancels
+and waits for the token step in progress. A turn whose iterator is not exhausted is taken back out of the cache when
+the next turn starts, on reset() and on close(); its iterator then raises (EngineError, or ClosedError after
+close). Any use after close() raises ClosedError.
 """
 
 from __future__ import annotations

@@ -147,6 +147,8 @@ class Sampler:
         self._stack = ExitStack()
         self._history: List[int] = []   # accepted tokens: the context, then the generated ones
         self._n_generated = 0           # of which generated (the grammar has seen these)
+        if params.repeat_last_n == -1 and params.penalties and n_ctx < 1:
+            raise SamplingError("repeat_last_n -1 (the context) needs the context's size: Sampler(n_ctx=...)")
         self._last_n = n_ctx if params.repeat_last_n == -1 else params.repeat_last_n
         vocab = session.model.vocab
         n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
