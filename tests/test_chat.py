@@ -40,7 +40,9 @@ def test_a_template_that_refuses_falls_back_to_llama_cpp(caplog):
     with Engine(path, ctx=512, n_threads=2, system_prompt="Be brief.") as e:
         with caplog.at_level(logging.WARNING, logger="asrkf_gguf"):
             "".join(e.chat("Hi", max_tokens=2, temperature=0.0))
-        assert e._template.used == "builtin" and "did not render" in caplog.text
+            assert e._template.used == "builtin" and "did not render" in caplog.text
+            "".join(e.chat("Again", max_tokens=2, temperature=0.0))
+        assert caplog.text.count("did not render") == 1  # said once, not at every turn
         msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
         want = e.session.tokenize(e.session.chat_prompt(msgs, template="chatml"), add_special=True)
         assert e.cached_tokens()[:len(want)] == want

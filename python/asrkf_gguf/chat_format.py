@@ -45,7 +45,11 @@ class ChatTemplate:
         self.template = template
         self.builtin = template is not None and template in builtin_template_names()
         self._jinja = None
+        self._warned = False
         self.used = "builtin" if self.builtin else "jinja"  # what rendered the last prompt
+        log.info("chat template: %s", "none" if template is None else
+                 f"llama.cpp's built-in {template}" if self.builtin else
+                 "the GGUF's Jinja template" if self.source == "gguf" else "the Jinja template given")
         if template is not None and not self.builtin:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -68,8 +72,10 @@ class ChatTemplate:
             try:
                 text = self._jinja(messages=[dict(m) for m in messages]).prompt
             except Exception as err:
-                log.warning("the Jinja chat template did not render (%s); using llama.cpp's built-in one",
-                            _one_line(err))
+                if not self._warned:  # once per conversation, not at every turn
+                    self._warned = True
+                    log.warning("the Jinja chat template did not render (%s); using llama.cpp's built-in one",
+                                _one_line(err))
             else:
                 self.used = "jinja"
                 tokens = s.tokenize(text, add_special=False)
