@@ -7,7 +7,7 @@ import llama_cpp
 import pytest
 
 from asrkf_gguf.chat_format import ChatTemplate, builtin_template_names
-from asrkf_gguf.engine import Engine, EngineError, common_prefix
+from asrkf_gguf.engine import Engine, EngineError, common_prefix, cut_at_stop
 from asrkf_gguf.llama import physical_cores
 from asrkf_gguf.testmodels import TinyModelSpec, tiny_model
 
@@ -118,6 +118,47 @@ def test_create_chat_completion_streams_chunks(engine):
         "content"] == text
 
 
+def test_stop_strings_cut_the_reply(engine):
+    # each call from an empty cache, so that greedy decoding gives the same tokens up to the stop (a reply
+    # decoded after a reused prefix may differ in the last bits of the logits)
+    msgs = [{"role": "user", "content": "Describe a lighthouse in two sentences."}]
+    engine.reset()
+    full = engine.create_chat_completion(msgs, max_tokens=40, temperature=0.0)["choices"][0]["message"]["content"]
+    words = full.split()
+    assert len(words) > 8
+    stop = " " + words[5]  # a word in the middle, with the space before it: spans token pieces
+    want = full[:full.index(stop)]
+    engine.reset()
+    out = engine.create_chat_completion(msgs, max_tokens=40, temperature=0.0, stop=[stop, "never-there"])
+    choice = out["choices"][0]
+    assert choice["message"]["content"] == want and choice["finish_reason"] == "stop"
+    assert engine.messages[-1] == {"role": "assistant", "content": want}  # the Engine keeps the cut reply too
+    engine.reset()
+    chunks = list(engine.create_chat_completion(msgs, max_tokens=40, temperature=0.0, stop=stop, stream=True))
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == want
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    follow = msgs + [choice["message"], {"role": "user", "content": "Thanks."}]
+    assert engine.create_chat_completion(follow, max_tokens=4, temperature=0.0)["choices"][0]["message"]["content"]
+    engine.controller.table.check(engine.kv)
+    assert len(engine.cached_tokens()) == engine.controller.table.n
+    with pytest.raises(EngineError, match="stop must be"):
+        engine.create_chat_completion(msgs, stop=[""])
+
+
+def test_cut_at_stop_holds_back_what_may_begin_a_stop():
+    def run(pieces, stops):
+        seen = []
+        out = list(cut_at_stop(iter(pieces), stops, seen.append))
+        return out, seen
+
+    # "<e" might begin "<end>": held back until "nd>" shows it does; "<x" does not, so it goes out then
+    assert run(["ab<", "e", "nd> more"], ["<end>"]) == (["ab"], ["ab"])
+    assert run(["ab<", "x", "y"], ["<end>"]) == (["ab", "<x", "y"], [])
+    assert run(["one tw", "o three"], ["wo th", "two"]) == (["one "], ["one "])  # the earliest stop wins
+    assert run(["abc", "de"], ["zz"]) == (["abc", "de"], [])
+    assert run(["tail <en"], ["<end>"]) == (["tail ", "<en"], [])  # no stop came: the held text goes out at the end
+
+
 def test_create_chat_completion_bad_input_changes_nothing(engine):
     "".join(engine.chat("Hi", max_tokens=2))
     msgs, cached = list(engine.messages), engine.cached_tokens()
@@ -135,8 +176,9 @@ def test_create_chat_completion_bad_input_changes_nothing(engine):
 
 def test_max_tokens_none_fills_the_context(tiny_path):
     with Engine(tiny_path, ctx=128, n_threads=2, chat_template="chatml") as e:
-        out = e.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=None,
-                                       grammar='root ::= [a-z]+')  # no end token: runs to the context's end
+        # a grammar that never completes leaves the end token out: the reply runs to the context's end
+        out = e.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=None, seed=5,
+                                       grammar="root ::= [a-z] root")
         assert out["choices"][0]["finish_reason"] == "length"
         assert out["usage"]["total_tokens"] == 128
 

@@ -276,8 +276,8 @@ class Engine:
                                max_tokens: Optional[int] = None, temperature: float = 0.2, top_p: float = 0.95,
                                top_k: int = 40, min_p: float = 0.05, repeat_penalty: float = 1.0,
                                frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                               seed: Optional[int] = None, response_format: Optional[dict] = None,
-                               grammar=None, model: Optional[str] = None,
+                               seed: Optional[int] = None, stop: Union[str, List[str], None] = None,
+                               response_format: Optional[dict] = None, grammar=None, model: Optional[str] = None,
                                on_prefill: Optional[Callable[[int, int], None]] = None, **sampling):
         """llama_cpp.Llama.create_chat_completion's shape and defaults: `messages` is the whole conversation
         (OpenAI style). Returns a "chat.completion" dict, or with stream=True an iterator of "chat.completion.chunk"
@@ -285,9 +285,13 @@ class Engine:
 
         The cache keeps the longest token prefix the new prompt shares with what it holds, so a call with the
         previous messages, the reply and a new user message decodes only the new part. max_tokens None: up to the
-        context. grammar: GBNF text or a llama_cpp.LlamaGrammar; response_format {"type": "json_object"} (with
-        an optional "schema") constrains the reply to JSON. Cancelled replies end with finish_reason "stop"."""
+        context. stop: strings that end the reply (not included; the reply in self.messages is cut there too).
+        grammar: GBNF text or a llama_cpp.LlamaGrammar; response_format {"type": "json_object"} (with an
+        optional "schema") constrains the reply to JSON. Cancelled replies end with finish_reason "stop"."""
         msgs = checked_messages(messages)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(x, str) and x for x in stops):
+            raise EngineError("stop must be a non-empty string or a list of them")
         grammar = _grammar_text(grammar, response_format)
         params = sampling_params(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
                                  repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
@@ -298,6 +302,17 @@ class Engine:
         def finish() -> str:
             return "length" if self.last_finish_reason == "length" else "stop"
 
+        def stopped(text: str) -> None:
+            # cancel and run the turn out (the tokens it still holds go into the cache, as a cancel's do); the
+            # reply the Engine keeps is cut where the caller's is
+            self.cancel()
+            for _ in turn:
+                pass
+            if self.messages and self.messages[-1]["role"] == "assistant":
+                self.messages[-1] = {"role": "assistant", "content": text}
+            self.last_finish_reason = "stop"
+
+        pieces = cut_at_stop(turn, stops, stopped) if stops else turn
         if stream:
             def chunks():
                 def chunk(delta, reason=None):
@@ -305,12 +320,12 @@ class Engine:
                             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
 
                 yield chunk({"role": "assistant"})
-                for piece in turn:
+                for piece in pieces:
                     yield chunk({"content": piece})
                 yield chunk({}, finish())
 
             return chunks()
-        text = "".join(turn)
+        text = "".join(pieces)
         return {"id": cid, "object": "chat.completion", "created": created, "model": name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                              "finish_reason": finish()}],
@@ -487,6 +502,30 @@ class Engine:
             "policy": self.policy.name,
             "model": self.model_path,
         }
+
+
+def cut_at_stop(pieces: Iterator[str], stops: List[str], on_stop: Callable[[str], None]) -> Iterator[str]:
+    """Text pieces up to the first of the stop strings (not included). Text that may be the start of one is held
+    back until it is not. At a stop, on_stop(the text before it) runs before the last piece is yielded."""
+    sent, buf = [], ""
+    for piece in pieces:
+        buf += piece
+        hits = [i for i in (buf.find(x) for x in stops) if i >= 0]
+        if hits:
+            sent.append(buf[:min(hits)])
+            on_stop("".join(sent))
+            if sent[-1]:
+                yield sent[-1]
+            return
+        # the longest end of buf that begins a stop string waits for the next piece
+        held = max((k for x in stops for k in range(1, min(len(x) - 1, len(buf)) + 1) if x.startswith(buf[-k:])),
+                   default=0)
+        out, buf = buf[:len(buf) - held], buf[len(buf) - held:]
+        if out:
+            sent.append(out)
+            yield out
+    if buf:
+        yield buf
 
 
 def sampling_params(**given) -> SamplingParams:
