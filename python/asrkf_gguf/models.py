@@ -151,10 +151,12 @@ def fetch_hf_model(repo: str, filename: str | None = None, *, progress: bool = F
         raise ModelNotFoundError(f"a Hugging Face repository is ORG/NAME (or ORG/NAME:QUANT), got {repo!r}")
     if filename is not None and quant:
         raise ModelNotFoundError("give the file (--hf-file) or a :QUANT tag, not both")
-    if not progress:
-        from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import disable_progress_bars, logging as hf_logging
 
+    if not progress:
         disable_progress_bars()
+    if not log.isEnabledFor(logging.INFO):
+        hf_logging.set_verbosity_error()  # its retry warnings would come before the CLI's one `error:` line
     try:
         if filename is None:
             filename = _pick_gguf(repo, _repo_ggufs(repo), quant)
@@ -182,7 +184,9 @@ def _repo_ggufs(repo: str) -> list[str]:
 
     try:
         files = huggingface_hub.list_repo_files(repo)
-    except (hf_errors.OfflineModeIsEnabled, ConnectionError) as err:
+    except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError):
+        raise
+    except Exception as err:  # offline, no network (httpx's errors are not ConnectionError), the Hub failing
         try:
             folder = Path(huggingface_hub.snapshot_download(repo, local_files_only=True, allow_patterns="*.gguf"))
         except hf_errors.LocalEntryNotFoundError:
