@@ -1,0 +1,73 @@
+"""python -m asrkf_gguf serve: an OpenAI-compatible HTTP server over one Engine (Starlette on uvicorn).
+
+    python -m asrkf_gguf serve [MODEL] [--host 127.0.0.1] [--port 8080] [run's Engine options]
+
+Parts: pool.py (which conversation a request continues; the swap hook), worker.py (the model thread),
+app.py (the HTTP API). docs/server.md says what is honoured and what is not done yet.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import uvicorn
+
+from ..cli import UsageError, check_engine_args, make_engine
+from .app import create_app
+from .pool import ConversationPool
+from .worker import ModelWorker
+
+
+def serve(args) -> int:
+    """Load the model, serve until SIGINT / SIGTERM, close the Engine; 0 after a signal."""
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_conversations < 1:
+        raise UsageError(f"--max-conversations must be positive, got {args.max_conversations}")
+    check_engine_args(args)
+    engine = make_engine(args)
+    worker = ModelWorker(engine, ConversationPool(engine, max_conversations=args.max_conversations))
+    name = args.alias or os.path.basename(engine.model_path)
+    try:
+        config = uvicorn.Config(create_app(worker, name), host=args.host, port=args.port, ws="none",
+                                log_level="info" if args.verbose else "warning", timeout_graceful_shutdown=5)
+        server = _Server(config, worker)
+        # uvicorn raises a captured signal again once it has shut down: with Python's default handlers SIGTERM
+        # would then kill the process (-15) and SIGINT raise KeyboardInterrupt after a clean stop. Ignore them
+        # once uvicorn's handlers are gone: a stop by signal is a clean stop, exit 0
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _ignore)
+        try:
+            server.run()
+        except SystemExit as err:  # uvicorn exits when it cannot listen (it logged why)
+            raise RuntimeError(f"cannot serve on {args.host}:{args.port}") from err
+    finally:
+        worker.close()  # the lifespan shutdown closed it already unless startup failed or the exit was forced
+    return 0
+
+
+def _ignore(sig, frame) -> None:
+    pass
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's Server that stops the model when it shuts down (SIGINT, SIGTERM): the reply in progress ends
+    after its current token (its client gets an error), queued requests get 503, so the graceful shutdown does not
+    wait for them; and that prints one line once it listens (the port, when --port 0 picked one)."""
+
+    def __init__(self, config: uvicorn.Config, worker: ModelWorker):
+        super().__init__(config)
+        self.worker = worker
+
+    async def shutdown(self, sockets=None) -> None:
+        self.worker.stop()  # before uvicorn waits for the open connections: the reply streaming now ends
+        await super().shutdown(sockets)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            for s in self.servers:
+                for sock in s.sockets:
+                    host, port = sock.getsockname()[:2]
+                    print(f"serving {self.worker.engine.model_path} on http://{host}:{port}", flush=True)
