@@ -185,9 +185,11 @@ class ModelWorker:
         n_out = e.n_generated_tokens - generated_before
         self.n_generated_tokens += n_out
         self.last = {"completion_tokens": n_out, "cancelled": job.cancelled.is_set()}
+        # the Engine counts an end-of-generation token but does not decode it: the cache is one token short then
+        ended_by_eog = len(e.cached_tokens()) < len(tokens) + n_out
         if self.stopping and job.cancelled.is_set():
             raise ApiError(503, "the server is shutting down: the reply was cut", type="server_error")
         job.emit("end", {"prompt_tokens": len(tokens), "completion_tokens": n_out,
                          "cached_tokens": len(tokens) - (e.n_prompt_tokens - prompt_before),
-                         "finish_reason": "length" if n_out >= max_tokens else "stop",
+                         "finish_reason": "length" if n_out >= max_tokens and not ended_by_eog else "stop",
                          "conversation": conv.id if conv else None})
