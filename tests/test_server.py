@@ -213,23 +213,29 @@ def wait_for_request(server, n_before, timeout):
     pytest.fail(f"the request did not end within {timeout} s")
 
 
-def test_client_disconnect_cancels_the_generation(server):
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_cancels_the_generation(server, stream):
     n_before = httpx.get(f"{server}/health").json()["requests"]
-    body = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 900, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=120) as r:
-        assert r.status_code == 200
-        got = 0
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                got += 1
-                if got == 3:
-                    break  # leaving the block closes the connection
+    body = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 900, "temperature": 0, "stream": stream}
+    if stream:
+        with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=120) as r:
+            assert r.status_code == 200
+            got = 0
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    got += 1
+                    if got == 3:
+                        break  # leaving the block closes the connection
+    else:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            httpx.post(f"{server}/v1/completions", json=body, timeout=3)
     h = wait_for_request(server, n_before, timeout=120)
     # cancelled a few tokens after the disconnect, not 900 tokens later
     assert h["last_request"]["cancelled"] and h["last_request"]["completion_tokens"] < 100
 
 
-def test_sigterm_stops_the_server_cleanly_mid_stream(demo_model_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_server_cleanly_mid_stream(demo_model_path, sig):
     proc, url = start_server(demo_model_path)
     try:
         chunks, errors = [], []
@@ -251,7 +257,7 @@ def test_sigterm_stops_the_server_cleanly_mid_stream(demo_model_path):
             time.sleep(0.05)
         assert len(chunks) >= 2, "no reply streamed"
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         assert proc.wait(timeout=20) == 0, proc.stderr.read()
         assert time.monotonic() - t0 < 8
         t.join(timeout=10)
