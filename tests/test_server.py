@@ -164,6 +164,29 @@ def test_models_and_health(client, server):
     assert r.choices[0].finish_reason == "length"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_end_the_reply_before_them(client, stream):
+    # a raw prompt starts from an empty cache every time: greedy, the same continuation
+    prompt = "1, 2, 3, 4, 5, 6, 7, 8,"
+    full = client.completions.create(model="any", prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    assert " 11," in full, full
+    want = full[:full.index(" 11,")]
+
+    def ask_stop(stop):
+        if not stream:
+            c = client.completions.create(model="any", prompt=prompt, max_tokens=12, temperature=0, stop=stop)
+            return c.choices[0].text, c.choices[0].finish_reason
+        text, finish = [], None
+        for chunk in client.completions.create(model="any", prompt=prompt, max_tokens=12, temperature=0, stop=stop,
+                                               stream=True):
+            text.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason or finish
+        return "".join(text), finish
+
+    assert ask_stop(["never there", " 11,"]) == (want, "stop")
+    assert ask_stop(" 1") == (full[:full.index(" 1")], "stop")  # " 10," comes first
+
+
 def assert_openai_error(err, status, param=None):
     assert err.status_code == status
     body = err.response.json()["error"]
@@ -177,6 +200,7 @@ def assert_openai_error(err, status, param=None):
     ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a", ""]}, "stop"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content"),

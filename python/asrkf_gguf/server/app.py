@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP API (Starlette): /v1/chat/completions, /v1/completions, /v1/models, /health.
 
-Request parameters the Engine honours: messages / prompt, max_tokens (max_completion_tokens), temperature (0:
-greedy), seed, stream, stream_options.include_usage, n (1 only). Everything else (top_p, stop, penalties, tools,
-response_format, logprobs, ...) is ignored, as llama-server ignores what it does not know; see docs/server.md.
+Request parameters honoured: messages / prompt, max_tokens (max_completion_tokens), temperature (0: greedy), seed,
+stop, stream, stream_options.include_usage, n (1 only). Everything else (top_p, penalties, tools, response_format,
+logprobs, ...) is ignored, as llama-server ignores what it does not know; see docs/server.md.
 """
 
 from __future__ import annotations
@@ -148,7 +148,13 @@ def _sampling(body: dict) -> dict:
         max_tokens = _number(body, "max_tokens", int, 1)
     temperature = _number(body, "temperature", (int, float), 0)
     seed = _number(body, "seed", int)
-    return {"max_tokens": max_tokens,
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or len(stop) > 4
+                             or not all(isinstance(x, str) and x for x in stop)):
+        raise _bad("stop", "a non-empty string or a list of at most 4 of them")
+    return {"max_tokens": max_tokens, "stop": tuple(stop or ()),
             "temperature": float(OPENAI_DEFAULT_TEMPERATURE if temperature is None else temperature),
             "seed": random.getrandbits(32) if seed is None else seed}
 

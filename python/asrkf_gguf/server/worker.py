@@ -12,7 +12,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from ..engine import EngineError
 from ..errors import ClosedError, HostBudgetError
@@ -42,6 +42,7 @@ class GenerationRequest:
     max_tokens: Optional[int]  # None: up to the end of the context
     temperature: float
     seed: int
+    stop: Tuple[str, ...] = ()  # the reply ends before the first of these strings
 
 
 class _Cancelled(Exception):
@@ -124,7 +125,7 @@ class ModelWorker:
                                        type="server_error"))
         except ApiError as err:
             job.emit("error", err)
-        except (EngineError, ValueError) as err:
+        except EngineError as err:  # bad input the Engine refused (nothing changed)
             job.emit("error", ApiError(400, str(err)))
         except HostBudgetError as err:
             job.emit("error", ApiError(507, str(err), type="server_error", code="host_budget_exceeded"))
@@ -155,6 +156,7 @@ class ModelWorker:
                                 + (f" and max_tokens {req.max_tokens}" if req.max_tokens is not None else "")
                                 + f": more than the context of {e.ctx} tokens", code="context_length_exceeded")
         max_tokens = req.max_tokens if req.max_tokens is not None else room
+
         def on_prefill(done: int, total: int) -> None:
             if job.cancelled.is_set():  # a long prompt stops between two chunks (the Engine takes the turn back)
                 raise _Cancelled()
@@ -171,11 +173,20 @@ class ModelWorker:
                               on_prefill=on_prefill)
         prompt_before, generated_before = e.n_prompt_tokens, e.n_generated_tokens
         job.emit("start", {"prompt_tokens": len(tokens), "conversation": conv.id if conv else None})
+        stop = StopStrings(req.stop)
         try:
             for piece in turn:
-                job.emit("piece", piece)
+                if not stop.hit:
+                    text = stop.feed(piece)
+                    if text:
+                        job.emit("piece", text)
+                    if stop.hit:
+                        e.cancel()  # the tokens after the stop string are generated (the held-back few) but not sent
                 if job.cancelled.is_set():
                     e.cancel()  # the reply so far stays in the conversation, as the client may have seen it
+            text = stop.flush()
+            if text:
+                job.emit("piece", text)
         except BaseException:
             turn.close()  # taken back out of the cache
             raise
@@ -191,5 +202,32 @@ class ModelWorker:
             raise ApiError(503, "the server is shutting down: the reply was cut", type="server_error")
         job.emit("end", {"prompt_tokens": len(tokens), "completion_tokens": n_out,
                          "cached_tokens": len(tokens) - (e.n_prompt_tokens - prompt_before),
-                         "finish_reason": "length" if n_out >= max_tokens and not ended_by_eog else "stop",
+                         "finish_reason": ("length" if n_out >= max_tokens and not ended_by_eog and not stop.hit
+                                           else "stop"),
                          "conversation": conv.id if conv else None})
+
+
+class StopStrings:
+    """Cut a stream of text pieces before the first stop string: feed() returns what can be sent, holding back an
+    end that could be the start of a stop string; flush() the rest when the stream ends without one."""
+
+    def __init__(self, stops: Tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""
+        self.hit = False
+
+    def feed(self, piece: str) -> str:
+        self.pending += piece
+        cuts = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            self.hit = True
+            out, self.pending = self.pending[:min(cuts)], ""
+            return out
+        n = max(0, len(self.pending) - self.hold)
+        out, self.pending = self.pending[:n], self.pending[n:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.hit else self.pending), ""
+        return out
