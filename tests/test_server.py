@@ -4,6 +4,7 @@ the demo model; replies compared with the Engine's, conversations interleaved, e
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -290,6 +291,38 @@ def test_a_signal_stops_the_server_cleanly_mid_stream(demo_model_path, sig):
         assert "Traceback" not in proc.stderr.read()
     finally:
         stop_server(proc)
+
+
+def test_serve_errors_are_one_line(tmp_path):
+    env = dict(os.environ, ASRKF_GGUF_LIB_DIR=str(_lib.lib_dir()))
+
+    def serve(*args):
+        return subprocess.run([sys.executable, "-m", "asrkf_gguf", "serve", *args], capture_output=True, text=True,
+                              timeout=120, env=env)
+
+    r = serve(str(tmp_path / "missing.gguf"))
+    assert r.returncode == 2 and r.stderr == f"error: model file not found: {tmp_path / 'missing.gguf'}\n", r.stderr
+    (tmp_path / "text.gguf").write_text("hello")
+    r = serve(str(tmp_path / "text.gguf"))
+    assert r.returncode == 2 and r.stderr == f"error: {tmp_path / 'text.gguf'} is not a GGUF file\n", r.stderr
+    for args, code, words in ((["--port", "70000"], 2, "--port must be"),
+                              (["--max-conversations", "0"], 2, "--max-conversations must be"),
+                              (["--policy", "full", "--kv-budget", "64"], 2, "--policy full")):
+        r = serve(*args)
+        assert r.returncode == code and r.stderr.startswith("error: ") and words in r.stderr, r.stderr
+        assert len(r.stderr.splitlines()) == 1
+
+
+def test_a_port_in_use_is_one_error_line_before_the_model_loads(demo_model_path):
+    env = dict(os.environ, ASRKF_GGUF_LIB_DIR=str(_lib.lib_dir()))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        r = subprocess.run([sys.executable, "-m", "asrkf_gguf", "serve", demo_model_path, "--port",
+                            str(taken.getsockname()[1])], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot listen on 127.0.0.1:"), r.stderr
 
 
 # ---- the pool's choice, without a model

@@ -95,7 +95,7 @@ def _turns(args) -> List[str]:
     return [args.prompt if args.prompt is not None else DEFAULT_PROMPT]
 
 
-def _check_gguf(path: str) -> None:
+def check_gguf(path: str) -> None:
     if not os.path.isfile(path):
         raise UsageError(f"model file not found: {path}")
     with open(path, "rb") as f:
@@ -116,7 +116,7 @@ def make_engine(args):
     from .engine import Engine, EngineError
 
     if args.model:
-        _check_gguf(args.model)
+        check_gguf(args.model)
     try:
         return Engine(args.model, ctx=args.ctx, kv_budget=args.kv_budget, policy=args.policy,
                       kv_type=args.kv_type, flash_attn=args.flash_attn, n_gpu_layers=args.n_gpu_layers,

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 
 import uvicorn
 
-from ..cli import UsageError, check_engine_args, make_engine
+from ..cli import UsageError, check_engine_args, check_gguf, make_engine
 from .app import create_app
 from .pool import ConversationPool
 from .worker import ModelWorker
@@ -26,25 +27,47 @@ def serve(args) -> int:
     if args.max_conversations < 1:
         raise UsageError(f"--max-conversations must be positive, got {args.max_conversations}")
     check_engine_args(args)
-    engine = make_engine(args)
+    if args.model:
+        check_gguf(args.model)
+    sock = _listen(args.host, args.port)  # before loading the model: a port in use fails at once, in one line
+    try:
+        engine = make_engine(args)
+    except BaseException:
+        sock.close()
+        raise
     worker = ModelWorker(engine, ConversationPool(engine, max_conversations=args.max_conversations))
     name = args.alias or os.path.basename(engine.model_path)
     try:
-        config = uvicorn.Config(create_app(worker, name), host=args.host, port=args.port, ws="none",
-                                log_level="info" if args.verbose else "warning", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(create_app(worker, name), ws="none", log_level="info" if args.verbose else "warning",
+                                timeout_graceful_shutdown=5)
         server = _Server(config, worker)
         # uvicorn raises a captured signal again once it has shut down: with Python's default handlers SIGTERM
         # would then kill the process (-15) and SIGINT raise KeyboardInterrupt after a clean stop. Ignore them
         # once uvicorn's handlers are gone: a stop by signal is a clean stop, exit 0
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _ignore)
-        try:
-            server.run()
-        except SystemExit as err:  # uvicorn exits when it cannot listen (it logged why)
-            raise RuntimeError(f"cannot serve on {args.host}:{args.port}") from err
+        server.run(sockets=[sock])
     finally:
         worker.close()  # the lifespan shutdown closed it already unless startup failed or the exit was forced
+        sock.close()
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: a free one), or RuntimeError saying why not."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as err:
+        raise RuntimeError(f"cannot listen on {host}:{port}: {err}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as err:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
 
 
 def _ignore(sig, frame) -> None:
