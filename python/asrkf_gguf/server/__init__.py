@@ -42,11 +42,15 @@ def serve(args) -> int:
                                 timeout_graceful_shutdown=5)
         server = _Server(config, worker)
         # uvicorn raises a captured signal again once it has shut down: with Python's default handlers SIGTERM
-        # would then kill the process (-15) and SIGINT raise KeyboardInterrupt after a clean stop. Ignore them
-        # once uvicorn's handlers are gone: a stop by signal is a clean stop, exit 0
+        # would then kill the process (-15) and SIGINT raise KeyboardInterrupt after a clean stop. These handlers
+        # take it instead (a stop by signal is a clean stop, exit 0), and a signal that comes before uvicorn has
+        # installed its own stops the server as soon as it has started
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, _ignore)
+            signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
         server.run(sockets=[sock])
+        # a second signal while the Engine closes: the default (Ctrl-C: exit 130, SIGTERM: killed)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     finally:
         worker.close()  # the lifespan shutdown closed it already unless startup failed or the exit was forced
         sock.close()
@@ -68,10 +72,6 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.close()
         raise RuntimeError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
     return sock
-
-
-def _ignore(sig, frame) -> None:
-    pass
 
 
 class _Server(uvicorn.Server):
