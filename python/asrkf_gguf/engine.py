@@ -203,6 +203,17 @@ class Engine:
     def _first_messages(self) -> List[Dict[str, str]]:
         return [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
 
+    def chat_tokens(self, messages: List[Dict[str, str]]) -> List[int]:
+        """The prompt token ids the chat template gives these messages, as chat() and generate() decode them (a
+        server matches requests to conversations by them)."""
+        self._live()
+        try:
+            if self._template is None:
+                self._template = ChatTemplate(self.session, self.chat_template)
+            return self._template.tokens(messages)
+        except ValueError as err:
+            raise EngineError(f"{err}: give one (chat_template=, --chat-template), e.g. chatml") from None
+
     # ---- lifetime
 
     def close(self) -> None:
@@ -365,12 +376,7 @@ class Engine:
             if raw is not None:
                 tokens = s.tokenize(raw, add_special=True)
             else:
-                try:
-                    if self._template is None:
-                        self._template = ChatTemplate(s, self.chat_template)
-                    tokens = self._template.tokens(messages)
-                except ValueError as err:
-                    raise EngineError(f"{err}: give one (chat_template=, --chat-template), e.g. chatml") from None
+                tokens = self.chat_tokens(messages)
             if not tokens:
                 raise EngineError("the prompt tokenizes to nothing")
             if max_tokens is None:

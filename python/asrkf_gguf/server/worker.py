@@ -144,12 +144,11 @@ class ModelWorker:
         s = e.session
         if req.messages is not None:
             try:
-                text = s.chat_prompt(req.messages, template=e.chat_template)
-            except ValueError as err:
-                raise ApiError(400, f"{err}: start the server with --chat-template") from None
+                tokens = e.chat_tokens(req.messages)  # what the Engine decodes: the same template, the same tokens
+            except EngineError as err:
+                raise ApiError(400, f"{err}; start the server with --chat-template") from None
         else:
-            text = req.prompt
-        tokens = s.tokenize(text, add_special=True)
+            tokens = s.tokenize(req.prompt, add_special=True)
         room = e.ctx - len(tokens)
         if room < 1 or (req.max_tokens is not None and req.max_tokens > room):
             raise ApiError(400, f"the prompt is {len(tokens)} tokens"
