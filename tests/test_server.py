@@ -221,11 +221,31 @@ def test_more_bad_requests_and_unknown_parameters(client, server):
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(f"{server}/v1/completions", json={"prompt": 42})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
-    # parameters the Engine does not know are ignored, as llama-server does
+    # parameters the server does not know are ignored, as llama-server does
     r = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                        temperature=0, top_p=0.5, frequency_penalty=0.1,
                                        extra_body={"mirostat": 2, "top_k": 5})
     assert r.usage.completion_tokens <= 2
+    # the sampler chain's settings reach the Engine, which refuses a bad one with nothing changed
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                       temperature=0.7, top_p=5.0)
+    assert_openai_error(info.value, 400)
+    assert "top_p" in info.value.response.json()["error"]["message"]
+
+
+def test_sampling_settings_reach_the_sampler_chain(client):
+    # top_k 1 keeps only the most likely token: at temperature 1.5 the reply is still the greedy one; without
+    # top_k, sampling at 1.5 with these seeds strays from it
+    messages = [{"role": "user", "content": "Write one sentence about the sea."}]
+
+    def reply(**kw):
+        return client.chat.completions.create(model="any", messages=messages, max_tokens=MAX_TOKENS,
+                                              **kw).choices[0].message.content
+
+    greedy = reply(temperature=0)
+    assert all(reply(temperature=1.5, seed=seed, extra_body={"top_k": 1}) == greedy for seed in (1, 2))
+    assert any(reply(temperature=1.5, seed=seed) != greedy for seed in (1, 2, 3))
 
 
 def wait_for_request(server, n_before, timeout):

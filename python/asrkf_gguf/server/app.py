@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API (Starlette): /v1/chat/completions, /v1/completions, /v1/models, /health.
 
 Request parameters honoured: messages / prompt, max_tokens (max_completion_tokens), temperature (0: greedy), seed,
-stop, stream, stream_options.include_usage, n (1 only). Everything else (top_p, penalties, tools, response_format,
-logprobs, ...) is ignored, as llama-server ignores what it does not know; see docs/server.md.
+top_p, frequency_penalty, presence_penalty, and llama-server's top_k, min_p, repeat_penalty (llama.cpp's sampler
+chain, asrkf_gguf.sampling), stop, stream, stream_options.include_usage, n (1 only). Everything else (tools,
+response_format, logprobs, ...) is ignored, as llama-server ignores what it does not know; see docs/server.md.
 """
 
 from __future__ import annotations
@@ -154,9 +155,17 @@ def _sampling(body: dict) -> dict:
     if stop is not None and (not isinstance(stop, list) or len(stop) > 4
                              or not all(isinstance(x, str) and x for x in stop)):
         raise _bad("stop", "a non-empty string or a list of at most 4 of them")
+    # the sampler chain's other settings, where given (the Engine checks their ranges: a bad one is a 400)
+    chain = {}
+    for key, kind in (("top_p", (int, float)), ("top_k", int), ("min_p", (int, float)),
+                      ("frequency_penalty", (int, float)), ("presence_penalty", (int, float)),
+                      ("repeat_penalty", (int, float))):
+        value = _number(body, key, kind)
+        if value is not None:
+            chain[key] = value
     return {"max_tokens": max_tokens, "stop": tuple(stop or ()),
             "temperature": float(OPENAI_DEFAULT_TEMPERATURE if temperature is None else temperature),
-            "seed": random.getrandbits(32) if seed is None else seed}
+            "seed": random.getrandbits(32) if seed is None else seed, "sampling": chain}
 
 
 # ---- responses

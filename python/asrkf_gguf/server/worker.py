@@ -11,7 +11,7 @@ import asyncio
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from ..engine import EngineError
@@ -43,6 +43,7 @@ class GenerationRequest:
     temperature: float
     seed: int
     stop: Tuple[str, ...] = ()  # the reply ends before the first of these strings
+    sampling: dict = field(default_factory=dict)  # top_p, top_k, min_p, penalties, as the Engine names them
 
 
 class _Cancelled(Exception):
@@ -165,11 +166,11 @@ class ModelWorker:
             conv = self.pool.acquire(tokens)
             e.messages = list(req.messages[:-1])  # the chat as the client has it; the Engine keeps the shared prefix
             turn = e.chat(req.messages[-1]["content"], max_tokens=max_tokens, temperature=req.temperature,
-                          seed=req.seed, on_prefill=on_prefill)
+                          seed=req.seed, on_prefill=on_prefill, **req.sampling)
         else:
             self.pool.take_raw()
             turn = e.generate(req.prompt, max_tokens=max_tokens, temperature=req.temperature, seed=req.seed,
-                              on_prefill=on_prefill)
+                              on_prefill=on_prefill, **req.sampling)
         prompt_before, generated_before = e.n_prompt_tokens, e.n_generated_tokens
         job.emit("start", {"prompt_tokens": len(tokens), "conversation": conv.id if conv else None})
         stop = StopStrings(req.stop)
