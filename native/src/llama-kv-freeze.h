@@ -103,6 +103,12 @@ struct llama_kv_freeze {
     std::vector<llama_pos>                      offloaded(llama_seq_id seq_id) const;
 
     void check() const;
+
+    // session export / import of one sequence (llama-kv-freeze-session.cpp): out == nullptr gives the size in n_out
+    size_t session_bytes(size_t n_entries) const;
+    void session_save(llama_seq_id seq_id, uint8_t * out, size_t size, size_t & n_out);
+    void session_load(llama_seq_id seq_id, const uint8_t * data, size_t size, bool check_only);
+
     void debug_corrupt(llama_seq_id seq_id, llama_pos pos, uint64_t byte);
 
     //
