@@ -43,6 +43,11 @@ def add_run_parser(sub) -> None:
     r.add_argument("--score-every", type=int, default=1, help="score every k-th generated token")
     r.add_argument("--chat-template", help="chat template instead of the GGUF's: a llama.cpp built-in name (chatml, "
                                            "llama3, gemma, ...) or a Jinja template")
+    r.add_argument("--load-session", metavar="FILE",
+                   help="continue a conversation saved with --save-session (same model, --ctx, --kv-budget, "
+                        "--kv-type, --policy); a damaged or incompatible file is refused")
+    r.add_argument("--save-session", metavar="FILE",
+                   help="after the last turn, save the conversation (tokens, KV cells, host tier, controller) to FILE")
     r.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     add_verbose_flag(r)
 
@@ -83,6 +88,7 @@ def _check_gguf(path: str) -> None:
 
 def run(args) -> int:
     from .engine import Engine, EngineError
+    from .errors import SessionError
 
     if args.max_tokens < 0:
         raise UsageError("--max-tokens cannot be negative")
@@ -103,6 +109,11 @@ def run(args) -> int:
     except EngineError as err:
         raise UsageError(str(err)) from None
     with engine:
+        if args.load_session:
+            try:
+                engine.load(args.load_session)
+            except SessionError as err:
+                raise UsageError(f"cannot load the session {args.load_session}: {err}") from None
         replies = []
         for turn in turns:
             pieces = []
@@ -118,6 +129,11 @@ def run(args) -> int:
             replies.append("".join(pieces))
             if not args.json:
                 sys.stdout.write("\n")
+        if args.save_session:
+            try:
+                engine.save(args.save_session)
+            except OSError as err:
+                raise UsageError(f"cannot write the session file: {err}") from None
         if args.json:
             out = {"text": replies[-1], **engine.stats()}
             if args.turns_file:
