@@ -179,7 +179,7 @@ class Engine:
         self.last_decode_phase_ms: dict = {}
         self._chat_id = 0
         self._next_chat_id = 1
-        self._parked: Dict[int, bytes] = {}  # idle conversations: in-memory session blobs
+        self._parked: Dict[int, bytearray] = {}  # idle conversations: in-memory session blobs
         self._fingerprint: Optional[str] = None
 
     # ---- lifetime
@@ -497,7 +497,7 @@ class Engine:
                        model_size=os.path.getsize(self.model_path))
         return out
 
-    def _snapshot(self, *, digest: bool) -> bytes:
+    def _snapshot(self, *, digest: bool) -> bytearray:
         """The current conversation as a session (a file's bytes with digest, else an in-memory blob)."""
         import llama_cpp
 

@@ -73,7 +73,7 @@ def unpack_arrays(data: bytes) -> Dict[str, np.ndarray]:
         raise SessionError(f"the session's token table cannot be read: {err}") from None
 
 
-def encode(header: dict, sections: Dict[str, bytes], *, digest: bool = True) -> bytes:
+def encode(header: dict, sections: Dict[str, bytes], *, digest: bool = True) -> bytearray:
     """One session: header JSON (the section table is added here) and the sections, with a sha256 when digest."""
     table, offset = [], 0
     for name, data in sections.items():
@@ -87,7 +87,7 @@ def encode(header: dict, sections: Dict[str, bytes], *, digest: bool = True) -> 
             h.update(p)
     out = bytearray().join(parts)
     out += h.digest() if digest else _NO_DIGEST
-    return bytes(out)
+    return out  # not copied into bytes: a session of an 8k-token chat is ~100 MB
 
 
 def decode(data, *, verify: bool = True) -> Tuple[dict, Dict[str, memoryview]]:
