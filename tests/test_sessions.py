@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from asrkf_gguf import KVCache, _lib
-from asrkf_gguf.engine import Engine
+from asrkf_gguf.engine import Engine, EngineError
 from asrkf_gguf.errors import SessionError
 from asrkf_gguf.kv import AsrkfError
 
-from conftest import KV_CASES, TINY_SPECS, random_tokens, session
+from conftest import KV_CASES, fetched_model, random_tokens, session
 
 N_CELLS = 128
 CHUNK = 32
@@ -260,3 +260,21 @@ def test_switching_chats_gives_each_chat_its_own_replies(demo_model_path):
         e.drop_chat(first)
         assert e.chat_ids() == [second]
     assert got1 == alone1 and got2 == alone2
+
+
+@pytest.fixture(scope="module")
+def gemma3_path():
+    from asrkf_gguf.models import fetch_gemma3_model
+
+    return fetched_model(fetch_gemma3_model)
+
+
+def test_a_model_with_window_layers_is_refused_clearly(gemma3_path, tmp_path):
+    # iSWA: the window layers' K/V live outside the managed cache, so a session would miss them
+    with Engine(gemma3_path, ctx=1024, kv_budget=512, n_threads=2, chat_template="gemma") as e:
+        "".join(e.chat("Hello", max_tokens=4))
+        before = e.cached_tokens()
+        for call in (lambda: e.save(tmp_path / "g.session"), e.new_chat):
+            with pytest.raises(EngineError, match="sliding-window"):
+                call()
+        assert e.cached_tokens() == before and e.chat_ids() == [0] and not (tmp_path / "g.session").exists()

@@ -109,6 +109,9 @@ def run(args) -> int:
     except EngineError as err:
         raise UsageError(str(err)) from None
     with engine:
+        if (args.save_session or args.load_session) and engine.kv.info().iswa:
+            raise UsageError("sessions are not supported for models with sliding-window layers (iSWA, e.g. Gemma-3): "
+                             "their window K/V are outside the managed cache")
         if args.load_session:
             try:
                 engine.load(args.load_session)
@@ -132,7 +135,7 @@ def run(args) -> int:
         if args.save_session:
             try:
                 engine.save(args.save_session)
-            except OSError as err:
+            except (OSError, EngineError) as err:
                 raise UsageError(f"cannot write the session file: {err}") from None
         if args.json:
             out = {"text": replies[-1], **engine.stats()}

@@ -504,7 +504,12 @@ class Engine:
         from . import __version__
 
         c = self.controller
-        kv = self.kv.session_save(c.seq_id)
+        try:
+            kv = self.kv.session_save(c.seq_id)
+        except AsrkfError as err:
+            if err.code == -5:  # iSWA: the window layers' K/V are not in the managed cache
+                raise EngineError(f"this model's conversations cannot be saved or parked: {err.message}") from None
+            raise
         header = {
             "library": {"asrkf_gguf": __version__, "llama_cpp_python": getattr(llama_cpp, "__version__", ""),
                         "llama_cpp_commit": sessions.LLAMA_CPP_COMMIT},
