@@ -26,6 +26,7 @@
 //     seq_ variants give 0 (refused) while the saved sequence (any sequence, for the whole state) has offloaded
 //     positions or frozen cells; a load is refused while the sequence has offloaded positions, and the cells it
 //     restores are active. So after a load, the cells are frozen exactly as they were when the snapshot was taken.
+//     asrkf_kv_session_save / asrkf_kv_session_load save and restore a sequence with its frozen flags and host copies.
 //   - llama_memory_seq_add / seq_div / seq_cp over offloaded positions are refused (nothing changes).
 // A llama.cpp call refused this way logs why and leaves the reason in asrkf_last_error() (code -2) on its thread.
 //
