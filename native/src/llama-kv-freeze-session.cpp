@@ -410,7 +410,7 @@ void llama_kv_freeze::session_load(llama_seq_id seq_id, const uint8_t * data, si
 
     // replace: the sequence is removed (its host copies with it), the entries become host records, and the
     // resident ones are thawed into their original cells (all free now), which keeps the attention sums
-    // bit-identical to the session that was saved
+    // bit-identical to the session that was saved; the thaw does not hash the rows again
     if (!kv->seq_rm(seq_id, -1, -1)) {
         KVF_FAIL(ASRKF_EREFUSED, "session load: the sequence could not be removed: %s", asrkf_last_error());
     }
@@ -433,8 +433,8 @@ void llama_kv_freeze::session_load(llama_seq_id seq_id, const uint8_t * data, si
     in.keep = true; // owned by the records now
     epoch++;
 
-    thaw(seq_id, active, false);
-    thaw(seq_id, frozen, true);
+    thaw(seq_id, active, false, /*verify =*/ false); // checked above, under the same lock
+    thaw(seq_id, frozen, true,  /*verify =*/ false);
 
     kv->v_heads[strm] = head;
 }

@@ -82,7 +82,8 @@ struct llama_kv_freeze {
 
     void freeze (llama_seq_id seq_id, const std::vector<llama_pos> & pos, bool frozen);
     void offload(llama_seq_id seq_id, const std::vector<llama_pos> & pos);
-    void thaw   (llama_seq_id seq_id, const std::vector<llama_pos> & pos, bool frozen);
+    // verify = false: the caller has just checked these host copies (a session load), skip hashing them again
+    void thaw   (llama_seq_id seq_id, const std::vector<llama_pos> & pos, bool frozen, bool verify = true);
 
     void set_importance(const llama_kv_freeze_importance_params & params);
 
