@@ -26,6 +26,8 @@ SETTINGS = {
     "full": ["--policy", "full"],
     "asrkf-25%": ["--kv-budget", "0.25"],                                  # the defaults (GPU: every 4th layer)
     "asrkf-25%-all-layers": ["--kv-budget", "0.25", "--importance-every", "1"],
+    "asrkf-25%-pageable": ["--kv-budget", "0.25", "--host-memory", "pageable"],  # the GPU default since 2026-11-30
+    "asrkf-25%-pinned": ["--kv-budget", "0.25", "--host-memory", "pinned"],
 }
 
 
@@ -51,12 +53,36 @@ def make_prompt(model: str, n_tokens: int) -> str:
     return cut + "\n\nWhat is the text above about? Answer in one sentence."
 
 
+def move_trace(stderr: str) -> dict:
+    """The native core's ASRKF_TRACE_MOVES lines summed per operation: moves, tokens, MB, ms of each part, and
+    paths taken (llama-kv-freeze-cells.cpp writes one line per offload and thaw)."""
+    out: dict = {}
+    for line in stderr.splitlines():
+        if not line.startswith("asrkf-trace "):
+            continue
+        fields = line.split()
+        op = fields[1]
+        agg = out.setdefault(op, {"moves": 0})
+        agg["moves"] += 1
+        for kv in fields[2:]:
+            k, _, v = kv.partition("=")
+            try:
+                agg[k] = round(agg.get(k, 0) + float(v), 3)
+            except ValueError:  # path=...
+                agg.setdefault("paths", {})[v] = agg.setdefault("paths", {}).get(v, 0) + 1
+    for agg in out.values():
+        if agg.get("total_ms"):
+            agg["GB_per_s"] = round(agg.get("MB", 0) / agg["total_ms"], 2)
+    return out
+
+
 def run_once(model: str, prompt_file: str, args, extra) -> dict:
     cmd = [sys.executable, "-m", "asrkf_gguf", "run", model, "--prompt-file", prompt_file, "--ctx", str(args.ctx),
            "--max-tokens", str(args.max_tokens), "--temperature", "0", "--n-gpu-layers", str(args.n_gpu_layers),
            "--json", *extra]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    # the trace costs one line per move (a few hundred in a run): on in every run, so that each carries its breakdown
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ASRKF_TRACE_MOVES": "1"})
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
@@ -66,7 +92,7 @@ def run_once(model: str, prompt_file: str, args, extra) -> dict:
             "ttft_s": out["n_prompt_tokens"] / t["prefill_tokens_per_s"] if t["prefill_tokens_per_s"] else 0.0,
             "decode_tps": t["decode_tokens_per_s"], "controller_us_per_token": t["controller_us_per_token"],
             "prompt_phase_ms": t.get("prompt_phase_ms", {}), "decode_phase_ms": t.get("decode_phase_ms", {}),
-            "events": out["events"], "kv": out["kv"]}
+            "events": out["events"], "kv": out["kv"], "move_trace": move_trace(p.stderr)}
 
 
 def med(xs):
@@ -97,7 +123,7 @@ def main() -> int:
                 runs[n].append(res)
                 print(f"round {r + 1} {n}: ttft {res['ttft_s']:.2f} s, decode {res['decode_tps']:.1f} t/s, "
                       f"controller {res['controller_us_per_token']:.0f} us/token, prompt {res['prompt_phase_ms']}, "
-                      f"decode {res['decode_phase_ms']}",
+                      f"decode {res['decode_phase_ms']}, moves {res['move_trace']}",
                       flush=True)
     full_dec = statistics.median(x["decode_tps"] for x in runs["full"]) if "full" in runs else None
     print(f"\n{args.tokens}-token prompt, ctx {args.ctx}, {args.max_tokens} tokens, {args.rounds} rounds "

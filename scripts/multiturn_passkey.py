@@ -39,7 +39,8 @@ def main() -> int:
                 json.dump(turns, f)
             for policy in args.policies.split(","):
                 cmd = [sys.executable, "-m", "asrkf_gguf", "run", *([args.model] if args.model else []),
-                       "--turns-file", turns_path, "--max-tokens", "12", "--json", "--policy", policy, "--ctx", "4096"]
+                       "--turns-file", turns_path, "--max-tokens", "12", "--temp", "0", "--json", "--policy", policy,
+                       "--ctx", "4096"]
                 if policy != "full":
                     cmd += ["--kv-budget", args.budget]
                 r = subprocess.run(cmd, capture_output=True, text=True)

@@ -22,9 +22,10 @@ def test_run_json_on_the_demo_model(demo_model_path, tmp_path):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Write a long story about a lighthouse keeper. " * 40)
     r = cli(demo_model_path, "--prompt-file", str(prompt), "--max-tokens", "24", "--ctx", "2048",
-            "--kv-budget", "0.125", "--json")
+            "--kv-budget", "0.125", "--seed", "1", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
+    assert out["seed"] == 1 and out["finish_reason"] == "length"
     kv = out["kv"]
     assert out["n_generated_tokens"] == 24 and out["policy"] == "asrkf" and out["text"]
     assert kv["budget_cells"] == 256 and kv["resident_cells_peak"] <= 256
@@ -44,7 +45,7 @@ def test_run_json_on_the_demo_model(demo_model_path, tmp_path):
 def test_turns_file_runs_one_session(demo_model_path, tmp_path):
     turns = tmp_path / "turns.json"
     turns.write_text(json.dumps(["My name is Ada. Say hello.", "What is my name?"]))
-    r = cli(demo_model_path, "--turns-file", str(turns), "--max-tokens", "16", "--json")
+    r = cli(demo_model_path, "--turns-file", str(turns), "--max-tokens", "16", "--seed", "1", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert len(out["turns"]) == 2 and out["text"] == out["turns"][-1]
@@ -79,6 +80,22 @@ def one_error_line(r):
     (lambda d: ["DEMO", "--max-tokens", "many"], "invalid int value"),  # argparse's own errors too
     (lambda d: ["DEMO", "--policy", "best"], "invalid choice"),
     (lambda d: ["DEMO", "--no-such-flag"], "unrecognized arguments"),
+    (lambda d: ["DEMO", "--temp", "-1"], "--temp cannot be negative"),
+    (lambda d: ["DEMO", "--top-p", "2"], "--top-p must be in [0, 1]"),
+    (lambda d: ["DEMO", "--top-k", "-1"], "--top-k cannot be negative"),
+    (lambda d: ["DEMO", "--repeat-penalty", "0"], "--repeat-penalty must be positive"),
+    (lambda d: ["DEMO", "--seed", "-7"], "--seed must be -1"),
+    (lambda d: ["DEMO", "--grammar-file", str(d / "missing.gbnf")], "cannot read the grammar file"),
+    (lambda d: ["DEMO", "--grammar-file", str(d / "bad.gbnf")], "cannot parse the grammar"),
+    (lambda d: ["DEMO", "--json-schema", "{not json"], "--json-schema is not valid JSON"),
+    (lambda d: ["DEMO", "--json-schema", "@" + str(d / "missing.json")], "cannot read the JSON schema"),
+    (lambda d: ["DEMO", "--system", "  "], "system prompt is empty"),
+    (lambda d: ["DEMO", "--threads", "0"], "--threads must be a positive"),
+    (lambda d: ["DEMO", "--threads-batch", "-2"], "--threads-batch must be a positive"),
+    (lambda d: ["DEMO", "--hf-file", "x.gguf"], "--hf-file needs --hf-repo"),
+    (lambda d: ["DEMO", "--hf-repo", "org/name"], "not both"),
+    (lambda d: ["--hf-repo", "no-slash"], "ORG/NAME"),
+    (lambda d: ["DEMO", "--policy", "full", "--ctx", "64", "--max-tokens", "60"], "--max-tokens 60), more than ctx 64"),
 ])
 def test_bad_input_is_one_line_and_exit_2(demo_model_path, tmp_path, make_args, words):
     (tmp_path / "text.gguf").write_text("hello")
@@ -88,6 +105,7 @@ def test_bad_input_is_one_line_and_exit_2(demo_model_path, tmp_path, make_args, 
     (tmp_path / "notlist.json").write_text('{"a": 1}')
     (tmp_path / "blank.json").write_text('["hi", "  "]')
     (tmp_path / "blank.txt").write_text(" \n\n")
+    (tmp_path / "bad.gbnf").write_text('root ::= ( "a"\n')
     args = [demo_model_path if a == "DEMO" else a for a in make_args(tmp_path)]
     r = cli(*args, "--max-tokens", "4") if "--max-tokens" not in args else cli(*args)
     assert r.returncode == 2, r.stderr
@@ -120,9 +138,11 @@ def tiny_cli_model():
 
 
 def test_a_tiny_model_runs_quietly_and_verbose_shows_the_log(tiny_cli_model):
-    r = cli(tiny_cli_model, "--chat-template", "chatml", "--prompt", "Hi", "--max-tokens", "4")
+    # a fixed seed: a random one may draw </s> first from random weights, and an empty reply warns on stderr
+    r = cli(tiny_cli_model, "--chat-template", "chatml", "--prompt", "Hi", "--max-tokens", "4", "--seed", "1")
     assert r.returncode == 0 and r.stdout.strip() and r.stderr == "", r.stderr  # no llama.cpp lines
-    r = cli(tiny_cli_model, "--chat-template", "chatml", "--prompt", "Hi", "--max-tokens", "4", "--verbose")
+    r = cli(tiny_cli_model, "--chat-template", "chatml", "--prompt", "Hi", "--max-tokens", "4", "--seed", "1",
+            "--verbose")
     assert r.returncode == 0 and "llama_model_loader" in r.stderr
 
 
@@ -133,11 +153,13 @@ def test_a_model_without_a_chat_template_is_told_to_take_one(tiny_cli_model):
 
 
 @pytest.mark.parametrize("json_out", [False, True])
-def test_an_empty_reply_is_a_warning_not_an_error(tiny_cli_model, json_out):
-    # random weights and an all but uniform sampler: with seed 34 the first token drawn is </s>, so the reply is
-    # empty. That is exit 0 with one warning line on stderr (never on stdout, which --json keeps to one object)
-    args = ["--chat-template", "chatml", "--prompt", "Hi", "--max-tokens", "4", "--temperature", "1e6",
-            "--seed", "34"] + (["--json"] if json_out else [])
+def test_an_empty_reply_is_a_warning_not_an_error(tiny_cli_model, json_out, tmp_path):
+    # a grammar that admits only the empty string: the sampler can draw nothing but </s>, so the reply is empty.
+    # That is exit 0 with one warning line on stderr (never on stdout, which --json keeps to one object)
+    grammar = tmp_path / "empty.gbnf"
+    grammar.write_text('root ::= ""\n')
+    args = ["--chat-template", "chatml", "--prompt", "Hi", "--max-tokens", "4", "--grammar-file", str(grammar)] \
+        + (["--json"] if json_out else [])
     r = cli(tiny_cli_model, *args)
     assert r.returncode == 0, r.stderr
     assert r.stderr == "warning: the model produced no text\n"
@@ -151,7 +173,8 @@ def test_an_empty_reply_is_a_warning_not_an_error(tiny_cli_model, json_out):
 def test_ctrl_c_exits_130_without_a_traceback(demo_model_path):
     env = dict(os.environ, ASRKF_GGUF_LIB_DIR=str(_lib.lib_dir()))
     proc = subprocess.Popen([sys.executable, "-m", "asrkf_gguf", "run", demo_model_path, "--ctx", "1024",
-                             "--prompt", "Count from one to one thousand, in words.", "--max-tokens", "900"],
+                             "--prompt", "Count from one to one thousand, in words.", "--max-tokens", "900",
+                             "--seed", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         assert proc.stdout.read(1)  # it is generating
@@ -161,3 +184,116 @@ def test_ctrl_c_exits_130_without_a_traceback(demo_model_path):
         proc.kill()
     assert proc.returncode == 130
     assert err.decode() == ""
+
+
+def test_help_shows_every_default():
+    env = dict(os.environ, ASRKF_GGUF_LIB_DIR=str(_lib.lib_dir()))
+    r = subprocess.run([sys.executable, "-m", "asrkf_gguf", "run", "--help"], capture_output=True, text=True,
+                       timeout=60, env=env)
+    text = " ".join(r.stdout.split("options:", 1)[1].split())
+    for flag, default in (("--temp", "0.8"), ("--top-k", "40"), ("--top-p", "0.95"), ("--min-p", "0.05"),
+                          ("--repeat-penalty", "1.0"), ("--repeat-last-n", "64"), ("--presence-penalty", "0.0"),
+                          ("--seed", "-1"), ("--max-tokens", "128"), ("--policy", "asrkf"), ("--kv-type", "f16")):
+        after = text[text.index(flag + " "):]
+        assert f"(default: {default})" in after[:400], flag
+    assert "physical cores" in text and "training context" in text
+
+
+def hf_cache(tmp_path, model):
+    """A Hugging Face cache as huggingface_hub lays it out, holding two quantizations of a tiny model."""
+    repo = tmp_path / "hub" / "models--acme--tiny-GGUF"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    for name in ("tiny-Q8_0.gguf", "tiny-Q4_K_M.gguf"):
+        (snap / name).symlink_to(model)
+    return dict(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"))
+
+
+@pytest.mark.parametrize("args,file", [
+    (["--hf-repo", "acme/tiny-GGUF:q8_0"], "tiny-Q8_0.gguf"),    # llama.cpp's ORG/NAME:QUANT, any case
+    (["--hf-repo", "acme/tiny-GGUF"], "tiny-Q4_K_M.gguf"),       # no tag: Q4_K_M, as llama.cpp
+    (["-hf", "acme/tiny-GGUF", "-hff", "tiny-Q8_0.gguf"], "tiny-Q8_0.gguf"),
+])
+def test_a_model_from_the_hugging_face_cache(tiny_cli_model, tmp_path, monkeypatch, args, file):
+    for k, v in hf_cache(tmp_path, tiny_cli_model).items():
+        monkeypatch.setenv(k, v)
+    r = cli(*args, "--chat-template", "chatml", "--prompt", "Hi", "--max-tokens", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["model"].endswith("/snapshots/0123456789abcdef0123456789abcdef01234567/" + file)
+
+
+@pytest.mark.parametrize("repo,code,words", [
+    ("acme/tiny-GGUF:Q5_K_S", 2, "no .gguf with Q5_K_S in its name"),
+    ("acme/other", 1, "not in the Hugging Face cache"),
+])
+def test_a_hugging_face_model_that_is_not_there(tiny_cli_model, tmp_path, monkeypatch, repo, code, words):
+    for k, v in hf_cache(tmp_path, tiny_cli_model).items():
+        monkeypatch.setenv(k, v)
+    r = cli("--hf-repo", repo, "--prompt", "Hi", "--max-tokens", "2")
+    assert r.returncode == code, r.stderr
+    assert words in one_error_line(r)
+
+
+def on_a_terminal(*args):
+    """Run the CLI with stderr on a pseudo-terminal 100 columns wide; (exit code, stdout, what the terminal got)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    main, sub = pty.openpty()
+    fcntl.ioctl(sub, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = dict(os.environ, ASRKF_GGUF_LIB_DIR=str(_lib.lib_dir()))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "asrkf_gguf", "run", *args], stdout=subprocess.PIPE,
+                              stderr=sub, timeout=300, env=env)
+        os.close(sub)
+        seen = b""
+        while True:
+            try:
+                data = os.read(main, 65536)
+            except OSError:  # EIO: everything read
+                break
+            if not data:
+                break
+            seen += data
+    finally:
+        os.close(main)
+    return proc.returncode, proc.stdout, seen
+
+
+def test_progress_shows_on_a_terminal_only(tiny_cli_model, tmp_path):
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("the lighthouse keeper walks along the shore " * 40)  # ~1,500 tokens of the tiny vocabulary
+    args = [tiny_cli_model, "--chat-template", "chatml", "--prompt-file", str(prompt), "--max-tokens", "2",
+            "--ctx", "2048", "--seed", "1"]
+    code, _, seen = on_a_terminal(*args)
+    assert code == 0
+    assert b"prompt" in seen and b"tok/s" in seen  # tqdm's rate on the terminal
+    r = cli(*args)  # stderr a pipe: nothing on it
+    assert r.returncode == 0 and r.stderr == ""
+    turns = tmp_path / "turns.json"
+    turns.write_text(json.dumps(["Hello", "And then?", "Thanks"]))
+    code, out, seen = on_a_terminal(tiny_cli_model, "--chat-template", "chatml", "--turns-file", str(turns),
+                                    "--max-tokens", "2", "--json")
+    assert code == 0 and b"3/3" in seen and b"turn" in seen
+    assert len(json.loads(out)["turns"]) == 3  # stdout is the one JSON object still
+
+
+def test_the_gguf_a_quant_tag_picks():
+    from asrkf_gguf.models import ModelNotFoundError, _pick_gguf
+
+    files = sorted(["m-Q8_0.gguf", "m-q4_k_m.gguf", "big/m-Q6_K-00001-of-00002.gguf",
+                    "big/m-Q6_K-00002-of-00002.gguf"])
+    assert _pick_gguf("o/m", files, "") == "m-q4_k_m.gguf"              # no tag: Q4_K_M, any case
+    assert _pick_gguf("o/m", files, "Q8_0") == "m-Q8_0.gguf"
+    assert _pick_gguf("o/m", files, "q6_k") == "big/m-Q6_K-00001-of-00002.gguf"  # a split model: its first part
+    assert _pick_gguf("o/m", ["a-F16.gguf", "a-Q5_K.gguf"], "") == "a-F16.gguf"  # no Q4_K_M: the first
+    with pytest.raises(ModelNotFoundError, match="no .gguf with IQ2 in its name"):
+        _pick_gguf("o/m", files, "IQ2")
+    with pytest.raises(ModelNotFoundError, match="holds no .gguf"):
+        _pick_gguf("o/m", [], "")

@@ -208,8 +208,8 @@ def test_cli_save_then_load_gives_the_replies_of_one_run(demo_model_path, refere
     for name, turns in (("a", A), ("b", B), ("ab", A + B)):
         files[name] = tmp_path / f"{name}.json"
         files[name].write_text(json.dumps(turns))
-    common = [demo_model_path, "--max-tokens", str(MAX), "--ctx", str(KW["ctx"]), "--kv-budget", str(KW["kv_budget"]),
-              "--json"]
+    common = [demo_model_path, "--temp", "0", "--max-tokens", str(MAX), "--ctx", str(KW["ctx"]), "--kv-budget",
+              str(KW["kv_budget"]), "--threads", "2", "--json"]
     ses = tmp_path / "chat.session"
     r1 = cli(*common, "--turns-file", str(files["a"]), "--save-session", str(ses))
     assert r1.returncode == 0, r1.stderr
@@ -226,7 +226,8 @@ def test_cli_save_then_load_gives_the_replies_of_one_run(demo_model_path, refere
     r4 = cli(*common, "--load-session", str(ses), "--turns-file", str(files["b"]))
     assert r4.returncode == 2 and "checksum" in r4.stderr and "Traceback" not in r4.stderr
     ses.write_bytes(data)
-    r5 = cli(*common[:-3], "--kv-budget", "128", "--json", "--load-session", str(ses), "--turns-file", str(files["b"]))
+    other_budget = [a if a != str(KW["kv_budget"]) else "128" for a in common]
+    r5 = cli(*other_budget, "--load-session", str(ses), "--turns-file", str(files["b"]))
     assert r5.returncode == 2 and "device budget" in r5.stderr
 
 

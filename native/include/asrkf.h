@@ -92,9 +92,11 @@ enum asrkf_cell_state {
 };
 
 struct asrkf_kv_params {
-    bool     pinned_host;      // use the device's pinned host buffers for offloaded rows when it has them
+    bool     pinned_host;      // offloaded rows in the device's pinned host memory (moved straight); false: in
+                               // pageable memory, every device move staged through one pinned buffer of the handle
     uint32_t host_chunk_cells; // offloaded rows are stored in chunks of at least this many tokens (0: automatic)
-    bool     force_gather;     // testing: gather rows with get_rows also for caches in host memory (always on for devices)
+    bool     force_gather;     // testing: gather rows with get_rows also for caches in host memory (always on for
+                               // devices), and stage them as a device would when pinned_host is false
     uint64_t scratch_bytes;    // device scratch of one gather/scatter pass (0: 64 MiB); a move of more rows takes several passes
 };
 
@@ -158,6 +160,12 @@ ASRKF_API int32_t asrkf_kv_offload(asrkf_kv_t kv, int32_t seq_id, const int32_t 
 
 // bring offloaded positions back into free cells (a contiguous run when one exists), active or frozen
 ASRKF_API int32_t asrkf_kv_thaw(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n, bool frozen);
+
+// have host memory for `bytes` more offloaded rows ready before the offloads that need it: pinned memory is
+// allocated on a background thread (page locking costs about as much as the copies into it), so reserving what a
+// prompt will offload before decoding it takes the allocations off the moves. Returns at once; a smaller request
+// does not cancel a larger one still pending; 0 stops reserving more. Reserved memory counts in asrkf_kv_info.host_bytes and is kept until the handle is freed
+ASRKF_API int32_t asrkf_kv_reserve_host(asrkf_kv_t kv, uint64_t bytes);
 
 // importance output: layers are model layer indices with K/V in the managed cache (n_layers = 0: all of them)
 // changing it rebuilds the graph once; enabled = false removes the extra nodes entirely

@@ -332,6 +332,12 @@ int32_t asrkf_kv_session_load(asrkf_kv_t kv, int32_t seq_id, const void * data, 
     return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.session_load(seq_id, (const uint8_t *) data, size, check_only); });
 }
 
+int32_t asrkf_kv_reserve_host(asrkf_kv_t kv, uint64_t bytes) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
+        kvf.store.reserve((size_t) bytes); // no synchronize: it touches no cell, and the device may be busy
+    });
+}
+
 int32_t asrkf_kv_check(asrkf_kv_t kv) {
     return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.check(); });
 }

@@ -6,7 +6,9 @@
 #include "llama-kv-cache.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cinttypes>
+#include <cstdio>
 #include <cstring>
 #include <set>
 
@@ -40,8 +42,16 @@ void llama_kv_freeze::freeze(llama_seq_id seq_id, const std::vector<llama_pos> &
 // offload
 //
 
+using kvf_clock = std::chrono::steady_clock;
+
+static double kvf_ms(kvf_clock::time_point a, kvf_clock::time_point b) {
+    return std::chrono::duration<double, std::milli>(b - a).count();
+}
+
 void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> & pos) {
+    const auto t_start = kvf_clock::now();
     sync();
+    const auto t_synced = kvf_clock::now();
 
     if (pos.empty()) {
         return;
@@ -79,12 +89,17 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
         cpos[i] = pos[order[i]];
     }
 
+    const auto   t_alloc0     = kvf_clock::now();
+    const double hash_before  = store.hash_seconds;
+    const auto   allocs_before = store.n_chunk_allocs;
+
     std::vector<llama_kv_host_slot> slot;
     try {
         slot = store.alloc((uint32_t) cell.size());
     } catch (const std::bad_alloc &) {
         KVF_FAIL(ASRKF_EBACKEND, "offload: out of host memory for %zu tokens (%zu bytes each)", cell.size(), store.token_bytes());
     }
+    const auto t_alloc1 = kvf_clock::now();
 
     // nothing in the cache changes until every row is on the host and recorded
     try {
@@ -109,11 +124,23 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
         throw;
     }
 
+    const auto t_copied = kvf_clock::now();
+
     for (const uint32_t i : cell) {
         c.rm(i);
     }
 
     epoch++;
+
+    if (trace_moves) {
+        const auto t_end = kvf_clock::now();
+        fprintf(stderr, "asrkf-trace offload n=%zu cell_runs=%zu slot_runs=%zu chunk_allocs=%llu MB=%.1f sync_ms=%.3f "
+                "prep_ms=%.3f alloc_ms=%.3f copy_ms=%.3f hash_ms=%.3f free_ms=%.3f total_ms=%.3f\n",
+                cell.size(), kvf_runs(cell, slot).size(), kvf_slot_runs(slot).size(),
+                (unsigned long long) (store.n_chunk_allocs - allocs_before), cell.size()*store.token_bytes()/1e6,
+                kvf_ms(t_start, t_synced), kvf_ms(t_synced, t_alloc0), kvf_ms(t_alloc0, t_alloc1), kvf_ms(t_alloc1, t_copied),
+                1e3*(store.hash_seconds - hash_before), kvf_ms(t_copied, t_end), kvf_ms(t_start, t_end));
+    }
 }
 
 //
@@ -121,7 +148,9 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
 //
 
 void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & pos, bool frozen, bool verify) {
+    const auto t_start = kvf_clock::now();
     sync();
+    const auto t_synced = kvf_clock::now();
 
     if (pos.empty()) {
         return;
@@ -189,20 +218,21 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
     }
 
     const auto runs = kvf_runs(cell, slot);
+    const auto t_planned = kvf_clock::now();
 
     const uint32_t strm    = stream(seq_id);
     const uint64_t kv_size = kv->get_size();
 
     std::vector<uint8_t> staging;
 
+    const char * path = "per-run";
+    size_t n_slot_runs = 0;
+
     // many runs on a device: one set_rows per tensor (scatter) instead of a copy per run, layer and tensor
-    std::vector<ggml_tensor *>   scatter_t;
-    std::vector<const uint8_t *> scatter_src;
-    std::vector<std::vector<uint8_t>> scatter_staging;
-    if (runs.size() >= kvf_gather_min_runs || force_gather) {
-        const bool slots_contiguous = std::all_of(slot.begin(), slot.end(), [&](const llama_kv_host_slot & sl) {
-            return sl.chunk == slot[0].chunk && sl.index == slot[0].index + (&sl - slot.data());
-        });
+    std::vector<ggml_tensor *> scatter_t;
+    if (runs.size() >= kvf_gather_min_runs || force_gather || staged) {
+        std::vector<std::pair<uint32_t, bool>> what; // (layer, is_v) of scatter_t[i]
+        size_t row_bytes = 0;                        // of all scattered tensors, per token
         for (uint32_t il = 0; il < layer_k.size(); ++il) {
             for (const bool is_v : { false, true }) {
                 ggml_tensor * t = is_v ? layer_v[il] : layer_k[il];
@@ -210,24 +240,62 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
                     continue;
                 }
                 scatter_t.push_back(t);
-                if (slots_contiguous) {
-                    scatter_src.push_back(is_v ? store.v_row(slot[0], il) : store.k_row(slot[0], il));
-                } else {
-                    const size_t rb = t->nb[1];
-                    scatter_staging.emplace_back(n*rb);
-                    for (uint32_t i = 0; i < n; ++i) {
-                        memcpy(scatter_staging.back().data() + i*rb, is_v ? store.v_row(slot[i], il) : store.k_row(slot[i], il), rb);
-                    }
-                    scatter_src.push_back(scatter_staging.back().data());
-                }
+                what.emplace_back(il, is_v);
+                row_bytes += t->nb[1];
             }
         }
+        auto host_row = [&](size_t i, size_t row) -> const uint8_t * {
+            return what[i].second ? store.v_row(slot[row], what[i].first) : store.k_row(slot[row], what[i].first);
+        };
         std::vector<int32_t> rows(n);
         for (uint32_t i = 0; i < n; ++i) {
             rows[i] = (int32_t) (strm*kv_size + cell[i]);
         }
-        if (!scatter(scatter_t, rows, scatter_src)) {
-            scatter_t.clear();
+
+        const auto slot_runs = kvf_slot_runs(slot);
+        n_slot_runs = slot_runs.size();
+        if (scatter_t.empty()) {
+            // nothing to scatter
+        } else if (!staged && kvf_slot_runs_direct(slot_runs.size(), n)) {
+            // straight from the slots: one device copy per run of slots and tensor
+            path = "scatter";
+            if (!scatter(scatter_t, rows, slot_runs, host_row)) {
+                scatter_t.clear();
+            }
+        } else {
+            // slots spread over many runs (tokens recalled from all over the host tier), or a pageable store: the
+            // rows are staged in pinned memory by the store's threads, in rounds of at most 256 MiB, and each round
+            // goes up with one device copy per tensor
+            path = "staged";
+            const size_t n_round = std::min<size_t>(n, std::max<size_t>(1, (256u << 20)/std::max<size_t>(1, row_bytes)));
+            uint8_t * stage = host_staging(n_round*row_bytes);
+            for (size_t q0 = 0; q0 < n && !scatter_t.empty(); q0 += n_round) {
+                const size_t m = std::min(n_round, n - q0);
+                if (q0 > 0) {
+                    finish_copies(); // the previous round has left the staging memory
+                }
+                std::vector<size_t> off(scatter_t.size());
+                for (size_t i = 1; i < scatter_t.size(); ++i) {
+                    off[i] = off[i - 1] + m*scatter_t[i - 1]->nb[1];
+                }
+                const size_t per_item = 64;
+                store.parallel_for((m + per_item - 1)/per_item, [&](size_t item) {
+                    const size_t j1 = std::min(m, (item + 1)*per_item);
+                    for (size_t i = 0; i < scatter_t.size(); ++i) {
+                        const size_t rb = scatter_t[i]->nb[1];
+                        for (size_t j = item*per_item; j < j1; ++j) {
+                            memcpy(stage + off[i] + j*rb, host_row(i, q0 + j), rb);
+                        }
+                    }
+                });
+                const std::vector<int32_t> rows_round(rows.begin() + q0, rows.begin() + q0 + m);
+                const std::vector<kvf_run> one_run = { { 0, (uint32_t) m } };
+                if (!scatter(scatter_t, rows_round, one_run, [&](size_t i, size_t j) -> const uint8_t * {
+                        return stage + off[i] + j*scatter_t[i]->nb[1];
+                    })) {
+                    scatter_t.clear(); // every row is written per run below (rows already scattered again: same bytes)
+                }
+            }
         }
     }
     auto scattered = [&](const ggml_tensor * t) {
@@ -277,14 +345,18 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
         }
     }
 
+    const auto t_queued = kvf_clock::now();
+
     // verify while the copies run: the rows land in free cells, which no attention reads until the cells are
     // given their positions below, so a corrupted row is refused before it can reach attention
     std::vector<uint64_t> sums(n);
     if (verify) {
         store.checksums(slot.data(), n, sums.data());
     }
+    const auto t_hashed = kvf_clock::now();
 
     finish_copies();
+    const auto t_copied = kvf_clock::now();
 
     for (uint32_t i = 0; verify && i < n; ++i) {
         if (sums[i] != rec[i]->checksum) {
@@ -306,6 +378,15 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
     }
 
     epoch++;
+
+    if (trace_moves) {
+        const auto t_end = kvf_clock::now();
+        fprintf(stderr, "asrkf-trace thaw n=%u cell_runs=%zu slot_runs=%zu path=%s MB=%.1f sync_ms=%.3f plan_ms=%.3f "
+                "queue_ms=%.3f hash_ms=%.3f wait_ms=%.3f commit_ms=%.3f total_ms=%.3f\n",
+                n, runs.size(), n_slot_runs, path, n*store.token_bytes()/1e6, kvf_ms(t_start, t_synced),
+                kvf_ms(t_synced, t_planned), kvf_ms(t_planned, t_queued), kvf_ms(t_queued, t_hashed),
+                kvf_ms(t_hashed, t_copied), kvf_ms(t_copied, t_end), kvf_ms(t_start, t_end));
+    }
 }
 
 //
@@ -340,8 +421,38 @@ void llama_kv_freeze::k_rows(llama_seq_id seq_id, int32_t il, const std::vector<
         cell[i] = it->second;
     }
 
-    // resident rows: one copy per run of consecutive cells that land in consecutive output rows
     ggml_tensor * k = layer_k[ikv];
+
+    // resident rows on a device, in many runs (recall asks for every movable token, and after a long prompt their
+    // cells are in no order): one get_rows into pinned staging, then host copies, instead of a device copy per run
+    // into pageable memory
+    std::vector<int32_t> rows;
+    std::vector<size_t>  rows_at; // output index of rows[j]
+    size_t n_runs = 0;
+    for (size_t i = 0; i < pos.size(); ++i) {
+        if (cell[i] >= 0) {
+            n_runs += i == 0 || cell[i - 1] < 0 || cell[i] != cell[i - 1] + 1;
+            rows.push_back((int32_t) (strm*kv->get_size() + (size_t) cell[i]));
+            rows_at.push_back(i);
+        }
+    }
+    if (n_runs >= kvf_gather_min_runs && can_gather(k)) {
+        uint8_t * stage = host_staging(rows.size()*kb);
+        const std::vector<kvf_run> one_run = { { 0, (uint32_t) rows.size() } };
+        if (gather({ k }, rows, one_run, [&](size_t, size_t a) { return stage + a*kb; }, nullptr)) {
+            for (size_t j = 0; j < rows.size(); ++j) {
+                memcpy(out + rows_at[j]*kb, stage + j*kb, kb);
+            }
+            for (size_t i = 0; i < pos.size(); ++i) {
+                if (cell[i] < 0) {
+                    memcpy(out + i*kb, store.k_row(records.at({seq_id, pos[i]}).slot, ikv), kb);
+                }
+            }
+            return;
+        }
+    }
+
+    // resident rows: one copy per run of consecutive cells that land in consecutive output rows
     for (size_t i = 0; i < pos.size();) {
         if (cell[i] < 0) {
             memcpy(out + i*kb, store.k_row(records.at({seq_id, pos[i]}).slot, ikv), kb);

@@ -67,6 +67,21 @@ void llama_kv_freeze::finish_copies() {
     scatter_rows.reset();
 }
 
+ggml_backend_buffer_t llama_kv_freeze::device_buffer(ggml_backend_t backend, int which, size_t size) {
+    // kept across moves and grown when a move needs more: a device allocation and free per move cost about as
+    // much as moving a few hundred tokens. Every move waits for its copies before it returns, so the next one
+    // may reuse the buffer
+    auto & buf = dev_buffers[backend][which];
+    if (buf && ggml_backend_buffer_get_size(buf) >= size) {
+        return buf;
+    }
+    if (buf) {
+        ggml_backend_buffer_free(buf);
+    }
+    buf = ggml_backend_alloc_buffer(backend, size);
+    return buf;
+}
+
 bool llama_kv_freeze::can_gather(const ggml_tensor * t) const {
     // the I32 alias needs whole 4-byte words per row (true when n_embd_gqa % 64 == 0 for q4_0)
     if (t->nb[1] % 4 != 0 || !t->buffer) {
@@ -97,7 +112,8 @@ ggml_backend_t llama_kv_freeze::rows_backend(const std::vector<ggml_tensor *> & 
 }
 
 static bool kvf_plan_rows(llama_kv_freeze_rows & plan, ggml_backend_t backend, const std::vector<ggml_tensor *> & tensors,
-        const std::vector<int32_t> & rows, size_t n_pass, ggml_type word_type) {
+        const std::vector<int32_t> & rows, size_t n_pass, ggml_type word_type,
+        const std::function<ggml_backend_buffer_t(int, size_t)> & device_buffer) {
     const size_t n_t = tensors.size();
 
     ggml_init_params ip = { ggml_tensor_overhead()*(3*n_t + 2), nullptr, /*.no_alloc =*/ true };
@@ -151,10 +167,10 @@ static bool kvf_plan_rows(llama_kv_freeze_rows & plan, ggml_backend_t backend, c
     }
     plan.idx = ggml_new_tensor_1d(plan.ctx.get(), GGML_TYPE_I32, (int64_t) plan.ids.size());
 
-    plan.idx_buf.reset(ggml_backend_alloc_buffer(backend, ggml_nbytes(plan.idx)));
-    plan.scratch.reset(ggml_backend_alloc_buffer(backend, size));
+    plan.idx_buf = device_buffer(0, ggml_nbytes(plan.idx));
+    plan.scratch = device_buffer(1, size);
     if (!plan.idx_buf || !plan.scratch ||
-            ggml_backend_tensor_alloc(plan.idx_buf.get(), plan.idx, ggml_backend_buffer_get_base(plan.idx_buf.get())) != GGML_STATUS_SUCCESS) {
+            ggml_backend_tensor_alloc(plan.idx_buf, plan.idx, ggml_backend_buffer_get_base(plan.idx_buf)) != GGML_STATUS_SUCCESS) {
         LLAMA_LOG_WARN("%s: no device memory for %zu rows: copying per run of cells\n", __func__, n_pass);
         return false;
     }
@@ -221,8 +237,26 @@ struct kvf_events {
     }
 };
 
+// fn(a, m) for each part [a, a + m) of a run that overlaps the rows [r0, r0 + n) of a pass (runs ascending, covering
+// every row)
+template <typename F>
+static void kvf_for_runs_in(const std::vector<kvf_run> & runs, size_t r0, size_t n, F && fn) {
+    auto it = std::upper_bound(runs.begin(), runs.end(), r0, [](size_t r, const kvf_run & run) { return r < run.first; });
+    if (it != runs.begin()) {
+        --it;
+    }
+    for (; it != runs.end() && it->first < r0 + n; ++it) {
+        const size_t a = std::max<size_t>(r0, it->first);
+        const size_t b = std::min<size_t>(r0 + n, (size_t) it->first + it->n);
+        if (b > a) {
+            fn(a, b - a);
+        }
+    }
+}
+
 bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows,
-        const std::vector<uint8_t *> & dst, const std::function<void(size_t, size_t)> & landed) {
+        const std::vector<kvf_run> & runs, const std::function<uint8_t *(size_t, size_t)> & dst,
+        const std::function<void(size_t, size_t)> & landed) {
     if (tensors.empty() || rows.empty()) {
         return true;
     }
@@ -235,10 +269,11 @@ bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const s
     }
 
     llama_kv_freeze_rows plan;
-    if (!kvf_plan_rows(plan, backend, tensors, rows, n_pass, GGML_TYPE_I32)) {
+    if (!kvf_plan_rows(plan, backend, tensors, rows, n_pass, GGML_TYPE_I32,
+            [&](int which, size_t size) { return device_buffer(backend, which, size); })) {
         return false;
     }
-    uint8_t * scratch_base = (uint8_t *) ggml_backend_buffer_get_base(plan.scratch.get());
+    uint8_t * scratch_base = (uint8_t *) ggml_backend_buffer_get_base(plan.scratch);
 
     // every pass is queued before any is hashed (the passes reuse one scratch in stream order), with an event
     // after each: the caller hashes pass after pass while the device copies the rest
@@ -254,7 +289,7 @@ bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const s
         std::vector<ggml_tensor *> outs;
         for (const auto & g : plan.groups) {
             ggml_tensor * out = ggml_get_rows(ctx, g.alias, kvf_pass_ids(plan, ctx, r0, n, g.count)); // [words, n, count]
-            ggml_backend_tensor_alloc(plan.scratch.get(), out, scratch_base + g.offset);
+            ggml_backend_tensor_alloc(plan.scratch, out, scratch_base + g.offset);
             ggml_build_forward_expand(gf, out);
             outs.push_back(out);
         }
@@ -266,8 +301,10 @@ bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const s
             const auto & g = plan.groups[ig];
             for (size_t i = g.first; i < g.first + g.count; ++i) {
                 const size_t rb = tensors[i]->nb[1];
-                ggml_backend_tensor_get_async(backend, outs[ig], dst[i] + r0*rb, (i - g.first)*n*rb, n*rb);
-                n_copies++;
+                kvf_for_runs_in(runs, r0, n, [&](size_t a, size_t m) {
+                    ggml_backend_tensor_get_async(backend, outs[ig], dst(i, a), (i - g.first)*n*rb + (a - r0)*rb, m*rb);
+                    n_copies++;
+                });
             }
         }
         if (landed) {
@@ -289,7 +326,7 @@ bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const s
 // and this returns without waiting for them (finish_copies() does): the caller verifies the host rows meanwhile.
 // false: the caller writes per run.
 bool llama_kv_freeze::scatter(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows,
-        const std::vector<const uint8_t *> & src) {
+        const std::vector<kvf_run> & runs, const std::function<const uint8_t *(size_t, size_t)> & src) {
     if (tensors.empty() || rows.empty()) {
         return true;
     }
@@ -303,11 +340,12 @@ bool llama_kv_freeze::scatter(const std::vector<ggml_tensor *> & tensors, const 
 
     scatter_rows = std::make_unique<llama_kv_freeze_rows>();
     auto & plan = *scatter_rows;
-    if (!kvf_plan_rows(plan, backend, tensors, rows, n_pass, GGML_TYPE_F32)) {
+    if (!kvf_plan_rows(plan, backend, tensors, rows, n_pass, GGML_TYPE_F32,
+            [&](int which, size_t size) { return device_buffer(backend, which, size); })) {
         scatter_rows.reset();
         return false;
     }
-    uint8_t * scratch_base = (uint8_t *) ggml_backend_buffer_get_base(plan.scratch.get());
+    uint8_t * scratch_base = (uint8_t *) ggml_backend_buffer_get_base(plan.scratch);
 
     for (size_t r0 = 0; r0 < n_rows; r0 += n_pass) {
         const size_t n = std::min(n_pass, n_rows - r0);
@@ -317,10 +355,12 @@ bool llama_kv_freeze::scatter(const std::vector<ggml_tensor *> & tensors, const 
         for (const auto & g : plan.groups) {
             const size_t rb = tensors[g.first]->nb[1];
             ggml_tensor * in = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, (int64_t) (rb/4), (int64_t) n, (int64_t) g.count);
-            ggml_backend_tensor_alloc(plan.scratch.get(), in, scratch_base + g.offset);
+            ggml_backend_tensor_alloc(plan.scratch, in, scratch_base + g.offset);
             for (size_t i = g.first; i < g.first + g.count; ++i) {
-                ggml_backend_tensor_set_async(backend, in, src[i] + r0*rb, (i - g.first)*n*rb, n*rb);
-                n_copies++;
+                kvf_for_runs_in(runs, r0, n, [&](size_t a, size_t m) {
+                    ggml_backend_tensor_set_async(backend, in, src(i, a), (i - g.first)*n*rb + (a - r0)*rb, m*rb);
+                    n_copies++;
+                });
             }
             ggml_build_forward_expand(gf, ggml_set_rows(ctx, g.alias, in, kvf_pass_ids(plan, ctx, r0, n, g.count)));
         }
@@ -344,6 +384,18 @@ std::vector<kvf_run> kvf_runs(const std::vector<uint32_t> & cell, const std::vec
                 r.n++;
                 continue;
             }
+        }
+        runs.push_back({i, 1});
+    }
+    return runs;
+}
+
+std::vector<kvf_run> kvf_slot_runs(const std::vector<llama_kv_host_slot> & slot) {
+    std::vector<kvf_run> runs;
+    for (uint32_t i = 0; i < slot.size(); ++i) {
+        if (i > 0 && slot[i].chunk == slot[i - 1].chunk && slot[i].index == slot[i - 1].index + 1) {
+            runs.back().n++;
+            continue;
         }
         runs.push_back({i, 1});
     }
@@ -374,19 +426,83 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
 
     // K (and V unless transposed) of every layer: one gather per tensor where the device can, else a copy per run
     std::vector<ggml_tensor *> gather_t;
-    std::vector<uint8_t *>     gather_dst;
     std::vector<std::pair<uint32_t, bool>> gather_what; // (layer, is_v)
 
-    // gathered rows land back to back: straight into the slots when they are one run in one chunk
-    const bool slots_contiguous = runs.size() == 1 || std::all_of(slot.begin(), slot.end(), [&](const llama_kv_host_slot & sl) {
-        return sl.chunk == slot[0].chunk && sl.index == slot[0].index + (&sl - slot.data());
-    });
+    // gathered rows land straight in their slots, one device copy per run of slots and tensor, unless the slots are
+    // spread in so many runs that a staging copy costs less
+    const auto slot_runs = kvf_slot_runs(slot);
+    const bool direct    = kvf_slot_runs_direct(slot_runs.size(), slot.size());
     std::vector<std::vector<uint8_t>> gather_staging;
 
     // a gather is a graph and a scratch buffer on the device: for a few runs, plain copies cost less
     const bool few_runs = runs.size() < kvf_gather_min_runs && !force_gather;
 
-    for (uint32_t il = 0; il < n_layer; ++il) {
+    if (staged) {
+        // a pageable store: every gatherable tensor goes through the pinned staging, in rounds of at most 256 MiB;
+        // each pass that lands there is copied into the slots (and hashed) by the store's threads while the device
+        // copies the next
+        size_t row_bytes = 0;
+        for (uint32_t il = 0; il < n_layer; ++il) {
+            for (const bool is_v : { false, true }) {
+                ggml_tensor * t = is_v ? layer_v[il] : layer_k[il];
+                if ((is_v && kv->v_trans) || !can_gather(t)) {
+                    continue;
+                }
+                gather_t.push_back(t);
+                gather_what.emplace_back(il, is_v);
+                row_bytes += t->nb[1];
+            }
+        }
+        const bool hash_landed = sums && gather_t.size() == 2*(size_t) n_layer;
+        const size_t n = cell.size();
+        const size_t n_round = std::min(n, std::max<size_t>(1, (256u << 20)/std::max<size_t>(1, row_bytes)));
+        uint8_t * stage = gather_t.empty() ? nullptr : host_staging(n_round*row_bytes);
+        bool ok = !gather_t.empty();
+        for (size_t q0 = 0; ok && q0 < n; q0 += n_round) {
+            const size_t m = std::min(n_round, n - q0);
+            std::vector<size_t> off(gather_t.size(), 0);
+            for (size_t i = 1; i < gather_t.size(); ++i) {
+                off[i] = off[i - 1] + m*gather_t[i - 1]->nb[1];
+            }
+            std::vector<int32_t> rows_round(m);
+            for (size_t j = 0; j < m; ++j) {
+                rows_round[j] = (int32_t) (strm*kv_size + cell[q0 + j]);
+            }
+            auto landed = [&](size_t r0, size_t cnt) {
+                const size_t per_item = 32;
+                store.parallel_for((cnt + per_item - 1)/per_item, [&](size_t item) {
+                    const size_t j1 = std::min(r0 + cnt, r0 + (item + 1)*per_item);
+                    for (size_t i = 0; i < gather_t.size(); ++i) {
+                        const auto [il, is_v] = gather_what[i];
+                        const size_t rb = gather_t[i]->nb[1];
+                        for (size_t j = r0 + item*per_item; j < j1; ++j) {
+                            uint8_t * dst = is_v ? store.v_row(slot[q0 + j], il) : store.k_row(slot[q0 + j], il);
+                            memcpy(dst, stage + off[i] + j*rb, rb);
+                        }
+                    }
+                });
+                if (hash_landed) {
+                    store.checksum_add(slot.data() + q0 + r0, cnt, 0, n_layer, sums + q0 + r0);
+                }
+            };
+            const std::vector<kvf_run> one_run = { { 0, (uint32_t) m } };
+            ok = gather(gather_t, rows_round, one_run, [&](size_t i, size_t a) { return stage + off[i] + a*gather_t[i]->nb[1]; },
+                    landed);
+        }
+        if (!ok) {
+            // no gather (several devices, no device memory): per-run copies into the pageable slots below, hashed
+            // from scratch
+            if (sums) {
+                std::fill(sums, sums + n, 0);
+            }
+            gather_t.clear();
+            gather_what.clear();
+        } else if (hash_landed) {
+            hashed_to = n_layer;
+        }
+    }
+
+    for (uint32_t il = 0; !staged && il < n_layer; ++il) {
         for (const bool is_v : { false, true }) {
             ggml_tensor * t = is_v ? layer_v[il] : layer_k[il];
             if ((is_v && kv->v_trans) || few_runs || !can_gather(t)) {
@@ -394,17 +510,14 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
             }
             gather_t.push_back(t);
             gather_what.emplace_back(il, is_v);
-            if (slots_contiguous) {
-                gather_dst.push_back(is_v ? store.v_row(slot[0], il) : store.k_row(slot[0], il));
-            } else {
+            if (!direct) {
                 gather_staging.emplace_back(cell.size()*t->nb[1]);
-                gather_dst.push_back(gather_staging.back().data());
             }
         }
     }
 
     // every row of a pass in its slot as the pass lands: hash that pass's slots, all layers
-    const bool gather_all = gather_t.size() == 2*(size_t) n_layer && slots_contiguous;
+    const bool gather_all = gather_t.size() == 2*(size_t) n_layer && direct;
     std::function<void(size_t, size_t)> landed;
     if (sums && gather_all) {
         landed = [&](size_t r0, size_t n) {
@@ -416,20 +529,30 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
     for (size_t i = 0; i < cell.size(); ++i) {
         rows[i] = (int32_t) (strm*kv_size + cell[i]);
     }
-    if (!gather(gather_t, rows, gather_dst, landed)) {
+    const std::vector<kvf_run> all_rows = { { 0, (uint32_t) cell.size() } };
+    auto gather_dst = [&](size_t i, size_t row) -> uint8_t * {
+        if (!direct) {
+            return gather_staging[i].data() + row*gather_t[i]->nb[1];
+        }
+        const auto [il, is_v] = gather_what[i];
+        return is_v ? store.v_row(slot[row], il) : store.k_row(slot[row], il);
+    };
+    if (staged) {
+        // gathered (or not) through the pinned staging above
+    } else if (!gather(gather_t, rows, direct ? slot_runs : all_rows, gather_dst, landed)) {
         gather_t.clear();
         gather_what.clear();
         gather_staging.clear();
     } else if (landed) {
         hashed_to = n_layer;
     }
-    for (size_t g = 0; g < gather_staging.size(); ++g) {
+    if (!gather_staging.empty()) store.parallel_for(gather_staging.size(), [&](size_t g) {
         const auto [il, is_v] = gather_what[g];
         const size_t rb = gather_t[g]->nb[1];
         for (size_t i = 0; i < cell.size(); ++i) {
             memcpy(is_v ? store.v_row(slot[i], il) : store.k_row(slot[i], il), gather_staging[g].data() + i*rb, rb);
         }
-    }
+    });
     auto gathered = [&](uint32_t il, bool is_v) {
         return std::find(gather_what.begin(), gather_what.end(), std::make_pair(il, is_v)) != gather_what.end();
     };

@@ -6,6 +6,7 @@
 
 #include "ggml-cpp.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -23,8 +24,8 @@ struct llama_kv_freeze_rows {
     };
 
     ggml_context_ptr              ctx;
-    ggml_backend_buffer_ptr       idx_buf;
-    ggml_backend_buffer_ptr       scratch;
+    ggml_backend_buffer_t         idx_buf = nullptr; // the handle's, kept across moves (llama_kv_freeze::device_buffer)
+    ggml_backend_buffer_t         scratch = nullptr;
     ggml_tensor                 * idx = nullptr;
     std::vector<int32_t>          ids;      // idx's host copy: an async upload reads it after the caller returned
     std::vector<group>            groups;
@@ -42,3 +43,13 @@ struct kvf_run {
 };
 
 std::vector<kvf_run> kvf_runs(const std::vector<uint32_t> & cell, const std::vector<llama_kv_host_slot> & slot);
+
+// runs of i where the slots advance by one in one chunk: the rows of a run are back to back in host memory, so a
+// gather or scatter moves each run of each tensor with one device copy, without staging
+std::vector<kvf_run> kvf_slot_runs(const std::vector<llama_kv_host_slot> & slot);
+
+// few enough slot runs that a device copy per run and tensor costs less than staging the rows (a copy call costs
+// microseconds; a run of 16 tokens of an 8B model is 2 MiB)
+static inline bool kvf_slot_runs_direct(size_t n_runs, size_t n_rows) {
+    return n_runs*16 <= std::max<size_t>(16, n_rows);
+}

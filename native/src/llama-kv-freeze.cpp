@@ -13,6 +13,8 @@
 #include <algorithm>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <unordered_map>
@@ -121,7 +123,7 @@ llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_
         v_row_bytes.push_back(ggml_row_size(layer.v->type, layer.v->ne[0]));
 
         for (ggml_tensor * t : { layer.k, layer.v }) {
-            if (pinned_host && !pinned_buft && t->buffer && !ggml_backend_buffer_is_host(t->buffer)) {
+            if (!pinned_buft && t->buffer && !ggml_backend_buffer_is_host(t->buffer)) {
                 ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(t->buffer));
                 if (dev) {
                     pinned_buft = ggml_backend_dev_host_buffer_type(dev);
@@ -130,7 +132,16 @@ llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_
         }
     }
 
-    store.init(std::move(k_row_bytes), std::move(v_row_bytes), pinned_buft, host_chunk_cells);
+    // pinned_host: the offloaded rows live in pinned memory and move straight between it and the device; else in
+    // pageable memory, and every device move is staged through a pinned buffer of the handle (pinning costs about as
+    // much as the copies, and CUDA serializes it with the launches: pageable chunks are cheap to get)
+    staging_buft = pinned_buft;
+    // (force_gather, a testing switch, takes the staged path on a CPU cache too, with pageable staging)
+    staged = !pinned_host && (pinned_buft != nullptr || force_gather);
+    store.init(std::move(k_row_bytes), std::move(v_row_bytes), pinned_host ? pinned_buft : nullptr, host_chunk_cells);
+
+    const char * trace = getenv("ASRKF_TRACE_MOVES");
+    trace_moves = trace && *trace && strcmp(trace, "0") != 0;
 
     g_kvf_by_ctx[lctx] = this;
 
@@ -159,9 +170,41 @@ llama_kv_freeze::~llama_kv_freeze() {
         bump_graph();
     }
 
+    for (auto & [backend, bufs] : dev_buffers) {
+        for (auto * buf : bufs) {
+            if (buf) {
+                ggml_backend_buffer_free(buf);
+            }
+        }
+    }
+    if (staging_pinned) {
+        ggml_backend_buffer_free(staging_pinned);
+    }
     for (auto & [dev, backend] : backends) {
         ggml_backend_free(backend);
     }
+}
+
+uint8_t * llama_kv_freeze::host_staging(size_t size) {
+    if (staging_pinned && ggml_backend_buffer_get_size(staging_pinned) >= size) {
+        return (uint8_t *) ggml_backend_buffer_get_base(staging_pinned);
+    }
+    if (!staging_pinned && staging_plain.size() >= size) {
+        return staging_plain.data();
+    }
+    if (staging_pinned) {
+        ggml_backend_buffer_free(staging_pinned);
+        staging_pinned = nullptr;
+    }
+    if (ggml_backend_buffer_type_t buft = staging_buft) {
+        staging_pinned = ggml_backend_buft_alloc_buffer(buft, size);
+        if (staging_pinned) {
+            staging_plain = {};
+            return (uint8_t *) ggml_backend_buffer_get_base(staging_pinned);
+        }
+    }
+    staging_plain.resize(size);
+    return staging_plain.data();
 }
 
 void llama_kv_freeze::on_context_free() {

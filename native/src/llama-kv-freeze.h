@@ -6,6 +6,7 @@
 #include "llama-kv-cells.h"
 #include "ggml-backend.h"
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -50,6 +51,7 @@ struct llama_kv_freeze_record {
 
 // device scratch and graphs of one gather or scatter (llama-kv-freeze-rows.h)
 struct llama_kv_freeze_rows;
+struct kvf_run;
 
 // the controller state of one llama_context: cell-state operations, the host store and the importance output
 struct llama_kv_freeze {
@@ -187,9 +189,27 @@ private:
     // device holding it, one copy back per tensor; false when the tensors' rows cannot be gathered that way
     ggml_backend_t rows_backend(const std::vector<ggml_tensor *> & tensors, size_t n_rows, size_t & n_pass);
     // landed(r0, n): rows r0..r0+n-1 of every tensor are on the host (called in order, while later rows copy)
-    bool gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<uint8_t *> & dst,
-                const std::function<void(size_t, size_t)> & landed);
-    bool scatter(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<const uint8_t *> & src);
+    // runs: the rows in runs (ascending, covering every row) whose host rows are back to back: dst(i, a) / src(i, a)
+    // is where row a of tensor i and the rest of its run live on the host (one device copy per run and tensor)
+    bool gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<kvf_run> & runs,
+                const std::function<uint8_t *(size_t, size_t)> & dst, const std::function<void(size_t, size_t)> & landed);
+    bool scatter(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<kvf_run> & runs,
+                 const std::function<const uint8_t *(size_t, size_t)> & src);
+
+    // device buffers of the gathers and scatters (0: row ids, 1: scratch), per backend, kept across moves
+    std::map<ggml_backend_t, std::array<ggml_backend_buffer_t, 2>> dev_buffers;
+    ggml_backend_buffer_t device_buffer(ggml_backend_t backend, int which, size_t size);
+
+    // host memory that stages rows of a thaw whose slots are spread out (pinned when the device has pinned memory),
+    // kept across moves and grown on demand
+    ggml_backend_buffer_type_t staging_buft = nullptr; // the device's pinned host memory, if it has one
+    bool staged = false; // the host store is pageable: device moves go through the pinned staging
+    ggml_backend_buffer_t staging_pinned = nullptr;
+    std::vector<uint8_t>  staging_plain;
+    uint8_t * host_staging(size_t size);
+
+    // ASRKF_TRACE_MOVES=1: one line per offload and thaw on stderr (sizes, runs, path, time of each part)
+    bool trace_moves = false;
     bool can_gather(const ggml_tensor * t) const;
 
     // K/V rows of the cells into the slots (cells ascending; slots from store.alloc); with sums, the slots'

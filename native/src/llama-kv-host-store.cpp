@@ -26,16 +26,18 @@ void llama_kv_host_store::init(std::vector<size_t> k_row_bytes, std::vector<size
 
     this->pinned_buft = pinned_buft;
 
-    // default: 16 MiB chunks, between 64 and 4096 tokens: few allocations, little slack
+    // default: 64 MiB chunks, between 64 and 4096 tokens. Pinned host memory costs a driver call and page locking
+    // per allocation: an 8B model's f16 rows are 128 KiB a token, and 16 MiB chunks (128 tokens) meant one
+    // allocation every 128 tokens offloaded, a large part of a prompt's offload time on a GPU
     if (chunk_slots == 0) {
-        chunk_slots = (uint32_t) std::clamp<size_t>((16u << 20) / std::max<size_t>(1, bytes_per_token), 64, 4096);
+        chunk_slots = (uint32_t) std::clamp<size_t>((64u << 20) / std::max<size_t>(1, bytes_per_token), 64, 4096);
     }
     this->chunk_slots = chunk_slots;
 
     chunks.clear();
 }
 
-uint32_t llama_kv_host_store::add_chunk(uint32_t n_slots) {
+std::unique_ptr<llama_kv_host_store::chunk> llama_kv_host_store::new_chunk(uint32_t n_slots, bool touch) const {
     auto c = std::make_unique<chunk>();
 
     const size_t size = (size_t) n_slots*bytes_per_token;
@@ -47,14 +49,106 @@ uint32_t llama_kv_host_store::add_chunk(uint32_t n_slots) {
         }
     }
     if (!c->base) {
-        // no pinned memory (or it ran out): pageable memory still works, only the copies are slower
+        // pageable memory (asked for, or pinned memory ran out)
         c->plain.reset(new uint8_t[size]);
         c->base = c->plain.get();
+        if (touch) {
+            memset(c->base, 0, size); // fault the pages in here, on the reserver's thread, not in the moves
+        }
     }
 
     c->n_slots = n_slots;
     c->used.assign(n_slots, 0);
+    return c;
+}
 
+uint32_t llama_kv_host_store::add_chunk(uint32_t n_slots) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto c = new_chunk(n_slots, /*touch =*/ false);
+    n_chunk_allocs++;
+    alloc_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return place_chunk(std::move(c));
+}
+
+uint32_t llama_kv_host_store::take_spare() {
+    std::unique_ptr<chunk> c;
+    {
+        std::lock_guard<std::mutex> lock(spare_mtx);
+        if (spare.empty()) {
+            return UINT32_MAX;
+        }
+        c = std::move(spare.back());
+        spare.pop_back();
+        spare_wanted = spare_wanted > 0 ? spare_wanted - 1 : 0;
+    }
+    return place_chunk(std::move(c));
+}
+
+void llama_kv_host_store::reserve(size_t bytes) {
+    size_t n_free = 0;
+    for (const auto & c : chunks) {
+        n_free += c ? c->n_slots - c->n_used : 0;
+    }
+    const size_t chunk_bytes = (size_t) chunk_slots*bytes_per_token;
+    const size_t need = bytes > n_free*bytes_per_token ? bytes - n_free*bytes_per_token : 0;
+    {
+        std::lock_guard<std::mutex> lock(spare_mtx);
+        // at least what an earlier call still wants (a prompt's reservation outlives the decode's small ones)
+        const size_t n_chunks = (need + chunk_bytes - 1)/std::max<size_t>(1, chunk_bytes);
+        spare_wanted = bytes == 0 ? 0 : std::max(spare_wanted, n_chunks);
+        if (spare_wanted <= spare.size() || reserver.joinable()) {
+            spare_cv.notify_one();
+            return;
+        }
+    }
+    reserver = std::thread([this]() {
+        std::unique_lock<std::mutex> lock(spare_mtx);
+        for (;;) {
+            spare_cv.wait(lock, [&]() { return spare_stop || spare.size() < spare_wanted; });
+            if (spare_stop) {
+                return;
+            }
+            lock.unlock();
+            const auto t0 = std::chrono::steady_clock::now();
+            std::unique_ptr<chunk> c;
+            try {
+                c = new_chunk(chunk_slots, /*touch =*/ true);
+            } catch (...) {
+                c.reset(); // out of memory: the moves allocate (and report) it themselves
+            }
+            const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            lock.lock();
+            if (!c) {
+                spare_wanted = spare.size();
+                continue;
+            }
+            reserve_seconds += dt;
+            n_reserved_chunks++;
+            spare.push_back(std::move(c));
+        }
+    });
+}
+
+void llama_kv_host_store::stop_reserver() {
+    {
+        std::lock_guard<std::mutex> lock(spare_mtx);
+        spare_stop = true;
+    }
+    spare_cv.notify_all();
+    if (reserver.joinable()) {
+        reserver.join();
+    }
+    std::lock_guard<std::mutex> lock(spare_mtx);
+    spare.clear();
+    spare_wanted = 0;
+    spare_stop   = false;
+}
+
+llama_kv_host_store::~llama_kv_host_store() {
+    stop_reserver();
+}
+
+uint32_t llama_kv_host_store::place_chunk(std::unique_ptr<chunk> c) {
     for (uint32_t i = 0; i < chunks.size(); ++i) {
         if (!chunks[i]) {
             chunks[i] = std::move(c);
@@ -91,7 +185,33 @@ std::vector<llama_kv_host_slot> llama_kv_host_store::alloc(uint32_t n) {
         }
     }
 
-    // otherwise any free slots, then a new chunk for the rest
+    // otherwise, when the free slots cannot hold all n, one new chunk for all of them: rows that land in one run of
+    // slots are one device copy per tensor straight into pinned memory, where slots spread over chunks would need a
+    // staging copy (the free slots left behind serve later, smaller moves)
+    size_t n_free = 0;
+    for (const auto & c : chunks) {
+        n_free += c ? c->n_slots - c->n_used : 0;
+    }
+    if (n_free < n) {
+        // reserved chunks first (one run each), then one allocation for the rest
+        for (uint32_t left = n; left > 0;) {
+            uint32_t ic = take_spare();
+            if (ic == UINT32_MAX) {
+                ic = add_chunk(std::max(chunk_slots, left));
+            }
+            auto & c = chunks[ic];
+            const uint32_t m = std::min(left, c->n_slots);
+            for (uint32_t i = 0; i < m; ++i) {
+                c->used[i] = 1;
+                res.push_back({ic, i});
+            }
+            c->n_used = m;
+            left -= m;
+        }
+        return res;
+    }
+
+    // otherwise any free slots
     for (uint32_t ic = 0; ic < chunks.size() && res.size() < n; ++ic) {
         const auto & c = chunks[ic];
         if (!c) {
@@ -101,14 +221,6 @@ std::vector<llama_kv_host_slot> llama_kv_host_store::alloc(uint32_t n) {
             if (!c->used[i]) {
                 res.push_back({ic, i});
             }
-        }
-    }
-
-    if (res.size() < n) {
-        const uint32_t n_missing = n - (uint32_t) res.size();
-        const uint32_t ic = add_chunk(std::max(chunk_slots, n_missing));
-        for (uint32_t i = 0; i < n_missing; ++i) {
-            res.push_back({ic, i});
         }
     }
 
@@ -145,6 +257,7 @@ void llama_kv_host_store::release(const llama_kv_host_slot & slot) {
 }
 
 void llama_kv_host_store::clear() {
+    stop_reserver();
     chunks.clear();
 }
 
@@ -229,19 +342,23 @@ void llama_kv_host_store::checksum_add(const llama_kv_host_slot * slot, size_t n
     if (bytes < (1u << 20)) {
         work(0, n);
     } else {
-        if (!pool) {
-            const size_t n_cores = std::max(1u, std::thread::hardware_concurrency());
-            pool = std::make_unique<llama_kv_thread_pool>(std::min<size_t>(n_cores, 16) - 1);
-        }
         // items of ~1 MiB: even shares for the threads, and no thread waits long on the last one
         const size_t per_item = std::max<size_t>(1, (1u << 20)/std::max<size_t>(1, bytes_per_slot));
-        pool->run((n + per_item - 1)/per_item, [&](size_t item) {
+        parallel_for((n + per_item - 1)/per_item, [&](size_t item) {
             work(item*per_item, std::min(n, (item + 1)*per_item));
         });
     }
 
     hashed_bytes += bytes;
     hash_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+void llama_kv_host_store::parallel_for(size_t n, const std::function<void(size_t)> & fn) {
+    if (!pool) {
+        const size_t n_cores = std::max(1u, std::thread::hardware_concurrency());
+        pool = std::make_unique<llama_kv_thread_pool>(std::min<size_t>(n_cores, 16) - 1);
+    }
+    pool->run(n, fn);
 }
 
 void llama_kv_host_store::checksums(const llama_kv_host_slot * slot, size_t n, uint64_t * out) {
@@ -359,6 +476,10 @@ size_t llama_kv_host_store::bytes_allocated() const {
     size_t res = 0;
     for (const auto & c : chunks) {
         res += c ? (size_t) c->n_slots*bytes_per_token : 0;
+    }
+    std::lock_guard<std::mutex> lock(spare_mtx);
+    for (const auto & c : spare) {
+        res += (size_t) c->n_slots*bytes_per_token;
     }
     return res;
 }

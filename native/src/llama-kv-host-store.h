@@ -61,11 +61,21 @@ public:
     void init(std::vector<size_t> k_row_bytes, std::vector<size_t> v_row_bytes,
               ggml_backend_buffer_type_t pinned_buft, uint32_t chunk_slots);
 
-    // n free slots, ascending; consecutive when a run of n free slots exists; throws std::bad_alloc
+    // n free slots, ascending; consecutive when a run of n free slots exists or the free slots are fewer than n (a
+    // new chunk then holds all of them); throws std::bad_alloc
     std::vector<llama_kv_host_slot> alloc(uint32_t n);
 
     void release(const llama_kv_host_slot & slot);
     void clear();
+
+    // have free slots for `bytes` more rows ready: chunks are allocated on a background thread into a spare list
+    // that alloc() takes from. Pinned host memory costs about as much to get as the copies into it cost (page
+    // locking: ~30 ms for 64 MiB on an H200 host), so allocating it while the device computes a prompt takes it
+    // off the path of the moves. Returns at once; a smaller request does not cancel a larger pending one; 0 stops
+    // reserving more
+    void reserve(size_t bytes);
+
+    ~llama_kv_host_store();
 
     uint8_t * k_row(const llama_kv_host_slot & slot, uint32_t il_kv) const;
     uint8_t * v_row(const llama_kv_host_slot & slot, uint32_t il_kv) const;
@@ -77,12 +87,21 @@ public:
     // acc[i] += the part of checksum(slot[i]) from layers [il0, il1); large batches are split over threads
     void checksum_add(const llama_kv_host_slot * slot, size_t n, uint32_t il0, uint32_t il1, uint64_t * acc);
 
+    // fn(i) for i in [0, n) on the store's worker threads (started at the first use)
+    void parallel_for(size_t n, const std::function<void(size_t)> & fn);
+
     // checksum() of n slots into out
     void checksums(const llama_kv_host_slot * slot, size_t n, uint64_t * out);
 
     // bytes hashed and seconds spent hashing by checksum_add since init (the cost of verifying host copies)
     uint64_t hashed_bytes = 0;
     double   hash_seconds = 0.0;
+
+    // chunks allocated and seconds spent allocating them (pinned host memory is not free to get)
+    uint64_t n_chunk_allocs = 0;
+    double   alloc_seconds  = 0.0;
+
+    ggml_backend_buffer_type_t pinned_type() const { return pinned_buft; }
 
     size_t token_bytes()     const { return bytes_per_token; }
     size_t bytes_allocated() const;
@@ -119,4 +138,22 @@ private:
     std::unique_ptr<llama_kv_thread_pool> pool; // started at the first large batch
 
     uint32_t add_chunk(uint32_t n_slots);
+    std::unique_ptr<chunk> new_chunk(uint32_t n_slots, bool touch) const;
+    uint32_t place_chunk(std::unique_ptr<chunk> c);
+    // a reserved chunk moved into chunks, or UINT32_MAX when none is ready
+    uint32_t take_spare();
+
+    // the reserver: chunks of chunk_slots allocated on its thread until spare_wanted are ready
+    std::thread                         reserver;
+    mutable std::mutex                  spare_mtx;
+    std::condition_variable             spare_cv;
+    std::vector<std::unique_ptr<chunk>> spare;
+    size_t                              spare_wanted = 0; // chunks the reserver should have ready (guarded)
+    bool                                spare_stop   = false;
+    void stop_reserver();
+
+public:
+    // chunks the reserver allocated and the seconds it spent (off the moves' path)
+    uint64_t n_reserved_chunks = 0;
+    double   reserve_seconds   = 0.0;
 };

