@@ -1,6 +1,7 @@
 """Stateful fuzz of the KVCache API and of the llama.cpp calls the patched library guards, on a tiny model, over two
 sequences of one unified cache: decode, freeze / unfreeze, offload, thaw, seq_rm (of one sequence or of all),
-seq_cp, seq_keep, the state save / load of one sequence, and close / re-attach of the handle.
+seq_cp, seq_keep, the state save / load of one sequence, the session save / load of one sequence (asrkf_kv_session_*:
+frozen flags and host copies included), and close / re-attach of the handle.
 
 A Python model of the cache (every resident cell: position, the sequences sharing it, frozen or not; every
 offloaded position of each sequence) predicts which calls the patched llama.cpp refuses (the model then asserts the
@@ -84,6 +85,7 @@ class KVMachine(RuleBasedStateMachine):
         self.cells = []                       # resident cells (model)
         self.off = {s: {} for s in SEQS}      # offloaded positions of each sequence: pos -> clean
         self.snaps = []                       # (main bytes, reference bytes, [(pos, clean)], seq it was taken from)
+        self.sessions = []                    # (session bytes, reference bytes, {pos: (frozen, clean)}, {pos: clean}, cells)
         self.ops = self.compared = self.refused = 0
 
     @property
@@ -338,6 +340,63 @@ class KVMachine(RuleBasedStateMachine):
             assert n == len(buf)
             assert llama_cpp.llama_state_seq_set_data(self.ref.ctx, rbuf, len(rbuf), dst) == len(rbuf)
             self.cells += [Cell(p, {dst}, clean) for p, clean in saved]  # restored active
+        self.ops += 1
+
+    # one rule for both directions: the session calls take one rule's share of the steps, so that the others (and
+    # the refusals they provoke) keep theirs
+    @rule(data=st.data(), s=st.sampled_from(SEQS), load=st.booleans())
+    def session(self, data, s, load):
+        if load and self.sessions:
+            self.session_load(data, s)
+        else:
+            self.session_save(s)
+
+    def session_save(self, s):
+        before = self.native()
+        res = self.res(s)
+        if any(len(c.seqs) > 1 for c in res.values()):
+            with pytest.raises(AsrkfError) as err:
+                self.kv.session_save(s)
+            assert err.value.code == -2 and "shared" in err.value.message
+            assert self.native() == before
+            self.refused += 1
+            self.ops += 1
+            return
+        blob = bytes(self.kv.session_save(s))
+        assert self.native() == before  # a save changes nothing
+        rn = llama_cpp.llama_state_seq_get_size(self.ref.ctx, s)
+        rbuf = (ctypes.c_uint8 * rn)()
+        assert llama_cpp.llama_state_seq_get_data(self.ref.ctx, rbuf, rn, s) == rn
+        _, _, cells = self.kv.cells(s)
+        # kept for a load only when it holds what llama.cpp's own snapshot cannot (frozen cells, host copies): a
+        # load of a plain one resets a sequence to a simple state and leaves the other rules less to refuse
+        if self.off[s] or any(c.frozen for c in res.values()):
+            self.sessions = (self.sessions + [(blob, rbuf, {p: (c.frozen, c.clean) for p, c in res.items()},
+                                               dict(self.off[s]), set(cells.tolist()))])[-3:]
+        self.ops += 1
+
+    def session_load(self, data, dst):
+        blob, rbuf, res, off, cells = data.draw(st.sampled_from(self.sessions))
+        before = self.native()
+        _, _, other = self.kv.cells(1 - dst)
+        if cells & set(other.tolist()):
+            # the saved cells must be free or the target's own: a cell of the other sequence is refused
+            with pytest.raises(AsrkfError) as err:
+                self.kv.session_load(blob, dst)
+            assert err.value.code == -2 and "another sequence" in err.value.message
+            assert self.native() == before
+            self.refused += 1
+            self.ops += 1
+            return
+        self.kv.session_load(blob, dst)
+        self.drop_positions(dst, 0, -1)
+        self.cells += [Cell(p, {dst}, clean, frozen) for p, (frozen, clean) in res.items()]
+        self.off[dst] = dict(off)
+        assert llama_cpp.llama_memory_seq_rm(self.ref.context.memory, dst, -1, -1)
+        if res or off:
+            assert llama_cpp.llama_state_seq_set_data(self.ref.ctx, rbuf, len(rbuf), dst) == len(rbuf)
+        _, _, got = self.kv.cells(dst)
+        assert set(got.tolist()) == cells  # the same cells: the attention sums are those of the saved sequence
         self.ops += 1
 
     @rule(force=st.booleans())

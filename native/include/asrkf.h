@@ -26,6 +26,7 @@
 //     seq_ variants give 0 (refused) while the saved sequence (any sequence, for the whole state) has offloaded
 //     positions or frozen cells; a load is refused while the sequence has offloaded positions, and the cells it
 //     restores are active. So after a load, the cells are frozen exactly as they were when the snapshot was taken.
+//     asrkf_kv_session_save / asrkf_kv_session_load save and restore a sequence with its frozen flags and host copies.
 //   - llama_memory_seq_add / seq_div / seq_cp over offloaded positions are refused (nothing changes).
 // A llama.cpp call refused this way logs why and leaves the reason in asrkf_last_error() (code -2) on its thread.
 //
@@ -205,6 +206,20 @@ ASRKF_API int32_t asrkf_kv_row_bytes(asrkf_kv_t kv, int32_t layer, size_t * k_by
 // ones from the host copy, resident ones read from their cell; with asrkf_kv_query, the host can score any token
 ASRKF_API int32_t asrkf_kv_k_rows(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int32_t * pos, int32_t n, void * out, size_t size);
 
+// session export: every position of seq_id, resident (its cell, frozen flag and K/V rows) or offloaded (its host
+// copy and checksum), into one buffer that asrkf_kv_session_load restores bit-identically: the same cells, flags,
+// host copies and the cache's search head, so that later decodes compute exactly what they would have without the
+// round trip. Nothing in the cache changes. out == NULL: *n_out is the size needed (else the bytes written; -1 when
+// size is too small). Refused (-2) with a pending K-shift or cells shared with another sequence, -3 when a host copy
+// fails its checksum, -5 for iSWA models (the window layers' K/V live outside the managed cache).
+ASRKF_API int32_t asrkf_kv_session_save(asrkf_kv_t kv, int32_t seq_id, void * out, size_t size, size_t * n_out);
+
+// session import: replaces the content of seq_id (its resident cells and host copies) with a buffer of
+// asrkf_kv_session_save from a cache of the same geometry (layers, row sizes, K/V types, cell count, flash
+// attention). Everything is validated (format, geometry: -1; the rows' checksums: -3; cells held by another
+// sequence or a pending K-shift: -2) before anything changes, and then nothing has. check_only: validate the format,
+// geometry and cells only (not the rows' checksums) and change nothing.
+ASRKF_API int32_t asrkf_kv_session_load(asrkf_kv_t kv, int32_t seq_id, const void * data, size_t size, bool check_only);
 
 // check the invariants of the cell table and the host store; -1 with a message on the first violation
 ASRKF_API int32_t asrkf_kv_check(asrkf_kv_t kv);

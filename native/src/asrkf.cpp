@@ -318,6 +318,20 @@ int32_t asrkf_kv_k_rows(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int3
     });
 }
 
+int32_t asrkf_kv_session_save(asrkf_kv_t kv, int32_t seq_id, void * out, size_t size, size_t * n_out) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
+        size_t n = 0;
+        kvf.session_save(seq_id, (uint8_t *) out, size, n);
+        if (n_out) {
+            *n_out = n;
+        }
+    });
+}
+
+int32_t asrkf_kv_session_load(asrkf_kv_t kv, int32_t seq_id, const void * data, size_t size, bool check_only) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.session_load(seq_id, (const uint8_t *) data, size, check_only); });
+}
+
 int32_t asrkf_kv_reserve_host(asrkf_kv_t kv, uint64_t bytes) {
     return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
         kvf.store.reserve((size_t) bytes); // no synchronize: it touches no cell, and the device may be busy

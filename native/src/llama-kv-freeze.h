@@ -84,7 +84,8 @@ struct llama_kv_freeze {
 
     void freeze (llama_seq_id seq_id, const std::vector<llama_pos> & pos, bool frozen);
     void offload(llama_seq_id seq_id, const std::vector<llama_pos> & pos);
-    void thaw   (llama_seq_id seq_id, const std::vector<llama_pos> & pos, bool frozen);
+    // verify = false: the caller has just checked these host copies (a session load), skip hashing them again
+    void thaw   (llama_seq_id seq_id, const std::vector<llama_pos> & pos, bool frozen, bool verify = true);
 
     void set_importance(const llama_kv_freeze_importance_params & params);
 
@@ -105,6 +106,12 @@ struct llama_kv_freeze {
     std::vector<llama_pos>                      offloaded(llama_seq_id seq_id) const;
 
     void check() const;
+
+    // session export / import of one sequence (llama-kv-freeze-session.cpp): out == nullptr gives the size in n_out
+    size_t session_bytes(size_t n_entries) const;
+    void session_save(llama_seq_id seq_id, uint8_t * out, size_t size, size_t & n_out);
+    void session_load(llama_seq_id seq_id, const uint8_t * data, size_t size, bool check_only);
+
     void debug_corrupt(llama_seq_id seq_id, llama_pos pos, uint64_t byte);
 
     //

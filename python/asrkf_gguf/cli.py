@@ -113,6 +113,13 @@ def add_run_parser(sub) -> None:
     g.add_argument("--grammar-file", help="constrain the reply with a GBNF grammar file (llama.cpp's format)")
     g.add_argument("-j", "--json-schema", help="constrain the reply to a JSON schema (JSON text, or @FILE)")
     add_engine_options(r)
+    ses = r.add_argument_group("sessions")
+    ses.add_argument("--load-session", metavar="FILE",
+                     help="continue a conversation saved with --save-session (same model, --ctx, --kv-budget, "
+                          "--kv-type, --policy); a damaged or incompatible file is refused")
+    ses.add_argument("--save-session", metavar="FILE",
+                     help="after the last turn, save the conversation (tokens, KV cells, host tier, controller) to "
+                          "FILE")
     r.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     add_verbose_flag(r)
 
@@ -242,6 +249,7 @@ def make_engine(args, model: Optional[str] = None, *, system_prompt: Optional[st
 
 def run(args) -> int:
     from .engine import EngineError
+    from .errors import SessionError
 
     if args.max_tokens < 0:
         raise UsageError("--max-tokens cannot be negative")
@@ -264,6 +272,14 @@ def run(args) -> int:
     engine = make_engine(args, model_path(args, progress=progress), system_prompt=args.system)
     turn_bar = _bar(total=len(turns), desc="turns", unit="turn") if progress and len(turns) > 1 else None
     with engine:
+        if (args.save_session or args.load_session) and engine.kv.info().iswa:
+            raise UsageError("sessions are not supported for models with sliding-window layers (iSWA, e.g. Gemma-3): "
+                             "their window K/V are outside the managed cache")
+        if args.load_session:
+            try:
+                engine.load(args.load_session)
+            except SessionError as err:
+                raise UsageError(f"cannot load the session {args.load_session}: {err}") from None
         replies, seeds, finish = [], [], []
         for i, turn in enumerate(turns):
             pieces = []
@@ -295,6 +311,11 @@ def run(args) -> int:
         if turn_bar is not None:
             turn_bar.close()
         log.info("seed %s, finish %s", seeds[-1], finish[-1])
+        if args.save_session:
+            try:
+                engine.save(args.save_session)
+            except (OSError, EngineError) as err:
+                raise UsageError(f"cannot write the session file: {err}") from None
         if args.json:
             out = {"text": replies[-1], **engine.stats(), "seed": seeds[-1], "finish_reason": finish[-1]}
             if args.turns_file:

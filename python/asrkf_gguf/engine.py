@@ -5,8 +5,11 @@
             print(piece, end="", flush=True)
         print(engine.stats()["kv"])
 
-One chat session per Engine; its KV persists across turns and the chat template comes from the GGUF (its Jinja
-template, or chat_template=). Tokens are drawn by llama.cpp's sampler chain (asrkf_gguf.sampling);
+One chat session at a time per Engine, its KV persisting across turns; the chat template comes from the GGUF (its
+Jinja template, or chat_template=). save(path) / load(path) write and restore the current conversation (KV cells,
+host tier, controller table, tokens) as one file; new_chat() / switch(chat_id) keep several conversations over one
+model, the idle ones parked in host memory as session blobs (asrkf_gguf.sessions), so that switching back restores
+the KV instead of prefilling. Tokens are drawn by llama.cpp's sampler chain (asrkf_gguf.sampling);
 create_chat_completion() takes and returns what llama_cpp.Llama's does. Use one Engine per thread; `cancel()` may be
 called from any thread and stops the running generation between two tokens, and close() from another thread cancels
 and waits for the token step in progress. A turn whose iterator is not exhausted is taken back out of the cache when
@@ -17,24 +20,31 @@ close). Any use after close() raises ClosedError.
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import numbers
+import os
 import threading
 import time
 import uuid
 import weakref
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
+from . import sessions
 from .chat_format import ChatTemplate
-from .controller import Controller, ControllerConfig
-from .errors import ClosedError
+from .controller import Controller, ControllerConfig, ControllerStats
+from .entropy import EntropyMonitor
+from .errors import ClosedError, SessionError
 from .generate import generate_tokens, rewind
-from .kv import KVCache
-from .llama import ContextCreateError, ContextOptions, LlamaSession, ModelLoadError
+from .kv import AsrkfError, KVCache
+from .llama import KV_TYPES, ContextCreateError, ContextOptions, LlamaSession, ModelLoadError
 from .policies import make_policy
 from .sampling import Sampler, SamplingError, SamplingParams, json_schema_grammar
+from .schedule import TokenTable
+
+_KV_TYPE_NAMES = {v: k for k, v in KV_TYPES.items()}
 
 # the sampling keywords chat() and generate() take beside temperature and seed (llama-cpp-python's names)
 SAMPLING_KEYS = ("top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "frequency_penalty",
@@ -196,6 +206,10 @@ class Engine:
         self.decode_seconds = 0.0
         self.last_prompt_phase_ms: dict = {}
         self.last_decode_phase_ms: dict = {}
+        self._chat_id = 0
+        self._next_chat_id = 1
+        self._parked: Dict[int, bytearray] = {}  # idle conversations: in-memory session blobs
+        self._fingerprint: Optional[str] = None
         self.last_seed: Optional[int] = None  # the seed of the last turn's random draw (None: greedy)
         self.last_finish_reason: Optional[str] = None  # "stop" (end of generation), "length", "cancelled"
         self.last_usage: dict = {}  # the last turn's prompt_tokens, completion_tokens, total_tokens
@@ -479,6 +493,212 @@ class Engine:
         self.decode_seconds += res.decode_seconds
         self.last_prompt_phase_ms = res.prompt_phase_ms
         self.last_decode_phase_ms = res.decode_phase_ms
+
+    # ---- sessions: save / load one conversation, several conversations in one Engine
+
+    def save(self, path: Union[str, os.PathLike]) -> int:
+        """Write the current conversation to one file (asrkf_gguf.sessions: tokens, KV cells, host tier with its
+        checksums, controller table, versions, model fingerprint, sha256); returns its size. Nothing changes.
+        Refused (EngineError) while a turn's iterator is not exhausted: finish or close it first."""
+        self._live()
+        if not self._step.acquire(blocking=False):
+            raise EngineError("this Engine is generating: save between turns")
+        try:
+            self._live()
+            turn = self._turn() if self._turn is not None else None
+            if turn is not None and turn._ended is None and turn._gen.gi_frame is not None:
+                raise EngineError("a turn is in progress: read its reply to the end (or close it) before save()")
+            data = self._snapshot(digest=True)
+        finally:
+            self._step.release()
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return len(data)
+
+    def load(self, path: Union[str, os.PathLike]) -> None:
+        """Replace the current conversation with a saved one (save()). A file that is not a session, is damaged,
+        or was saved with another model, KV type, context size, budget or policy is refused with SessionError
+        before anything changes; a turn in progress ends (as on reset())."""
+        self._live()
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as err:
+            raise SessionError(f"cannot read the session file: {err}") from None
+        prepared = self._prepare(data, verify=True)
+        with self._exclusive("load()"):
+            self._apply(prepared)
+
+    @property
+    def chat_id(self) -> int:
+        """The id of the current conversation (0 for the first one)."""
+        return self._chat_id
+
+    def chat_ids(self) -> List[int]:
+        """Every conversation this Engine holds: the current one and the idle ones, ascending."""
+        return sorted([self._chat_id, *self._parked])
+
+    def new_chat(self) -> int:
+        """Park the current conversation in host memory and start an empty one; returns its id (current from now
+        on). A turn in progress ends first (as on reset())."""
+        with self._exclusive("new_chat()"):
+            blob = self._snapshot(digest=False)
+            self._clear()
+            self.controller.stats = ControllerStats()
+            self._parked[self._chat_id] = blob
+            self._chat_id, self._next_chat_id = self._next_chat_id, self._next_chat_id + 1
+            return self._chat_id
+
+    def switch(self, chat_id: int) -> None:
+        """Make an idle conversation current: the current one is parked in host memory (an in-memory session
+        blob) and the other's KV is restored from its blob, not prefilled again. A turn in progress ends first."""
+        self._live()
+        if chat_id == self._chat_id:
+            return
+        if chat_id not in self._parked:
+            raise EngineError(f"no conversation {chat_id}; this Engine holds {self.chat_ids()}")
+        with self._exclusive("switch()"):
+            prepared = self._prepare(self._parked[chat_id], verify=False)
+            blob = self._snapshot(digest=False)
+            try:
+                self._apply(prepared)
+            except BaseException:
+                if self.controller.table.n == 0 and blob:  # the native load got past its checks: put ours back
+                    self._apply(self._prepare(blob, verify=False))
+                raise
+            self._parked[self._chat_id] = blob
+            del self._parked[chat_id]
+            self._chat_id = chat_id
+
+    def drop_chat(self, chat_id: int) -> None:
+        """Forget an idle conversation and free its host memory (the current one: use reset())."""
+        if chat_id == self._chat_id:
+            raise EngineError("that is the current conversation: switch to another one first, or reset() it")
+        if self._parked.pop(chat_id, None) is None:
+            raise EngineError(f"no conversation {chat_id}; this Engine holds {self.chat_ids()}")
+
+    def chat_memory(self) -> Dict[int, dict]:
+        """Per conversation: device_bytes, the K/V bytes of its resident cells (0 for an idle one: it holds no
+        cells; the context's device cache, stats()["kv"]["device_kv_bytes"], is shared), and host_bytes, its
+        offloaded rows (current) or its whole session blob (idle)."""
+        self._live()
+        info = self.kv.info()
+        cur = {"device_bytes": info.n_cells_used * info.kv_bytes_per_token, "host_bytes": info.host_bytes_used,
+               "tokens": self.controller.table.n}
+        out = {cid: {"device_bytes": 0, "host_bytes": len(blob), "tokens": None} for cid, blob in self._parked.items()}
+        return {**out, self._chat_id: cur}
+
+    @contextmanager
+    def _exclusive(self, what: str):
+        """Hold the step lock with any turn in progress ended (taken back), as reset() does."""
+        self._live()
+        self._not_from_a_callback(what)
+        self._ending = (EngineError, f"{what} ended this turn")
+        self._cancel.set()
+        try:
+            with self._step:
+                self._live()
+                self._end_turn(EngineError, f"{what} ended this turn")
+                yield
+        finally:
+            self._ending = None
+
+    def _compat(self, model: bool) -> dict:
+        """What a session must share with this Engine to be loaded (sessions.compare); model: the fingerprint too."""
+        info = self.kv.info()
+        out = {"llama_cpp_commit": sessions.LLAMA_CPP_COMMIT,
+               "type_k": _KV_TYPE_NAMES.get(info.type_k, str(info.type_k)),
+               "type_v": _KV_TYPE_NAMES.get(info.type_v, str(info.type_v)),
+               "ctx": self.ctx, "budget_cells": self.controller.config.budget_cells, "n_cells": info.n_cells,
+               "v_trans": info.v_trans, "policy": self.policy.name, "kv_bytes_per_token": info.kv_bytes_per_token}
+        if model:
+            if self._fingerprint is None:
+                self._fingerprint = sessions.model_fingerprint(self.model_path)
+            out.update(model_fingerprint=self._fingerprint, model_file=os.path.basename(self.model_path),
+                       model_size=os.path.getsize(self.model_path))
+        return out
+
+    def _snapshot(self, *, digest: bool) -> bytearray:
+        """The current conversation as a session (a file's bytes with digest, else an in-memory blob)."""
+        import llama_cpp
+
+        from . import __version__
+
+        c = self.controller
+        try:
+            kv = self.kv.session_save(c.seq_id)
+        except AsrkfError as err:
+            if err.code == -5:  # iSWA: the window layers' K/V are not in the managed cache
+                raise EngineError(f"this model's conversations cannot be saved or parked: {err.message}") from None
+            raise
+        header = {
+            "library": {"asrkf_gguf": __version__, "llama_cpp_python": getattr(llama_cpp, "__version__", ""),
+                        "llama_cpp_commit": sessions.LLAMA_CPP_COMMIT},
+            "fingerprint_method": sessions.FINGERPRINT_METHOD,
+            "compat": self._compat(model=digest),
+            "chat": {"messages": self.messages, "raw": self._raw, "tokens": list(self._cached)},
+            "controller": {"step": c.step, "n_queries": c._n_queries, "scoring": c._scoring,
+                           "entropy": dataclasses.asdict(c.entropy), "stats": dataclasses.asdict(c.stats)},
+        }
+        return sessions.encode(header, {"kv": kv, "table": sessions.pack_arrays(c.table.arrays())}, digest=digest)
+
+    def _prepare(self, data, *, verify: bool) -> dict:
+        """Everything of a session checked that can be without touching the cache; SessionError otherwise."""
+        header, sections = sessions.decode(data, verify=verify)
+        sessions.compare(header.get("compat", {}), self._compat(model=verify))
+        try:
+            table = TokenTable.from_arrays(sessions.unpack_arrays(bytes(sections["table"])))
+            chat, ctl = header["chat"], header["controller"]
+            tokens = [int(t) for t in chat["tokens"]]
+            messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in chat["messages"]]
+            fields = {f.name: f.init for f in dataclasses.fields(EntropyMonitor)}
+            entropy = EntropyMonitor(**{k: v for k, v in ctl["entropy"].items() if fields.get(k)})
+            for k, v in ctl["entropy"].items():
+                if k in fields and not fields[k]:
+                    setattr(entropy, k, float(v) if k in ("mean", "var", "threshold") else int(v))
+            stats = ControllerStats(**ctl["stats"])
+            state = {"table": table, "tokens": tokens, "messages": messages, "raw": bool(chat["raw"]),
+                     "step": int(ctl["step"]), "n_queries": int(ctl["n_queries"]), "scoring": bool(ctl["scoring"]),
+                     "entropy": entropy, "stats": stats, "kv": sections["kv"]}
+        except (KeyError, TypeError, ValueError) as err:
+            raise SessionError(f"the session's chat or controller state cannot be read: {err}") from None
+        if len(tokens) != table.n:
+            raise SessionError(f"the session holds {len(tokens)} tokens for {table.n} positions")
+        return state
+
+    def _apply(self, p: dict) -> None:
+        """Replace the current conversation with a prepared session (the caller holds the step lock)."""
+        c = self.controller
+        try:
+            self.kv.session_load(p["kv"], c.seq_id, check_only=True)
+        except AsrkfError as err:
+            raise SessionError(f"the session's KV cannot be loaded into this cache: {err.message}") from None
+        try:
+            self.kv.session_load(p["kv"], c.seq_id)
+        except AsrkfError as err:
+            if err.code in (-1, -2, -3):  # refused by its checks: nothing changed
+                raise SessionError(f"the session's KV cannot be loaded: {err.message}") from None
+            self._clear()
+            raise
+        c.table, c.step, c._n_queries = p["table"], p["step"], p["n_queries"]
+        c.entropy, c.stats = p["entropy"], p["stats"]
+        if c.policy.uses_importance:
+            c._set_scoring(p["scoring"])
+        self.messages, self._raw, self._cached = p["messages"], p["raw"], p["tokens"]
+        try:
+            c.table.check(self.kv, c.seq_id)
+        except AssertionError as err:
+            self._clear()
+            raise SessionError(f"the session's token table and its KV disagree ({err}); the conversation was "
+                               "cleared") from None
 
     def cached_tokens(self) -> List[int]:
         """The token ids the cache holds, position by position (the conversation as decoded)."""

@@ -325,6 +325,28 @@ class KVCache:
                                              ffi.from_buffer(out), out.nbytes))
         return out
 
+    # ---- sessions
+
+    def session_save(self, seq_id: int = 0) -> bytearray:
+        """Every position of seq_id, resident or offloaded, with cells, frozen flags, rows and checksums, as one
+        buffer (asrkf_kv_session_save); nothing in the cache changes."""
+        h = self._h()
+        n = ffi.new("size_t *")
+        _check("session_save", lib.asrkf_kv_session_save(h, seq_id, ffi.NULL, 0, n))
+        while True:  # the size can change between the two calls when another thread shares the handle
+            out = bytearray(n[0])
+            cap = len(out)
+            rc = lib.asrkf_kv_session_save(h, seq_id, ffi.from_buffer(out), cap, n)
+            if rc == 0 or n[0] <= cap:
+                _check("session_save", rc)
+                return out if n[0] == cap else out[: n[0]]
+
+    def session_load(self, data, seq_id: int = 0, *, check_only: bool = False) -> None:
+        """Replace seq_id's content with a session_save buffer; validated before anything changes (check_only:
+        only the format, geometry and cells, not the rows' checksums, and nothing changes)."""
+        buf = ffi.from_buffer(data)
+        _check("session_load", lib.asrkf_kv_session_load(self._h(), seq_id, buf, len(buf), check_only))
+
     def check(self) -> None:
         _check("check", lib.asrkf_kv_check(self._h()))
 

@@ -71,6 +71,29 @@ class TokenTable:
         self._per_state[CellState.ACTIVE] += n_new
         self.n = need
 
+    ARRAYS = ("state", "score", "mass", "low_count", "frozen_until", "frozen_at")
+
+    def arrays(self) -> dict:
+        """The per-position arrays of positions 0..n-1 (copies), by name: what a session saves."""
+        return {name: getattr(self, name)[: self.n].copy() for name in self.ARRAYS}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict) -> "TokenTable":
+        """The table of arrays(); ValueError when they are not one (lengths, dtypes, states)."""
+        n = len(arrays["state"])
+        t = cls(capacity=max(1024, n))
+        for name in cls.ARRAYS:
+            a = np.asarray(arrays[name])
+            if a.shape != (n,) or a.dtype != getattr(t, name).dtype:
+                raise ValueError(f"token table array {name}: shape {a.shape} {a.dtype}, expected ({n},) "
+                                 f"{getattr(t, name).dtype}")
+            getattr(t, name)[:n] = a
+        if n and not np.isin(t.state[:n], [int(s) for s in CellState]).all():
+            raise ValueError("token table: a position has no valid state")
+        t.n = n
+        t._per_state = np.bincount(t.state[:n], minlength=t._per_state.size).astype(np.int64)
+        return t
+
     def truncate(self, n: int) -> None:
         """Forget positions n.. (they were removed from the sequence, e.g. to regenerate them)."""
         if not 0 <= n <= self.n:

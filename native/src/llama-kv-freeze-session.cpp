@@ -1,0 +1,440 @@
+#include "llama-kv-freeze.h"
+
+#include "asrkf.h"
+
+#include "llama-kv-cache.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+// session export / import: one sequence's K/V in one buffer, resident cells (with their cell index and frozen flag)
+// and offloaded positions (with their host copy and checksum) alike, so that a conversation can be written to disk
+// or parked in memory and restored bit-identically into an empty sequence of a context with the same cache.
+//
+// Layout (native byte order; the header says which):
+//   header   magic "ASRKFKV1", u32 version, u32 byte-order mark 0x01020304, u32 sizeof(llama_kv_cell_ext),
+//            u32 n_layer_kv, u32 n_cells, i32 type_k, i32 type_v, u32 v_trans, u32 head, u32 n_entries,
+//            u32 n_resident, u64 token_bytes
+//   layers   n_layer_kv x (i32 model layer id, u64 K row bytes, u64 V row bytes)
+//   entries  n_entries x (i32 pos, u32 cell, u8 state, 3 x u8 zero, ext, u64 checksum of the rows), by position
+//   u64      FNV-1a of header + layers + entries
+//   rows     n_entries x token_bytes: per entry, per layer, the K row then the V row (cache type, stored space)
+// The rows of an entry are checked against its checksum (the host store's, so offloaded rows keep theirs), the
+// rest against the FNV-1a.
+
+static const char     kvs_magic[8] = { 'A', 'S', 'R', 'K', 'F', 'K', 'V', '1' };
+static const uint32_t kvs_version  = 1;
+static const uint32_t kvs_bom      = 0x01020304;
+
+namespace {
+
+struct kvs_entry {
+    llama_pos         pos;
+    uint32_t          cell;
+    uint8_t           state;
+    llama_kv_cell_ext ext;
+    uint64_t          checksum;
+};
+
+constexpr size_t kvs_header_bytes = 8 + 4*11 + 8;
+constexpr size_t kvs_layer_bytes  = 4 + 8 + 8;
+constexpr size_t kvs_entry_bytes  = 4 + 4 + 4 + sizeof(llama_kv_cell_ext) + 8;
+
+uint64_t fnv1a(const uint8_t * p, size_t n, uint64_t h = 1469598103934665603ull) {
+    for (size_t i = 0; i < n; ++i) {
+        h ^= p[i];
+        h *= 1099511628211ull;
+    }
+    return h;
+}
+
+struct kvs_writer {
+    uint8_t * p;
+
+    template <typename T> void put(const T & v) { memcpy(p, &v, sizeof(T)); p += sizeof(T); }
+    void bytes(const void * src, size_t n) { memcpy(p, src, n); p += n; }
+};
+
+struct kvs_reader {
+    const uint8_t * p;
+    const uint8_t * end;
+
+    void need(size_t n) const {
+        if ((size_t) (end - p) < n) {
+            KVF_FAIL(ASRKF_EINVAL, "session load: the data ends early (truncated)");
+        }
+    }
+    template <typename T> T get() { need(sizeof(T)); T v; memcpy(&v, p, sizeof(T)); p += sizeof(T); return v; }
+    void bytes(void * dst, size_t n) { need(n); memcpy(dst, p, n); p += n; }
+};
+
+// releases slots of the host store unless kept
+struct kvs_slots {
+    llama_kv_host_store & store;
+    std::vector<llama_kv_host_slot> slot;
+    bool keep = false;
+
+    ~kvs_slots() {
+        if (!keep) {
+            for (const auto & s : slot) {
+                store.release(s);
+            }
+        }
+    }
+};
+
+} // namespace
+
+size_t llama_kv_freeze::session_bytes(size_t n_entries) const {
+    return kvs_header_bytes + layer_k.size()*kvs_layer_bytes + n_entries*kvs_entry_bytes + 8 + n_entries*store.token_bytes();
+}
+
+void llama_kv_freeze::session_save(llama_seq_id seq_id, uint8_t * out, size_t size, size_t & n_out) {
+    sync();
+
+    if (iswa) {
+        KVF_FAIL(ASRKF_EUNSUPPORTED, "session save: the model's sliding-window layers keep their K/V outside the managed "
+                "cache, so a session would miss them");
+    }
+
+    const uint32_t strm = stream(seq_id);
+    auto & c = cells(seq_id);
+
+    const auto res = resident(seq_id);
+    const auto off = offloaded(seq_id);
+
+    n_out = session_bytes(res.size() + off.size());
+    if (!out) {
+        return;
+    }
+    if (size < n_out) {
+        KVF_FAIL(ASRKF_EINVAL, "session save: the output holds %zu bytes, %zu are needed", size, n_out);
+    }
+
+    if (c.get_has_shift()) {
+        KVF_FAIL(ASRKF_EREFUSED, "session save: a K-shift is pending; decode once (or call llama_memory_update) first");
+    }
+    for (const auto & [p, i] : res) {
+        if (c.seq_count(i) != 1) {
+            KVF_FAIL(ASRKF_EREFUSED, "session save: the cell of position %d is shared with another sequence", p);
+        }
+    }
+
+    // the host copies travel with their checksums: a copy that fails its checksum now is not written
+    {
+        std::vector<llama_kv_host_slot> slot;
+        std::vector<uint64_t>           sums(off.size());
+        for (const llama_pos p : off) {
+            slot.push_back(records.at({seq_id, p}).slot);
+        }
+        store.checksums(slot.data(), slot.size(), sums.data());
+        for (size_t i = 0; i < off.size(); ++i) {
+            if (sums[i] != records.at({seq_id, off[i]}).checksum) {
+                KVF_FAIL(ASRKF_ECHECKSUM, "session save: the host copy of position %d of sequence %d failed its checksum", off[i], seq_id);
+            }
+        }
+    }
+
+    // resident rows: gathered into slots of the host store (in ascending cell order, as offload does), hashed as
+    // they land, written out, and released
+    std::vector<std::pair<uint32_t, size_t>> by_cell; // (cell, index into res)
+    for (size_t i = 0; i < res.size(); ++i) {
+        by_cell.emplace_back(res[i].second, i);
+    }
+    std::sort(by_cell.begin(), by_cell.end());
+
+    kvs_slots tmp{store, {}};
+    std::vector<uint64_t> sums(res.size(), 0);
+    std::vector<size_t>   res_slot(res.size()); // index into tmp.slot of res[i]
+    if (!res.empty()) {
+        try {
+            tmp.slot = store.alloc((uint32_t) res.size());
+        } catch (const std::bad_alloc &) {
+            KVF_FAIL(ASRKF_EBACKEND, "session save: out of host memory for %zu tokens (%zu bytes each)", res.size(), store.token_bytes());
+        }
+        std::vector<uint32_t> cell(res.size());
+        for (size_t k = 0; k < by_cell.size(); ++k) {
+            cell[k] = by_cell[k].first;
+            res_slot[by_cell[k].second] = k;
+        }
+        std::vector<uint64_t> ksums(res.size(), 0);
+        try {
+            copy_to_host(strm, cell, tmp.slot, ksums.data());
+        } catch (...) {
+            finish_copies();
+            throw;
+        }
+        finish_copies();
+        for (size_t i = 0; i < res.size(); ++i) {
+            sums[i] = ksums[res_slot[i]];
+        }
+    }
+
+    // entries by position: resident and offloaded merged
+    struct src { llama_pos pos; bool resident; size_t i; };
+    std::vector<src> order;
+    order.reserve(res.size() + off.size());
+    for (size_t i = 0; i < res.size(); ++i) {
+        order.push_back({res[i].first, true, i});
+    }
+    for (size_t i = 0; i < off.size(); ++i) {
+        order.push_back({off[i], false, i});
+    }
+    std::sort(order.begin(), order.end(), [](const src & a, const src & b) { return a.pos < b.pos; });
+
+    const uint32_t n_layer = (uint32_t) layer_k.size();
+
+    kvs_writer w{out};
+    w.bytes(kvs_magic, sizeof(kvs_magic));
+    w.put<uint32_t>(kvs_version);
+    w.put<uint32_t>(kvs_bom);
+    w.put<uint32_t>((uint32_t) sizeof(llama_kv_cell_ext));
+    w.put<uint32_t>(n_layer);
+    w.put<uint32_t>(kv->get_size());
+    w.put<int32_t>((int32_t) kv->type_k());
+    w.put<int32_t>((int32_t) kv->type_v());
+    w.put<uint32_t>(kv->v_trans ? 1 : 0);
+    w.put<uint32_t>(kv->v_heads[strm]);
+    w.put<uint32_t>((uint32_t) order.size());
+    w.put<uint32_t>((uint32_t) res.size());
+    w.put<uint64_t>(store.token_bytes());
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        w.put<int32_t>(layer_il[il]);
+        w.put<uint64_t>(store.k_row_bytes(il));
+        w.put<uint64_t>(store.v_row_bytes(il));
+    }
+    for (const auto & e : order) {
+        const llama_kv_freeze_record * rec = e.resident ? nullptr : &records.at({seq_id, e.pos});
+        const uint32_t cell = e.resident ? res[e.i].second : rec->cell;
+        const uint8_t  st   = e.resident ? (c.is_frozen(cell) ? ASRKF_CELL_FROZEN : ASRKF_CELL_ACTIVE) : ASRKF_CELL_OFFLOADED;
+        llama_kv_cell_ext ext = e.resident ? c.ext_get(cell) : rec->ext;
+        w.put<int32_t>(e.pos);
+        w.put<uint32_t>(cell);
+        const uint8_t pad[4] = { st, 0, 0, 0 };
+        w.bytes(pad, 4);
+        w.bytes(&ext, sizeof(ext));
+        w.put<uint64_t>(e.resident ? sums[e.i] : rec->checksum);
+    }
+    w.put<uint64_t>(fnv1a(out, (size_t) (w.p - out)));
+    for (const auto & e : order) {
+        const llama_kv_host_slot & sl = e.resident ? tmp.slot[res_slot[e.i]] : records.at({seq_id, e.pos}).slot;
+        for (uint32_t il = 0; il < n_layer; ++il) {
+            w.bytes(store.k_row(sl, il), store.k_row_bytes(il));
+            w.bytes(store.v_row(sl, il), store.v_row_bytes(il));
+        }
+    }
+    GGML_ASSERT((size_t) (w.p - out) == n_out);
+}
+
+// parse and validate everything but the rows' checksums; entries ordered by position
+static void kvs_parse(const llama_kv_freeze & kvf, const uint8_t * data, size_t size, uint32_t & head,
+        std::vector<kvs_entry> & entries, const uint8_t *& rows) {
+    kvs_reader r{data, data + size};
+
+    char magic[8];
+    r.bytes(magic, sizeof(magic));
+    if (memcmp(magic, kvs_magic, sizeof(magic)) != 0) {
+        KVF_FAIL(ASRKF_EINVAL, "session load: not asrkf session K/V data (bad magic)");
+    }
+    const uint32_t version = r.get<uint32_t>();
+    if (version != kvs_version) {
+        KVF_FAIL(ASRKF_EINVAL, "session load: K/V data format version %u, this library reads version %u", version, kvs_version);
+    }
+    if (r.get<uint32_t>() != kvs_bom) {
+        KVF_FAIL(ASRKF_EINVAL, "session load: the K/V data was written on a machine of the other byte order");
+    }
+    const uint32_t ext_bytes = r.get<uint32_t>();
+    if (ext_bytes != sizeof(llama_kv_cell_ext)) {
+        KVF_FAIL(ASRKF_EINVAL, "session load: the K/V data holds %u-byte cell extensions, this llama.cpp has %zu (another llama.cpp version)",
+                ext_bytes, sizeof(llama_kv_cell_ext));
+    }
+    const uint32_t n_layer = r.get<uint32_t>();
+    const uint32_t n_cells = r.get<uint32_t>();
+    const int32_t  type_k  = r.get<int32_t>();
+    const int32_t  type_v  = r.get<int32_t>();
+    const uint32_t v_trans = r.get<uint32_t>();
+    head                   = r.get<uint32_t>();
+    const uint32_t n_entries  = r.get<uint32_t>();
+    const uint32_t n_resident = r.get<uint32_t>();
+    const uint64_t token_bytes = r.get<uint64_t>();
+
+    const llama_kv_cache & cache = *kvf.kv;
+    if (n_layer != kvf.layer_k.size()) {
+        KVF_FAIL(ASRKF_EINVAL, "session load: the K/V data has %u layers, this cache %zu (another model)", n_layer, kvf.layer_k.size());
+    }
+    if (type_k != (int32_t) cache.type_k() || type_v != (int32_t) cache.type_v()) {
+        KVF_FAIL(ASRKF_EINVAL, "session load: the K/V data holds K %s / V %s, this cache K %s / V %s (another --kv-type)",
+                ggml_type_name((ggml_type) type_k), ggml_type_name((ggml_type) type_v),
+                ggml_type_name(cache.type_k()), ggml_type_name(cache.type_v()));
+    }
+    if (n_cells != cache.get_size()) {
+        KVF_FAIL(ASRKF_EINVAL, "session load: the K/V data comes from a cache of %u cells, this one has %u (another device budget)",
+                n_cells, cache.get_size());
+    }
+    if ((v_trans != 0) != kvf.v_trans()) {
+        KVF_FAIL(ASRKF_EINVAL, "session load: the K/V data was saved with flash attention %s, this context has it %s",
+                v_trans ? "off" : "on", kvf.v_trans() ? "off" : "on");
+    }
+    if (token_bytes != kvf.store.token_bytes()) {
+        KVF_FAIL(ASRKF_EINVAL, "session load: the K/V data has %llu bytes a token, this cache %zu (another model)",
+                (unsigned long long) token_bytes, kvf.store.token_bytes());
+    }
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        const int32_t  lid = r.get<int32_t>();
+        const uint64_t kb  = r.get<uint64_t>();
+        const uint64_t vb  = r.get<uint64_t>();
+        if (lid != kvf.layer_il[il] || kb != kvf.store.k_row_bytes(il) || vb != kvf.store.v_row_bytes(il)) {
+            KVF_FAIL(ASRKF_EINVAL, "session load: layer %u of the K/V data (model layer %d, %llu + %llu bytes a row) does not match "
+                    "this cache (model layer %d, %zu + %zu) (another model)", il, lid, (unsigned long long) kb,
+                    (unsigned long long) vb, kvf.layer_il[il], kvf.store.k_row_bytes(il), kvf.store.v_row_bytes(il));
+        }
+    }
+    const uint64_t need = kvs_header_bytes + (uint64_t) n_layer*kvs_layer_bytes + (uint64_t) n_entries*(kvs_entry_bytes + token_bytes) + 8;
+    if (need != size) {
+        KVF_FAIL(ASRKF_EINVAL, "session load: the K/V data is %zu bytes, its header says %llu (truncated or padded)",
+                size, (unsigned long long) need);
+    }
+
+    entries.resize(n_entries);
+    uint32_t n_res = 0;
+    std::vector<uint8_t> used(n_cells, 0);
+    llama_pos res_max = -1;
+    llama_pos off_max = -1;
+    for (uint32_t i = 0; i < n_entries; ++i) {
+        auto & e = entries[i];
+        e.pos  = r.get<int32_t>();
+        e.cell = r.get<uint32_t>();
+        uint8_t pad[4];
+        r.bytes(pad, 4);
+        e.state = pad[0];
+        r.bytes(&e.ext, sizeof(e.ext));
+        e.checksum = r.get<uint64_t>();
+    }
+    const uint64_t sum = fnv1a(data, (size_t) (r.p - data));
+    if (r.get<uint64_t>() != sum) {
+        KVF_FAIL(ASRKF_EINVAL, "session load: the K/V data's table failed its checksum (corrupted)");
+    }
+    for (uint32_t i = 0; i < n_entries; ++i) {
+        const auto & e = entries[i];
+        if (e.pos < 0 || (i > 0 && e.pos <= entries[i - 1].pos)) {
+            KVF_FAIL(ASRKF_EINVAL, "session load: entry %u has position %d, not above the previous one", i, e.pos);
+        }
+        if (e.cell >= n_cells) {
+            KVF_FAIL(ASRKF_EINVAL, "session load: position %d names cell %u of %u", e.pos, e.cell, n_cells);
+        }
+        if (e.state == ASRKF_CELL_OFFLOADED) {
+            off_max = e.pos;
+            continue;
+        }
+        if (e.state != ASRKF_CELL_ACTIVE && e.state != ASRKF_CELL_FROZEN) {
+            KVF_FAIL(ASRKF_EINVAL, "session load: position %d has unknown state %u", e.pos, e.state);
+        }
+        if (used[e.cell]++) {
+            KVF_FAIL(ASRKF_EINVAL, "session load: cell %u holds two positions", e.cell);
+        }
+        res_max = e.pos;
+        n_res++;
+    }
+    if (n_res != n_resident) {
+        KVF_FAIL(ASRKF_EINVAL, "session load: %u resident entries, the header says %u", n_res, n_resident);
+    }
+    if (off_max >= 0 && off_max > res_max) {
+        KVF_FAIL(ASRKF_EINVAL, "session load: offloaded position %d is above the newest resident one (%d)", off_max, res_max);
+    }
+    if (head >= n_cells) {
+        head = 0;
+    }
+    rows = r.p;
+}
+
+void llama_kv_freeze::session_load(llama_seq_id seq_id, const uint8_t * data, size_t size, bool check_only) {
+    sync();
+
+    if (iswa) {
+        KVF_FAIL(ASRKF_EUNSUPPORTED, "session load: the model's sliding-window layers keep their K/V outside the managed cache");
+    }
+    if (!data) {
+        KVF_FAIL(ASRKF_EINVAL, "session load: data is NULL");
+    }
+
+    const uint32_t strm = stream(seq_id);
+    auto & c = cells(seq_id);
+
+    uint32_t head = 0;
+    std::vector<kvs_entry> entries;
+    const uint8_t * rows = nullptr;
+    kvs_parse(*this, data, size, head, entries, rows);
+
+    // the sequence's current content is replaced: its own cells may be reused, no other sequence's
+    for (const auto & e : entries) {
+        if (e.state != ASRKF_CELL_OFFLOADED && !c.is_empty(e.cell) && !(c.seq_has(e.cell, seq_id) && c.seq_count(e.cell) == 1)) {
+            KVF_FAIL(ASRKF_EREFUSED, "session load: cell %u (for position %d) is in use by another sequence", e.cell, e.pos);
+        }
+    }
+    if (c.get_has_shift()) {
+        KVF_FAIL(ASRKF_EREFUSED, "session load: a K-shift is pending; decode once (or call llama_memory_update) first");
+    }
+    if (check_only) {
+        return;
+    }
+
+    // every row into a host slot and checked before anything in the cache changes
+    const size_t   tb      = store.token_bytes();
+    const uint32_t n_layer = (uint32_t) layer_k.size();
+    kvs_slots in{store, {}};
+    if (!entries.empty()) {
+        try {
+            in.slot = store.alloc((uint32_t) entries.size());
+        } catch (const std::bad_alloc &) {
+            KVF_FAIL(ASRKF_EBACKEND, "session load: out of host memory for %zu tokens (%zu bytes each)", entries.size(), tb);
+        }
+    }
+    for (size_t i = 0; i < entries.size(); ++i) {
+        const uint8_t * src = rows + i*tb;
+        for (uint32_t il = 0; il < n_layer; ++il) {
+            memcpy(store.k_row(in.slot[i], il), src, store.k_row_bytes(il));
+            src += store.k_row_bytes(il);
+            memcpy(store.v_row(in.slot[i], il), src, store.v_row_bytes(il));
+            src += store.v_row_bytes(il);
+        }
+    }
+    std::vector<uint64_t> sums(entries.size());
+    store.checksums(in.slot.data(), in.slot.size(), sums.data());
+    for (size_t i = 0; i < entries.size(); ++i) {
+        if (sums[i] != entries[i].checksum) {
+            KVF_FAIL(ASRKF_ECHECKSUM, "session load: the K/V rows of position %d failed their checksum (corrupted data); nothing was changed",
+                    entries[i].pos);
+        }
+    }
+
+    // replace: the sequence is removed (its host copies with it), the entries become host records, and the
+    // resident ones are thawed into their original cells (all free now), which keeps the attention sums
+    // bit-identical to the session that was saved; the thaw does not hash the rows again
+    if (!kv->seq_rm(seq_id, -1, -1)) {
+        KVF_FAIL(ASRKF_EREFUSED, "session load: the sequence could not be removed: %s", asrkf_last_error());
+    }
+    std::vector<llama_pos> active;
+    std::vector<llama_pos> frozen;
+    for (size_t i = 0; i < entries.size(); ++i) {
+        const auto & e = entries[i];
+        llama_kv_freeze_record rec;
+        rec.slot     = in.slot[i];
+        rec.ext      = e.ext;
+        rec.checksum = e.checksum;
+        rec.cell     = e.cell;
+        records[{seq_id, e.pos}] = rec;
+        if (e.state == ASRKF_CELL_ACTIVE) {
+            active.push_back(e.pos);
+        } else if (e.state == ASRKF_CELL_FROZEN) {
+            frozen.push_back(e.pos);
+        }
+    }
+    in.keep = true; // owned by the records now
+    epoch++;
+
+    thaw(seq_id, active, false, /*verify =*/ false); // checked above, under the same lock
+    thaw(seq_id, frozen, true,  /*verify =*/ false);
+
+    kv->v_heads[strm] = head;
+}

@@ -1,0 +1,281 @@
+"""Sessions: save / load one conversation (native K/V export, Engine, CLI) and several conversations in one Engine.
+
+A saved and restored conversation must continue exactly as if it had never left: same cells, frozen flags, host
+copies and controller table, so the same logits bit for bit and the same greedy replies. A damaged or incompatible
+session is refused with its reason and changes nothing.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from asrkf_gguf import KVCache, _lib
+from asrkf_gguf.engine import Engine, EngineError
+from asrkf_gguf.errors import SessionError
+from asrkf_gguf.kv import AsrkfError
+
+from conftest import KV_CASES, fetched_model, random_tokens, session
+
+N_CELLS = 128
+CHUNK = 32
+
+
+def fill(s, kv, tokens, n):
+    """Decode tokens[:n] in chunks on a cache of N_CELLS cells, offloading the middle whenever it fills, then
+    freeze a few positions: the sequence has active, frozen and offloaded positions."""
+    for i in range(0, n, CHUNK):
+        if kv.info().n_cells_used + CHUNK > N_CELLS:
+            pos, _, _ = kv.cells()
+            kv.offload(pos[4:60])
+        s.decode(tokens[i:i + CHUNK], i)
+    kv.freeze([0, 1, n - 10])
+
+
+def state_of(kv):
+    pos, st, cell = kv.cells()
+    return pos.tolist(), st.tolist(), cell.tolist(), kv.offloaded().tolist()
+
+
+def tiny_session(path, kv_type="f16", fa="on", n_ctx=N_CELLS):
+    return session(path, n_ctx=n_ctx, n_batch=CHUNK, n_ubatch=CHUNK, flash_attn=fa, kv_type=kv_type)
+
+
+@pytest.mark.parametrize("kv_type,fa", KV_CASES[:3])
+def test_native_round_trip_is_bit_identical(tiny_path, kv_type, fa):
+    tokens = random_tokens(220)
+    with tiny_session(tiny_path, kv_type, fa) as s, KVCache(ctx=s.context) as kv:
+        fill(s, kv, tokens, 160)
+        before = state_of(kv)
+        blob = kv.session_save()
+        assert state_of(kv) == before  # saving changes nothing
+        kv.check()
+        assert kv.info().n_offloaded > 0 and kv.info().n_frozen == 3
+        kv.thaw(kv.offloaded()[10:20])
+        want = s.decode(tokens[160:200], 160)
+    with tiny_session(tiny_path, kv_type, fa) as s, KVCache(ctx=s.context) as kv:
+        s.decode(tokens[:40], 0)  # something to replace: the load empties the sequence first
+        kv.session_load(blob)
+        kv.check()
+        assert state_of(kv) == before
+        kv.thaw(kv.offloaded()[10:20])
+        got = s.decode(tokens[160:200], 160)
+    assert np.array_equal(want, got)
+
+
+@pytest.fixture
+def saved(tiny_path):
+    tokens = random_tokens(220)
+    with tiny_session(tiny_path) as s, KVCache(ctx=s.context) as kv:
+        fill(s, kv, tokens, 160)
+        return tokens, bytes(kv.session_save())
+
+
+def flipped(blob, where):
+    b = bytearray(blob)
+    b[where] ^= 0x40
+    return bytes(b)
+
+
+@pytest.mark.parametrize("where,code,words", [(-100, -3, "checksum"),  # a K/V row of the last entry
+                                              (200, -1, "table failed its checksum"),  # an entry's position or cell
+                                              (0, -1, "bad magic")])
+def test_a_corrupted_buffer_is_refused_and_changes_nothing(tiny_path, saved, where, code, words):
+    tokens, blob = saved
+    with tiny_session(tiny_path) as s, KVCache(ctx=s.context) as kv:
+        fill(s, kv, tokens[::-1], 96)  # another conversation, which must survive the refused load
+        before = state_of(kv)
+        with pytest.raises(AsrkfError) as err:
+            kv.session_load(flipped(blob, where))
+        assert err.value.code == code and words in err.value.message
+        assert state_of(kv) == before
+        kv.check()
+        assert kv.info().host_bytes_used == len(before[3]) * kv.info().kv_bytes_per_token
+        kv.session_load(blob)  # and the intact one still loads
+        kv.check()
+        with pytest.raises(AsrkfError) as err:
+            kv.session_load(blob[:-1])
+        assert "bytes, its header says" in err.value.message
+
+
+def test_an_incompatible_buffer_is_refused(tiny_paths, saved):
+    _, blob = saved
+    cases = [(tiny_paths["llama-gqa"], dict(kv_type="q8_0"), "another --kv-type"),
+             (tiny_paths["llama-gqa"], dict(n_ctx=512), "another device budget"),  # 128 cells are padded to 256
+             (tiny_paths["llama-gqa"], dict(fa="off"), "flash attention"),
+             (tiny_paths["llama-hd128"], {}, "another model")]
+    for path, kw, words in cases:
+        with tiny_session(path, **kw) as s, KVCache(ctx=s.context) as kv:
+            s.decode(random_tokens(20), 0)
+            before = state_of(kv)
+            with pytest.raises(AsrkfError) as err:
+                kv.session_load(blob)
+            assert err.value.code == -1 and words in err.value.message, err.value.message
+            assert state_of(kv) == before
+
+
+# ---- Engine and CLI on the demo model
+
+KW = dict(ctx=1024, kv_budget=96, n_threads=2)
+A = ["Write a story about a dragon who learns to bake bread.", "Continue the story: the dragon opens a bakery."]
+B = ["What did the dragon bake? Answer in one sentence."]
+MAX = 40
+
+
+def replies(engine, turns):
+    return ["".join(engine.chat(t, max_tokens=MAX)) for t in turns]
+
+
+@pytest.fixture(scope="module")
+def reference(demo_model_path):
+    """The replies of A + B in one conversation, and a session file saved after A (with offloaded tokens)."""
+    with Engine(demo_model_path, **KW) as e:
+        full = replies(e, A + B)
+    return full
+
+
+@pytest.fixture(scope="module")
+def after_a(demo_model_path, tmp_path_factory):
+    path = tmp_path_factory.mktemp("sessions") / "a.session"
+    with Engine(demo_model_path, **KW) as e:
+        got = replies(e, A)
+        counts = e.controller.table.counts()
+        e.save(path)
+        arrays = e.controller.table.arrays()
+        state = (e.cached_tokens(), list(e.messages), e.controller.step, e.kv.offloaded().tolist())
+    return path, got, counts, arrays, state
+
+
+def test_engine_save_load_continues_exactly(demo_model_path, reference, after_a):
+    path, got_a, counts, arrays, state = after_a
+    assert got_a == reference[: len(A)]
+    assert counts["offloaded"] > 0  # the host tier travels in the file
+    with Engine(demo_model_path, **KW) as e:
+        e.load(path)
+        assert (e.cached_tokens(), e.messages, e.controller.step, e.kv.offloaded().tolist()) == state
+        for name, a in e.controller.table.arrays().items():
+            assert np.array_equal(a, arrays[name]), name
+        e.controller.table.check(e.kv)
+        assert replies(e, B) == reference[len(A):]
+
+
+def test_a_corrupted_or_incompatible_file_changes_nothing(demo_model_path, after_a, tmp_path):
+    path, *_ = after_a
+    data = path.read_bytes()
+    bad = tmp_path / "bad.session"
+    with Engine(demo_model_path, **KW) as e, Engine(demo_model_path, **KW) as twin:
+        replies(e, ["Tell me about cats."])
+        replies(twin, ["Tell me about cats."])
+        before = (e.cached_tokens(), list(e.messages), e.controller.table.arrays(), state_of(e.kv))
+        for where in (len(data) // 2, 40, len(data) - 1):
+            bad.write_bytes(flipped(data, where))
+            with pytest.raises(SessionError, match="checksum"):
+                e.load(bad)
+        bad.write_bytes(data[:-10])
+        with pytest.raises(SessionError, match="checksum"):
+            e.load(bad)
+        after = (e.cached_tokens(), list(e.messages), e.controller.table.arrays(), state_of(e.kv))
+        assert after[:2] == before[:2] and after[3] == before[3]
+        assert all(np.array_equal(after[2][k], before[2][k]) for k in before[2])
+        assert replies(e, B) == replies(twin, B)  # still usable, as if nothing had happened
+    for kw, words in ((dict(KW, kv_budget=128), "device budget"), (dict(KW, ctx=2048), "context size"),
+                      (dict(KW, kv_type="q8_0", flash_attn="on"), "K cache type")):
+        with Engine(demo_model_path, **kw) as e:
+            with pytest.raises(SessionError, match=words):
+                e.load(path)
+            assert e.cached_tokens() == [] and e.controller.table.n == 0
+
+
+def test_another_model_is_refused(tiny_path, after_a):
+    path, *_ = after_a
+    with Engine(tiny_path, ctx=KW["ctx"], kv_budget=KW["kv_budget"], n_threads=2) as e:
+        with pytest.raises(SessionError, match="another model|K/V bytes per token"):
+            e.load(path)
+
+
+def cli(*args, timeout=600):
+    env = dict(os.environ)
+    env["ASRKF_GGUF_LIB_DIR"] = str(_lib.lib_dir())
+    return subprocess.run([sys.executable, "-m", "asrkf_gguf", "run", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_cli_save_then_load_gives_the_replies_of_one_run(demo_model_path, reference, tmp_path):
+    files = {}
+    for name, turns in (("a", A), ("b", B), ("ab", A + B)):
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(turns))
+    common = [demo_model_path, "--temp", "0", "--max-tokens", str(MAX), "--ctx", str(KW["ctx"]), "--kv-budget",
+              str(KW["kv_budget"]), "--threads", "2", "--json"]
+    ses = tmp_path / "chat.session"
+    r1 = cli(*common, "--turns-file", str(files["a"]), "--save-session", str(ses))
+    assert r1.returncode == 0, r1.stderr
+    assert json.loads(r1.stdout)["kv"]["offloaded_tokens_final"] > 0  # the host tier is in the file
+    r2 = cli(*common, "--load-session", str(ses), "--turns-file", str(files["b"]))
+    assert r2.returncode == 0, r2.stderr
+    r3 = cli(*common, "--turns-file", str(files["ab"]))
+    assert r3.returncode == 0, r3.stderr
+    both = json.loads(r1.stdout)["turns"] + json.loads(r2.stdout)["turns"]
+    assert both == json.loads(r3.stdout)["turns"] == reference
+
+    data = ses.read_bytes()
+    ses.write_bytes(flipped(data, len(data) // 3))
+    r4 = cli(*common, "--load-session", str(ses), "--turns-file", str(files["b"]))
+    assert r4.returncode == 2 and "checksum" in r4.stderr and "Traceback" not in r4.stderr
+    ses.write_bytes(data)
+    other_budget = [a if a != str(KW["kv_budget"]) else "128" for a in common]
+    r5 = cli(*other_budget, "--load-session", str(ses), "--turns-file", str(files["b"]))
+    assert r5.returncode == 2 and "device budget" in r5.stderr
+
+
+def test_switching_chats_gives_each_chat_its_own_replies(demo_model_path):
+    story = "The hive stands at the end of the orchard, under the old pear tree, and every morning the bees " * 4
+    c1 = ["My name is Ada and I keep bees. " + story + "Say hello.", "What do I keep?"]
+    c2 = ["Write a short poem about the sea. " + story, "Now one about the mountains."]
+    with Engine(demo_model_path, **KW) as e:
+        alone1 = replies(e, c1)
+        prompt1 = e.n_prompt_tokens
+    with Engine(demo_model_path, **KW) as e:
+        alone2 = replies(e, c2)
+        prompt2 = e.n_prompt_tokens
+    with Engine(demo_model_path, **KW) as e:
+        first = e.chat_id
+        got1 = replies(e, c1[:1])
+        assert e.controller.table.counts()["offloaded"] > 0  # parked with its host tier
+        second = e.new_chat()
+        assert e.cached_tokens() == [] and e.chat_ids() == [first, second]
+        got2 = replies(e, c2[:1])
+        mem = e.chat_memory()
+        assert mem[first]["device_bytes"] == 0 and mem[first]["host_bytes"] > 0  # parked: host memory only
+        assert mem[second]["device_bytes"] > 0
+        e.switch(first)
+        got1 += replies(e, c1[1:])
+        e.switch(second)
+        got2 += replies(e, c2[1:])
+        e.controller.table.check(e.kv)
+        # switching restored the KV: no token of an earlier turn was decoded again
+        assert e.n_prompt_tokens == prompt1 + prompt2
+        e.drop_chat(first)
+        assert e.chat_ids() == [second]
+    assert got1 == alone1 and got2 == alone2
+
+
+@pytest.fixture(scope="module")
+def gemma3_path():
+    from asrkf_gguf.models import fetch_gemma3_model
+
+    return fetched_model(fetch_gemma3_model)
+
+
+def test_a_model_with_window_layers_is_refused_clearly(gemma3_path, tmp_path):
+    # iSWA: the window layers' K/V live outside the managed cache, so a session would miss them
+    with Engine(gemma3_path, ctx=1024, kv_budget=512, n_threads=2, chat_template="gemma") as e:
+        "".join(e.chat("Hello", max_tokens=4))
+        before = e.cached_tokens()
+        for call in (lambda: e.save(tmp_path / "g.session"), e.new_chat):
+            with pytest.raises(EngineError, match="sliding-window"):
+                call()
+        assert e.cached_tokens() == before and e.chat_ids() == [0] and not (tmp_path / "g.session").exists()
