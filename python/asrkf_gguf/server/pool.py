@@ -4,19 +4,13 @@ A client of an OpenAI-compatible server sends the whole chat with every request.
 keeps one record per conversation (the token ids its KV holds) and gives a request to the conversation whose tokens
 share the longest prefix with the request's rendered prompt; that conversation's cache then decodes only the rest.
 
-What is done and what is not (issue 14, item 3):
-- done: the choice (longest token prefix; a request that shares too little starts a new conversation; records past
-  `max_conversations` are forgotten, least recently used first) and the switch, in one method, `_switch`.
-- not done: keeping an idle conversation's KV. Today an Engine holds one conversation, so `_switch` empties the
-  cache and the conversation switched to is prefilled from its start: a switch costs a prefill of that whole chat.
-  Keeping the prefix the two chats share (the system prompt) would save a few tokens, but with it the new chat
-  would inherit the other one's controller state (which of those cells are frozen, their scores), and its replies
-  would depend on what another client said; emptied, a switched-to chat replies exactly as that chat prefilled
-  alone (tests/test_server.py). Requests that continue the active conversation keep its KV and decode only the
-  new tokens, from the first one that differs (the Engine's prefix match).
-  With several chats per Engine (idle ones in host memory, past --host-budget on disk under --cache-dir, least
-  recently used first), `_switch` becomes "park the active chat, bring `conv`'s back", `Conversation.chat` holds
-  the Engine's handle for it, and `_forget` frees it; nothing else here or in the server changes.
+Switching (issue 14, item 3): every conversation is one of the Engine's chats (Engine.new_chat / switch /
+drop_chat). The active one's KV is in the cache; an idle one is parked in host memory as an in-memory session
+blob (its cells, host tier and controller table), and switching back restores it instead of prefilling it again,
+so a conversation replies exactly as it would alone, whatever other clients asked in between. Requests that
+continue the active conversation decode only the new tokens, from the first one that differs (the Engine's
+prefix match). Not done: moving parked chats to disk past --host-budget (--cache-dir, least recently used
+first), and keeping them across restarts; `max_conversations` bounds the host memory they hold.
 
 Every method runs on the model thread (the server's one worker), so the pool takes no lock.
 """
@@ -38,7 +32,7 @@ class Conversation:
     tokens: List[int] = field(default_factory=list)
     last_used: float = 0.0
     n_requests: int = 0
-    # the Engine's handle for this conversation's KV once an Engine holds several (None today: see the module doc)
+    # the Engine's chat id holding this conversation's KV (current or parked); None until its first request
     chat: Any = None
 
 
@@ -57,7 +51,9 @@ class ConversationPool:
         self.max_conversations = max_conversations
         self.similarity = similarity
         self.conversations: List[Conversation] = []
-        self.active: Optional[Conversation] = None  # the conversation whose KV the Engine holds
+        # the conversation whose KV the Engine's current chat holds; None: the current chat belongs to none (empty,
+        # or a raw prompt's)
+        self.active: Optional[Conversation] = None
         self.n_switches = 0
         self._ids = itertools.count(1)
 
@@ -100,21 +96,36 @@ class ConversationPool:
         conv.last_used = time.monotonic()
 
     def take_raw(self) -> None:
-        """A raw-prompt request (/v1/completions) takes the Engine: Engine.generate(text) empties the cache, so no
-        conversation is active afterwards (with host swap the active one would be parked first, as in a switch)."""
-        self.active = None
+        """A raw-prompt request (/v1/completions) takes the Engine's current chat (Engine.generate(text) empties
+        it): the active conversation is parked first, so no conversation is active afterwards."""
+        if self.active is not None:
+            self.engine.new_chat()
+            self.active = None
 
     def _switch(self, conv: Conversation) -> None:
-        """Make `conv`'s KV the Engine's. THE swap hook: today there is one KV, so the cache is emptied and the
-        request prefills `conv`'s chat from its start (see the module doc for why not from the shared prefix);
-        the conversation switched away from keeps its record (its tokens), not its KV."""
-        self.engine.reset()
+        """Make `conv`'s KV the Engine's current chat: the active conversation's is parked in host memory, and
+        `conv`'s is restored from its parked blob (or a new, empty chat for a new conversation)."""
+        e = self.engine
+        if conv.chat is None:  # a new conversation: the current chat if nobody owns it, else a fresh one
+            if self.active is None:
+                e.reset()  # an unowned current chat may hold a raw prompt
+                conv.chat = e.chat_id
+            else:
+                conv.chat = e.new_chat()
+            return
+        unowned = e.chat_id if self.active is None else None
+        e.switch(conv.chat)
+        if unowned is not None:  # parked by the switch, but nobody's: free it
+            e.drop_chat(unowned)
 
     def _forget(self, conv: Conversation) -> None:
-        """Drop a conversation's record (and, with host swap, its parked KV)."""
+        """Drop a conversation's record and its KV (parked, or the current chat's, which is emptied)."""
         self.conversations.remove(conv)
         if conv is self.active:
+            self.engine.reset()
             self.active = None
+        elif conv.chat is not None:
+            self.engine.drop_chat(conv.chat)
 
     def snapshot(self) -> dict:
         """Figures for /health (read from the event loop: plain values only)."""
