@@ -232,18 +232,7 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
     std::vector<ggml_tensor *> scatter_t;
     if (runs.size() >= kvf_gather_min_runs || force_gather || staged) {
         std::vector<std::pair<uint32_t, bool>> what; // (layer, is_v) of scatter_t[i]
-        size_t row_bytes = 0;                        // of all scattered tensors, per token
-        for (uint32_t il = 0; il < layer_k.size(); ++il) {
-            for (const bool is_v : { false, true }) {
-                ggml_tensor * t = is_v ? layer_v[il] : layer_k[il];
-                if ((is_v && kv->v_trans) || !can_gather(t)) {
-                    continue;
-                }
-                scatter_t.push_back(t);
-                what.emplace_back(il, is_v);
-                row_bytes += t->nb[1];
-            }
-        }
+        const size_t row_bytes = gatherable(scatter_t, what); // of all scattered tensors, per token
         auto host_row = [&](size_t i, size_t row) -> const uint8_t * {
             return what[i].second ? store.v_row(slot[row], what[i].first) : store.k_row(slot[row], what[i].first);
         };

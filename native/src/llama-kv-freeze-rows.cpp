@@ -82,6 +82,22 @@ ggml_backend_buffer_t llama_kv_freeze::device_buffer(ggml_backend_t backend, int
     return buf;
 }
 
+size_t llama_kv_freeze::gatherable(std::vector<ggml_tensor *> & tensors, std::vector<std::pair<uint32_t, bool>> & what) const {
+    size_t row_bytes = 0;
+    for (uint32_t il = 0; il < layer_k.size(); ++il) {
+        for (const bool is_v : { false, true }) {
+            ggml_tensor * t = is_v ? layer_v[il] : layer_k[il];
+            if ((is_v && kv->v_trans) || !can_gather(t)) {
+                continue;
+            }
+            tensors.push_back(t);
+            what.emplace_back(il, is_v);
+            row_bytes += t->nb[1];
+        }
+    }
+    return row_bytes;
+}
+
 bool llama_kv_freeze::can_gather(const ggml_tensor * t) const {
     // the I32 alias needs whole 4-byte words per row (true when n_embd_gqa % 64 == 0 for q4_0)
     if (t->nb[1] % 4 != 0 || !t->buffer) {
@@ -441,18 +457,7 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
         // a pageable store: every gatherable tensor goes through the pinned staging, in rounds of at most 256 MiB;
         // each pass that lands there is copied into the slots (and hashed) by the store's threads while the device
         // copies the next
-        size_t row_bytes = 0;
-        for (uint32_t il = 0; il < n_layer; ++il) {
-            for (const bool is_v : { false, true }) {
-                ggml_tensor * t = is_v ? layer_v[il] : layer_k[il];
-                if ((is_v && kv->v_trans) || !can_gather(t)) {
-                    continue;
-                }
-                gather_t.push_back(t);
-                gather_what.emplace_back(il, is_v);
-                row_bytes += t->nb[1];
-            }
-        }
+        const size_t row_bytes = gatherable(gather_t, gather_what);
         const bool hash_landed = sums && gather_t.size() == 2*(size_t) n_layer;
         const size_t n = cell.size();
         const size_t n_round = std::min(n, std::max<size_t>(1, (256u << 20)/std::max<size_t>(1, row_bytes)));

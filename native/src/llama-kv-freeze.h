@@ -211,6 +211,9 @@ private:
     // ASRKF_TRACE_MOVES=1: one line per offload and thaw on stderr (sizes, runs, path, time of each part)
     bool trace_moves = false;
     bool can_gather(const ggml_tensor * t) const;
+    // the K and V tensors a gather / scatter moves (V stored transposed is not), appended with their (layer, is_v);
+    // returns their bytes per token
+    size_t gatherable(std::vector<ggml_tensor *> & tensors, std::vector<std::pair<uint32_t, bool>> & what) const;
 
     // K/V rows of the cells into the slots (cells ascending; slots from store.alloc); with sums, the slots'
     // checksums, hashed as the rows land while later rows still copy
