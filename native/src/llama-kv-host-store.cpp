@@ -185,28 +185,34 @@ std::vector<llama_kv_host_slot> llama_kv_host_store::alloc(uint32_t n) {
         }
     }
 
-    // otherwise, when the free slots cannot hold all n, one new chunk for all of them: rows that land in one run of
-    // slots are one device copy per tensor straight into pinned memory, where slots spread over chunks would need a
-    // staging copy (the free slots left behind serve later, smaller moves)
+    // otherwise, when the free slots cannot hold all n, fresh chunks for all of them (reserved ones first, then one
+    // allocation for the rest): each is one run of slots, one device copy per tensor, where slots spread over the
+    // holes of other chunks would need staging (the free slots left behind serve later, smaller moves)
     size_t n_free = 0;
     for (const auto & c : chunks) {
         n_free += c ? c->n_slots - c->n_used : 0;
     }
     if (n_free < n) {
-        // reserved chunks first (one run each), then one allocation for the rest
-        for (uint32_t left = n; left > 0;) {
-            uint32_t ic = take_spare();
-            if (ic == UINT32_MAX) {
-                ic = add_chunk(std::max(chunk_slots, left));
+        try {
+            for (uint32_t left = n; left > 0;) {
+                uint32_t ic = take_spare();
+                if (ic == UINT32_MAX) {
+                    ic = add_chunk(std::max(chunk_slots, left));
+                }
+                auto & c = chunks[ic];
+                const uint32_t m = std::min(left, c->n_slots);
+                for (uint32_t i = 0; i < m; ++i) {
+                    c->used[i] = 1;
+                    res.push_back({ic, i});
+                }
+                c->n_used = m;
+                left -= m;
             }
-            auto & c = chunks[ic];
-            const uint32_t m = std::min(left, c->n_slots);
-            for (uint32_t i = 0; i < m; ++i) {
-                c->used[i] = 1;
-                res.push_back({ic, i});
+        } catch (...) {
+            for (const auto & s : res) { // out of memory half way: the slots taken so far are free again
+                release(s);
             }
-            c->n_used = m;
-            left -= m;
+            throw;
         }
         return res;
     }
