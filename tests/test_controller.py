@@ -60,6 +60,14 @@ def test_under_a_binding_budget_nothing_is_frozen_and_the_whole_budget_is_attend
         # full but for the last batched offload (a few cells that the next tokens take)
         assert c["frozen"] == 0 and c["active"] >= 240 - ctl.offload_batch
         assert not (kv.cells()[1] == CellState.FROZEN).any()  # no cell masked
+        # and at no step in between: an offload batch (7 cells here) larger than the period (4) leaves the resident
+        # count a batch below the budget, which must not read as room to freeze in
+        assert ctl.offload_batch > 4
+        frozen_seen = []
+        ctl.on_step = lambda step: frozen_seen.append(step["frozen"])
+        freezes = ctl.stats.freezes
+        generate(s, ctl, random_tokens(20, seed=49), 60, check_every_step=True)
+        assert ctl.stats.freezes == freezes and max(frozen_seen) == 0
 
 
 @pytest.mark.parametrize("policy", ["window", "h2o"])

@@ -284,10 +284,12 @@ class Controller:
     # ---- decisions
 
     def budget_binding(self) -> bool:
-        """The device budget fills within the next period: from then on every low token leaves by offloading."""
-        t = self.table
-        return self.policy.uses_budget and \
-            t.count(CellState.ACTIVE) + t.count(CellState.FROZEN) + self.policy.period >= self.config.budget_cells
+        """The logical context fills the device budget within the next period: from then on every low token leaves
+        by offloading. Counted on the logical tokens, not the resident ones: right after a batched offload the
+        resident count is a batch below the budget, and judged on it the budget looked free for a period every
+        batch, so a quarter of the resident tokens froze (masked) that often (2k-token KL run: 891 of 1,024 cells
+        attended on average, h2o 1,024)."""
+        return self.policy.uses_budget and self.table.n + self.policy.period >= self.config.budget_cells
 
     def _reevaluate(self) -> None:
         """Expired freezes come back; frozen tokens whose shadow score rose come back early; low ones freeze
