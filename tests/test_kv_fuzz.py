@@ -502,5 +502,7 @@ def test_random_operation_sequences_over_two_sequences_match_the_model(sessions)
     seed = os.environ.get("ASRKF_FUZZ_SEED")
     ops, compared, refused = run_kv_machine(sessions, seed=int(seed) if seed else None)
     # the fuzz did what it says: thousands of operations, refusals among them, and the logits compared many times
+    # (refusals vary from run to run: 36 to 215 seen since session save / load joined the rules, and a floor of 50
+    # failed about one run in four, so it is 20)
     print(f"KV fuzz: {ops} operations, {refused} refused as predicted, logits compared {compared} times")
-    assert ops >= 2000 and compared >= 50 and refused >= 50, (ops, compared, refused)
+    assert ops >= 2000 and compared >= 50 and refused >= 20, (ops, compared, refused)
