@@ -69,7 +69,8 @@ def move_trace(stderr: str) -> dict:
             try:
                 agg[k] = round(agg.get(k, 0) + float(v), 3)
             except ValueError:  # path=...
-                agg.setdefault("paths", {})[v] = agg.setdefault("paths", {}).get(v, 0) + 1
+                paths = agg.setdefault("paths", {})
+                paths[v] = paths.get(v, 0) + 1
     for agg in out.values():
         if agg.get("total_ms"):
             agg["GB_per_s"] = round(agg.get("MB", 0) / agg["total_ms"], 2)

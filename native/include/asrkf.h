@@ -161,10 +161,12 @@ ASRKF_API int32_t asrkf_kv_offload(asrkf_kv_t kv, int32_t seq_id, const int32_t 
 // bring offloaded positions back into free cells (a contiguous run when one exists), active or frozen
 ASRKF_API int32_t asrkf_kv_thaw(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n, bool frozen);
 
-// have host memory for `bytes` more offloaded rows ready before the offloads that need it: pinned memory is
-// allocated on a background thread (page locking costs about as much as the copies into it), so reserving what a
-// prompt will offload before decoding it takes the allocations off the moves. Returns at once; a smaller request
-// does not cancel a larger one still pending; 0 stops reserving more. Reserved memory counts in asrkf_kv_info.host_bytes and is kept until the handle is freed
+// have host memory for `bytes` more offloaded rows ready before the offloads that need it: it is allocated (pages
+// faulted in) on a background thread, so reserving what a prompt will offload before decoding it takes the
+// allocations off the moves. For pageable host memory (pinned_host false): pinned memory reserved this way slowed
+// the prompt's launches on CUDA by as much as it saved. Returns at once; a smaller request does not cancel a larger
+// one still pending; 0 stops reserving more. Reserved memory counts in asrkf_kv_info.host_bytes and is kept until
+// the handle is freed
 ASRKF_API int32_t asrkf_kv_reserve_host(asrkf_kv_t kv, uint64_t bytes);
 
 // importance output: layers are model layer indices with K/V in the managed cache (n_layers = 0: all of them)

@@ -63,10 +63,8 @@ std::unique_ptr<llama_kv_host_store::chunk> llama_kv_host_store::new_chunk(uint3
 }
 
 uint32_t llama_kv_host_store::add_chunk(uint32_t n_slots) {
-    const auto t0 = std::chrono::steady_clock::now();
     auto c = new_chunk(n_slots, /*touch =*/ false);
     n_chunk_allocs++;
-    alloc_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return place_chunk(std::move(c));
 }
 
@@ -109,21 +107,17 @@ void llama_kv_host_store::reserve(size_t bytes) {
                 return;
             }
             lock.unlock();
-            const auto t0 = std::chrono::steady_clock::now();
             std::unique_ptr<chunk> c;
             try {
                 c = new_chunk(chunk_slots, /*touch =*/ true);
             } catch (...) {
                 c.reset(); // out of memory: the moves allocate (and report) it themselves
             }
-            const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             lock.lock();
             if (!c) {
                 spare_wanted = spare.size();
                 continue;
             }
-            reserve_seconds += dt;
-            n_reserved_chunks++;
             spare.push_back(std::move(c));
         }
     });

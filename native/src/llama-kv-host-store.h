@@ -61,18 +61,17 @@ public:
     void init(std::vector<size_t> k_row_bytes, std::vector<size_t> v_row_bytes,
               ggml_backend_buffer_type_t pinned_buft, uint32_t chunk_slots);
 
-    // n free slots, ascending; consecutive when a run of n free slots exists or the free slots are fewer than n (a
-    // new chunk then holds all of them); throws std::bad_alloc
+    // n free slots, ascending within each chunk; consecutive when a run of n free slots exists; when the free slots
+    // are fewer than n, all n come from fresh chunks (reserved ones first), one run each; throws std::bad_alloc
     std::vector<llama_kv_host_slot> alloc(uint32_t n);
 
     void release(const llama_kv_host_slot & slot);
     void clear();
 
-    // have free slots for `bytes` more rows ready: chunks are allocated on a background thread into a spare list
-    // that alloc() takes from. Pinned host memory costs about as much to get as the copies into it cost (page
-    // locking: ~30 ms for 64 MiB on an H200 host), so allocating it while the device computes a prompt takes it
-    // off the path of the moves. Returns at once; a smaller request does not cancel a larger pending one; 0 stops
-    // reserving more
+    // have free slots for `bytes` more rows ready: chunks are allocated (and their pages faulted in) on a background
+    // thread into a spare list that alloc() takes from, while the device computes a prompt. Meant for pageable
+    // memory: pinning on that thread slowed the prompt's launches by as much as it saved (CUDA serializes it).
+    // Returns at once; a smaller request does not cancel a larger pending one; 0 stops reserving more
     void reserve(size_t bytes);
 
     ~llama_kv_host_store();
@@ -97,11 +96,8 @@ public:
     uint64_t hashed_bytes = 0;
     double   hash_seconds = 0.0;
 
-    // chunks allocated and seconds spent allocating them (pinned host memory is not free to get)
+    // chunks allocated on the moves' path (the trace of ASRKF_TRACE_MOVES reports them per move)
     uint64_t n_chunk_allocs = 0;
-    double   alloc_seconds  = 0.0;
-
-    ggml_backend_buffer_type_t pinned_type() const { return pinned_buft; }
 
     size_t token_bytes()     const { return bytes_per_token; }
     size_t bytes_allocated() const;
@@ -151,9 +147,4 @@ private:
     size_t                              spare_wanted = 0; // chunks the reserver should have ready (guarded)
     bool                                spare_stop   = false;
     void stop_reserver();
-
-public:
-    // chunks the reserver allocated and the seconds it spent (off the moves' path)
-    uint64_t n_reserved_chunks = 0;
-    double   reserve_seconds   = 0.0;
 };

@@ -224,11 +224,12 @@ class KVCache:
         _check("thaw", lib.asrkf_kv_thaw(self._h(), seq_id, _i32(p), p.size, frozen))
 
     def reserve_host(self, n_bytes: int) -> None:
-        """Have host memory for n_bytes more offloaded rows allocated ahead, on a background thread (pinned memory
-        is slow to get); returns at once. Reserved memory counts in info().host_bytes.
+        """Have host memory for n_bytes more offloaded rows allocated ahead (pages faulted in) on a background
+        thread; returns at once. Reserved memory counts in info().host_bytes.
 
-        For idle time: on the H200, reserving while a prompt decoded slowed the decode by about the time the
-        allocations took (CUDA serializes pinning with the launches), so the controller does not call it."""
+        The controller calls it before a prompt when the host memory is pageable (ControllerConfig.reserve_ahead).
+        With pinned host memory it does not: on the H200, pinning while a prompt decoded slowed the decode by about
+        the time the allocations took (CUDA serializes pinning with the launches)."""
         if n_bytes < 0:
             raise ValueError("reserve_host: the number of bytes cannot be negative")
         _check("reserve_host", lib.asrkf_kv_reserve_host(self._h(), int(n_bytes)))
