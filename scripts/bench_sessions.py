@@ -14,7 +14,7 @@ runs, and the first comes back (switch) and answers a follow-up. Reported:
   followup_prompt_tokens  tokens decoded for the follow-up after the switch: only the new turn (no re-prefill)
 
   python scripts/bench_sessions.py [--model PATH] [--tokens 8000] [--ctx 8704] [--kv-budget 0.25]
-                                   [--n-gpu-layers 0] [--threads 2] [--json OUT]
+                                   [--n-gpu-layers 0] [--threads 2] [--text essays|stdlib] [--json OUT]
 """
 
 from __future__ import annotations
@@ -27,18 +27,38 @@ import tempfile
 import time
 
 
-def document(engine, n_tokens: int) -> str:
-    """Paul Graham essays cut to about n_tokens tokens of the engine's model."""
+def stdlib_text(n_chars: int) -> str:
+    """Python's reference documentation and standard library source: text every Python ships (a machine that
+    cannot download the essays has it)."""
+    import sysconfig
+    from pathlib import Path
+
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        if len(text) > n_chars:
+            break
+        text += "\n\n" + path.read_text(encoding="utf-8", errors="replace")
+    return text
+
+
+def document(engine, n_tokens: int, kind: str = "essays") -> str:
+    """Paul Graham essays (or the stdlib's docs and source) cut to about n_tokens tokens of the engine's model."""
     from asrkf_gguf.models import fetch_haystack_essays
 
     text = ""
-    for path in fetch_haystack_essays(progress=False):
-        text += path.read_text(encoding="utf-8", errors="replace") + "\n\n"
-        if len(text) > 6 * n_tokens:
-            break
+    if kind == "stdlib":
+        text = stdlib_text(6 * n_tokens)
+    else:
+        for path in fetch_haystack_essays(progress=False):
+            text += path.read_text(encoding="utf-8", errors="replace") + "\n\n"
+            if len(text) > 6 * n_tokens:
+                break
+    text = text[: 6 * n_tokens]
     tokens = engine.session.tokenize(text, add_special=False)
     if len(tokens) < n_tokens:
-        raise SystemExit(f"the essays hold only {len(tokens)} tokens")
+        raise SystemExit(f"the {kind} text holds only {len(tokens)} tokens")
     cut = len(text) * n_tokens // len(tokens)
     while len(engine.session.tokenize(text[:cut], add_special=False)) > n_tokens:
         cut -= 200
@@ -55,6 +75,8 @@ def main() -> int:
     ap.add_argument("--n-gpu-layers", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--text", choices=["essays", "stdlib"], default="essays",
+                    help="the long chat's document: Paul Graham essays (fetched) or Python's docs and source")
     ap.add_argument("--json", help="write the result here too")
     args = ap.parse_args()
 
@@ -67,12 +89,12 @@ def main() -> int:
     engine = Engine(model, ctx=ctx, kv_budget=args.kv_budget, kv_type=args.kv_type, n_gpu_layers=args.n_gpu_layers,
                     n_threads=args.threads)
     load_s = time.perf_counter() - t0
-    res = {"model": os.path.basename(model), "tokens": args.tokens, "ctx": ctx, "kv_type": args.kv_type,
+    res = {"model": os.path.basename(model), "text": args.text, "tokens": args.tokens, "ctx": ctx, "kv_type": args.kv_type,
            "n_gpu_layers": args.n_gpu_layers, "threads": args.threads, "model_load_s": round(load_s, 2)}
     with engine:
         res["budget_cells"] = engine.controller.config.budget_cells
-        doc = document(engine, args.tokens)
-        question = "\n\nIn one sentence: what is the first essay about?"
+        doc = document(engine, args.tokens, args.text)
+        question = "\n\nIn one sentence: what is the " + ("first essay" if args.text == "essays" else "text") + " about?"
         reply1 = "".join(engine.chat(doc + question, max_tokens=args.max_tokens))
         res["long_chat_tokens"] = engine.controller.table.n
         res["prefill_s"] = round(engine.prefill_seconds, 3)

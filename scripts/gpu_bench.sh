@@ -2,8 +2,11 @@
 # One command for a CUDA machine with no network: build the project with CUDA, run the test suite on the GPU,
 # write the benchmark model and run every benchmark (scripts/gpu_bench.py), printing a table and writing JSON.
 #
-#   bash scripts/gpu_bench.sh [build] [test] [bench] [user]  # no argument: build test bench user, in this order
+#   bash scripts/gpu_bench.sh [build] [test] [bench] [user] [sessions]  # no argument: build test bench user
 #
+# test: the suite on the GPU (GPU_TEST_ARGS: other pytest arguments than `tests`, e.g. one file).
+# sessions: scripts/bench_sessions.py on the model with a vocabulary, 8k and 30k tokens, full cache and 25%:
+# switching back to a parked chat vs prefilling it again.
 # user: the user's path (scripts/gpu_user_path.py): `run --json` with the full cache and at a 25% budget on the
 # benchmark model written with a real vocabulary and chat template (.device/vocab-qwen2.json.gz, from
 # prepare_device_carry.sh), a 30k-token prompt, 3 interleaved rounds; GPU_USER_ARGS adds arguments.
@@ -72,7 +75,7 @@ fi
 
 if [[ " $phases " == *" test "* ]]; then
     # the models that must be downloaded are skipped; the written tiny models cover the GPU paths
-    ASRKF_TEST_NO_FETCH=1 ASRKF_TEST_N_GPU_LAYERS=99 python3 -m pytest -q tests -p no:cacheprovider \
+    ASRKF_TEST_NO_FETCH=1 ASRKF_TEST_N_GPU_LAYERS=99 python3 -m pytest -q ${GPU_TEST_ARGS:-tests} -p no:cacheprovider \
         2>&1 | tee "$OUT/tests.log" | tail -15
     grep -qE "[0-9]+ passed" "$OUT/tests.log" && ! grep -qE "[0-9]+ (failed|error)" "$OUT/tests.log"
 fi
@@ -92,13 +95,32 @@ if [[ " $phases " == *" bench "* ]]; then
     python3 scripts/gpu_report.py "$OUT/gpu_bench.json" | tee "$OUT/report.md"
 fi
 
-if [[ " $phases " == *" user "* ]]; then
-    vmodel=$work/llama3-8b-shape-vocab-q4_k_m.gguf
+vmodel=$work/llama3-8b-shape-vocab-q4_k_m.gguf
+write_vocab_model() {
     if [ ! -f "$vmodel" ]; then
         t0=$(date +%s)
         python3 scripts/write_bench_model.py "$vmodel.tmp" --vocab "$carry/vocab-qwen2.json.gz" && mv "$vmodel.tmp" "$vmodel"
         echo "benchmark model with a vocabulary: $(( $(date +%s) - t0 )) s"
     fi
+}
+
+if [[ " $phases " == *" user "* ]]; then
+    write_vocab_model
     python3 scripts/gpu_user_path.py --model "$vmodel" --json "$OUT/gpu_user_path.json" ${GPU_USER_ARGS:-} \
         2>&1 | tee "$OUT/user_path.log"
+fi
+
+if [[ " $phases " == *" sessions "* ]]; then
+    write_vocab_model
+    for n in ${GPU_SESSION_TOKENS:-8000 30000}; do
+        for budget in full 0.25; do
+            b=(); [ "$budget" != full ] && b=(--kv-budget "$budget")
+            python3 scripts/bench_sessions.py --model "$vmodel" --tokens "$n" ${b[@]+"${b[@]}"} --n-gpu-layers 99 \
+                --text stdlib --json "$OUT/sessions_${n}_${budget}.json" > "$OUT/sessions_${n}_${budget}.log" 2>&1 \
+                || { tail -20 "$OUT/sessions_${n}_${budget}.log"; exit 1; }
+            python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[2], sys.argv[3], {k: d[k] for k in
+                ('prefill_s', 'park_ms', 'switch_ms', 'switch_speedup', 'save_ms', 'load_ms', 'file_bytes')})" \
+                "$OUT/sessions_${n}_${budget}.json" "$n" "$budget"
+        done
+    done
 fi

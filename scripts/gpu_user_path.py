@@ -28,6 +28,7 @@ SETTINGS = {
     "asrkf-25%-all-layers": ["--kv-budget", "0.25", "--importance-every", "1"],
     "asrkf-25%-pageable": ["--kv-budget", "0.25", "--host-memory", "pageable"],  # the GPU default since 2026-11-30
     "asrkf-25%-pinned": ["--kv-budget", "0.25", "--host-memory", "pinned"],
+    "asrkf-25%-host-recall": ["--kv-budget", "0.25", "--recall-scoring", "host"],  # numpy, the GPU default until 2026-11-30
 }
 
 

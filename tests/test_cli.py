@@ -42,6 +42,24 @@ def test_run_json_on_the_demo_model(demo_model_path, tmp_path):
     assert out["timing"]["prompt_phase_ms"]["model_decode"] > 0 and out["timing"]["decode_phase_ms"]["total"] > 0
 
 
+@pytest.mark.parametrize("where,part", [("device", "recall_native_threads"), ("host", "recall_softmax_threads")])
+def test_recall_scoring_runs_where_asked(demo_model_path, tmp_path, where, part):
+    # --recall-scoring device: recall's products run in native code on the backend holding K (here the CPU's);
+    # host: numpy. The prompt phase's breakdown names the path that ran, and recall moved tokens either way
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The harbour code is 5521. " + "Boats come and go in the grey morning. " * 60 +
+                      "What is the harbour code?")
+    r = cli(demo_model_path, "--prompt-file", str(prompt), "--max-tokens", "4", "--ctx", "2048", "--kv-budget", "0.125",
+            "--temperature", "0", "--recall-scoring", where, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    phase = out["timing"]["prompt_phase_ms"]
+    assert phase.get(part, 0) > 0 and phase["recall_scoring"] > 0, phase
+    other = {"recall_native_threads", "recall_softmax_threads"} - {part}
+    assert not other & set(phase), phase
+    assert out["kv"]["offloaded_tokens_final"] > 0
+
+
 def test_turns_file_runs_one_session(demo_model_path, tmp_path):
     turns = tmp_path / "turns.json"
     turns.write_text(json.dumps(["My name is Ada. Say hello.", "What is my name?"]))

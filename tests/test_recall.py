@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from asrkf_gguf import CellState, KVCache
+from asrkf_gguf import AsrkfError, CellState, KVCache
 from asrkf_gguf.controller import Controller, ControllerConfig
 from asrkf_gguf.generate import generate
 from asrkf_gguf.policies import make_policy
@@ -102,3 +102,41 @@ def test_recall_decodes_the_question_again_with_what_it_brought_back(tiny_path):
     assert np.array_equal(after[:4], seen["before"][:4])
     changed = [not np.array_equal(a, b) for a, b in zip(after[4:], seen["before"][4:])]
     assert all(changed)
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0", "q4_0"])
+def test_native_recall_mass_equals_the_host_scoring(tiny_paths, kv_type):
+    # asrkf_kv_recall_mass computes on the backend holding K what recall.recall_mass computes in numpy from the
+    # exported queries and K rows: with tokens offloaded (rows from the host store) and resident (from their cells),
+    # the masses agree for every key, and the mass over all keys is one per (layer, head, query)
+    tokens = random_tokens(300, seed=54)
+    with session(tiny_paths["llama-hd128"], n_ctx=256, kv_type=kv_type, flash_attn="on", n_batch=64,
+                 n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        kv.set_importance(True, n_q=8, export_q=True)
+        s.decode(tokens[:200], 0)
+        kv.offload(np.arange(10, 150, 2))  # spread over the context: resident and offloaded keys interleave
+        s.decode(tokens[200:230], 200)
+        movable = np.concatenate([np.arange(4, 150), np.arange(150, 200)[::-1]])  # any order
+        fixed = np.concatenate([np.arange(4), np.arange(200, 230)])
+        layers = kv.layers()
+        host = recall_mass(kv, movable, layers, others=fixed)
+        native = recall_mass(kv, movable, layers, others=fixed, native=True)
+        rest = kv.recall_mass(layers, np.concatenate([fixed, movable]), len(fixed))
+        info = kv.info()
+        # refused: a position the sequence does not have, a layer without K/V, more outputs than keys
+        with pytest.raises(AsrkfError):
+            kv.recall_mass(layers, [0, 1, 5000], 3)
+        with pytest.raises(AsrkfError):
+            kv.recall_mass([info.n_layer + 3], movable, 4)
+        with pytest.raises(AsrkfError):
+            kv.recall_mass(layers, [0, 1], 3)
+        with pytest.raises(AsrkfError):
+            kv.recall_mass(layers, [0, 1, 1], 2)
+        kv.check()
+    assert native.shape == host.shape == movable.shape
+    # quantized K: the CPU backend's matmul quantizes q to q8_0 for its dot products, numpy keeps q in f32
+    rtol = 2e-3 if kv_type == "f16" else 5e-2
+    np.testing.assert_allclose(native, host, rtol=rtol, atol=2e-4)
+    assert np.argmax(native) == np.argmax(host)
+    n_rows = 8 * info.n_head * len(layers)
+    assert native.sum() + rest.sum() == pytest.approx(n_rows, rel=1e-4)

@@ -208,6 +208,15 @@ ASRKF_API int32_t asrkf_kv_row_bytes(asrkf_kv_t kv, int32_t layer, size_t * k_by
 // ones from the host copy, resident ones read from their cell; with asrkf_kv_query, the host can score any token
 ASRKF_API int32_t asrkf_kv_k_rows(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int32_t * pos, int32_t n, void * out, size_t size);
 
+// recall's scoring where K lives: out[i] (i < n_out) := the attention mass the latest decode's queries (exported
+// with asrkf_kv_set_importance(export_q)) give pos[i], in a causal softmax over all n_pos positions of seq_id
+// (resident or offloaded), summed over the given layers (each a selected importance layer), heads and queries. The
+// products and softmax run on the backend holding the layer's K (the GPU when the cache is there), one layer at a
+// time, with a few heads per pass so that the scratch stays small; nothing in the cache changes. What the host
+// computes from asrkf_kv_query and asrkf_kv_k_rows, without moving every K row into the caller's memory.
+ASRKF_API int32_t asrkf_kv_recall_mass(asrkf_kv_t kv, int32_t seq_id, const int32_t * layers, int32_t n_layers, const int32_t * pos,
+                                       int32_t n_pos, int32_t n_out, float * out);
+
 // session export: every position of seq_id, resident (its cell, frozen flag and K/V rows) or offloaded (its host
 // copy and checksum), into one buffer that asrkf_kv_session_load restores bit-identically: the same cells, flags,
 // host copies and the cache's search head, so that later decodes compute exactly what they would have without the

@@ -318,6 +318,20 @@ int32_t asrkf_kv_k_rows(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int3
     });
 }
 
+int32_t asrkf_kv_recall_mass(asrkf_kv_t kv, int32_t seq_id, const int32_t * layers, int32_t n_layers, const int32_t * pos,
+        int32_t n_pos, int32_t n_out, float * out) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
+        if (n_layers < 0 || (n_layers > 0 && !layers)) {
+            throw llama_kv_freeze_error(ASRKF_EINVAL, "recall_mass: layers is NULL or its count negative");
+        }
+        if (n_out < 0 || n_out > n_pos) {
+            throw llama_kv_freeze_error(ASRKF_EINVAL, "recall_mass: n_out = " + std::to_string(n_out) + " must be in [0, n_pos = " +
+                    std::to_string(n_pos) + "]");
+        }
+        kvf.recall_mass(seq_id, std::vector<int32_t>(layers, layers + n_layers), positions(pos, n_pos), (size_t) n_out, out);
+    });
+}
+
 int32_t asrkf_kv_session_save(asrkf_kv_t kv, int32_t seq_id, void * out, size_t size, size_t * n_out) {
     return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
         size_t n = 0;

@@ -100,6 +100,11 @@ struct llama_kv_freeze {
     float entropy() const; // of the last logits row of the latest decode, nats
     void query(int32_t il, std::vector<float> & out, int32_t & n_q, int32_t & n_head, int32_t & n_embd_head, float & kq_scale) const;
     void k_rows(llama_seq_id seq_id, int32_t il, const std::vector<llama_pos> & pos, uint8_t * out, size_t size);
+    // recall's scoring on the backend of the K cache (llama-kv-recall.cpp): out[i], i < n_out, is the attention mass
+    // the latest decode's exported queries give keys[i] in a causal softmax over all of keys, summed over the
+    // layers, their heads and queries; keys[n_out..] are keys of the softmax whose mass is not returned
+    void recall_mass(llama_seq_id seq_id, const std::vector<int32_t> & layers, const std::vector<llama_pos> & keys,
+                     size_t n_out, float * out);
 
     // resident cells of seq_id ordered by position: (pos, cell)
     std::vector<std::pair<llama_pos, uint32_t>> resident(llama_seq_id seq_id) const;

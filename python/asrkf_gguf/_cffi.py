@@ -66,6 +66,7 @@ int32_t asrkf_kv_layers(asrkf_kv_t kv, int32_t * layers, int32_t cap, int32_t * 
 int32_t asrkf_kv_row_bytes(asrkf_kv_t kv, int32_t layer, size_t * k_bytes, size_t * v_bytes);
 int32_t asrkf_kv_reserve_host(asrkf_kv_t kv, uint64_t bytes);
 int32_t asrkf_kv_k_rows(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int32_t * pos, int32_t n, void * out, size_t size);
+int32_t asrkf_kv_recall_mass(asrkf_kv_t kv, int32_t seq_id, const int32_t * layers, int32_t n_layers, const int32_t * pos, int32_t n_pos, int32_t n_out, float * out);
 int32_t asrkf_kv_session_save(asrkf_kv_t kv, int32_t seq_id, void * out, size_t size, size_t * n_out);
 int32_t asrkf_kv_session_load(asrkf_kv_t kv, int32_t seq_id, const void * data, size_t size, bool check_only);
 int32_t asrkf_kv_check(asrkf_kv_t kv);

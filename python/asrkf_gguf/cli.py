@@ -76,6 +76,9 @@ def add_engine_options(r) -> None:
                    help="score every k-th attention layer (from the last); default: 4 when the KV cache is on a GPU "
                         "(keeps most of the decode speed), else 1")
     k.add_argument("--score-every", type=int, default=1, help="score every k-th generated token")
+    k.add_argument("--recall-scoring", choices=["auto", "device", "host"], default="auto",
+                   help="where recall scores the whole context for a new prompt: device (the backend that holds K, "
+                        "in native code) or host (numpy); auto: device when the KV cache is on a GPU, else host")
 
 
 def add_run_parser(sub) -> None:
@@ -240,7 +243,9 @@ def make_engine(args, model: Optional[str] = None, *, system_prompt: Optional[st
                       n_threads=args.threads, n_threads_batch=args.threads_batch,
                       controller_params={"score_every": args.score_every,
                                          **({} if args.importance_every is None
-                                            else {"importance_every": args.importance_every})},
+                                            else {"importance_every": args.importance_every}),
+                                         **({} if args.recall_scoring == "auto"
+                                            else {"recall_native": args.recall_scoring == "device"})},
                       chat_template=args.chat_template, system_prompt=system_prompt, host_budget=args.host_budget,
                       host_memory=args.host_memory, verbose=args.verbose)
     except EngineError as err:

@@ -33,6 +33,10 @@ class ControllerConfig:
     # attends to the start of a number or name, not to each of its tokens, and a half-recalled number reads wrong.
     # 8 measured better than 3 on ordinary text (docs/evaluation.md): a fact is a phrase, not a token
     recall_pool: int = 8
+    # recall's scoring in native code on the backend that holds K (KVCache.recall_mass: the GPU's products and
+    # softmax, no K rows copied into numpy); False: numpy on the host (recall.recall_mass). The Engine turns it on
+    # when the cache is on a GPU (engine.device_defaults)
+    recall_native: bool = False
     # after recall, the prompt's last recall_redecode tokens (the question) are decoded again, so that their keys
     # and values are computed with what recall brought back: computed before, they saw a cache without it
     recall_redecode: int = 32
@@ -265,8 +269,8 @@ class Controller:
             return 0
         fixed = np.setdiff1d(np.concatenate([t.positions(CellState.ACTIVE), t.positions(CellState.FROZEN)]), movable)
         t1 = time.perf_counter()
-        mass = recall_mass(self.kv, movable, self.layers, self.seq_id, others=fixed,
-                           timing=self.stats.recall_parts).astype(np.float32)
+        mass = recall_mass(self.kv, movable, self.layers, self.seq_id, others=fixed, timing=self.stats.recall_parts,
+                           native=self.config.recall_native).astype(np.float32)
         self.stats.recall_score_seconds += time.perf_counter() - t1
         mass = pooled_max(movable, mass, self.config.recall_pool, t.n)
         t.score[movable] = mass / self._n_queries  # the new question's view replaces the running score, per query

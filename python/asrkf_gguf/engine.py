@@ -95,13 +95,17 @@ def device_defaults(n_gpu_layers: int, given: Optional[dict] = None) -> dict:
     next to a decode step that is short, and recall scores every scored layer on the host: every 4th layer keeps
     most of the speed (docs/gpu.md: time to first token 9.8 -> 7.1 s, decode 1.03x -> 1.10x the full cache at 30k
     tokens and 25%) and found the same needles on the CPU evaluation (docs/evaluation.md). On the CPU the scoring
-    is a small part of a step: every layer."""
+    is a small part of a step: every layer. Recall scores on the GPU too (recall_native)."""
     import llama_cpp
 
-    if given and ("importance_every" in given or "importance_layers" in given):
-        return {}  # the caller chose the layers
     on_gpu = n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
-    return {"importance_every": 4} if on_gpu else {}
+    if not on_gpu:
+        return {}
+    # recall's products and softmax on the device that holds K (30k tokens: ~1 s of numpy on the host)
+    out = {"recall_native": True}
+    if not (given and ("importance_every" in given or "importance_layers" in given)):  # else the caller chose the layers
+        out["importance_every"] = 4
+    return out
 
 
 class Engine:

@@ -326,6 +326,17 @@ class KVCache:
                                              ffi.from_buffer(out), out.nbytes))
         return out
 
+    def recall_mass(self, layers, keys: Positions, n_out: int, seq_id: int = 0) -> np.ndarray:
+        """Attention mass the latest decode's exported queries give keys[:n_out], in a causal softmax over all of
+        keys (resident or offloaded), summed over layers, heads and queries, computed by the backend that holds K
+        (asrkf_kv_recall_mass): [n_out] float32."""
+        p = _positions(keys)
+        ls = np.ascontiguousarray(layers, dtype=np.int32)
+        out = np.zeros(int(n_out), np.float32)
+        _check("recall_mass", lib.asrkf_kv_recall_mass(self._h(), seq_id, _i32(ls), ls.size, _i32(p), p.size, int(n_out),
+                                                       ffi.cast("float *", ffi.from_buffer(out))))
+        return out
+
     # ---- sessions
 
     def session_save(self, seq_id: int = 0) -> bytearray:

@@ -69,7 +69,7 @@ def attention_mass(q: np.ndarray, k: np.ndarray, scale: float, q_pos: np.ndarray
 
 
 def recall_mass(kv, positions: np.ndarray, layers, seq_id: int = 0, others: np.ndarray = None,
-                timing: Optional[dict] = None) -> np.ndarray:
+                timing: Optional[dict] = None, native: bool = False) -> np.ndarray:
     """Attention mass the latest decode's last queries (the newest positions of the sequence) give each of
     `positions`, resident or offloaded.
 
@@ -80,11 +80,22 @@ def recall_mass(kv, positions: np.ndarray, layers, seq_id: int = 0, others: np.n
 
     `timing`: seconds added under "read" (queries and K rows out of the native core, waiting for the handle
     included), "dequantize" and "softmax" (the products and softmax), summed over the threads that score layers
-    side by side."""
+    side by side.
+
+    `native`: the same sum computed by the backend that holds K (KVCache.recall_mass, llama-kv-recall.cpp); on a
+    GPU the products and softmax take milliseconds where numpy took ~1 s for 30k tokens (docs/gpu.md). Timed
+    under "native"."""
+    positions = np.asarray(positions)
+    if native:
+        keys = positions if others is None or not len(others) else np.concatenate([positions, np.asarray(others)])
+        t0 = time.perf_counter()
+        mass = kv.recall_mass(list(layers), keys, len(positions), seq_id).astype(np.float64)
+        if timing is not None:
+            timing["native"] = timing.get("native", 0.0) + time.perf_counter() - t0
+        return mass
     info = kv.info()
     d = info.n_embd_head_k
     newest = int(kv.cells(seq_id)[0].max())
-    positions = np.asarray(positions)
     keys = positions if others is None or not len(others) else np.concatenate([positions, np.asarray(others)])
 
     native = threading.Lock()  # one call into the handle at a time; the numpy work runs beside it
