@@ -49,6 +49,36 @@ uint64_t fnv1a(const uint8_t * p, size_t n, uint64_t h = 1469598103934665603ull)
     return h;
 }
 
+// copy(j, il, is_v, offset) for every row of n entries, offset: where that row starts within a token's rows in a
+// session ([K 0][V 0][K 1][V 1]...); blocks of entries spread over the store's threads (the rows of a session are
+// GBs: one thread's memcpy was most of a park or a switch)
+template <typename F>
+static void kvs_copy_rows(llama_kv_host_store & store, size_t n, F && copy) {
+    const uint32_t n_layer = store.n_layer();
+    std::vector<size_t> k_off(n_layer), v_off(n_layer);
+    size_t off = 0;
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        k_off[il] = off;
+        v_off[il] = off + store.k_row_bytes(il);
+        off += store.k_row_bytes(il) + store.v_row_bytes(il);
+    }
+    const size_t block = 64;
+    auto work = [&](size_t b) {
+        for (size_t j = b*block; j < std::min(n, (b + 1)*block); ++j) {
+            for (uint32_t il = 0; il < n_layer; ++il) {
+                copy(j, il, false, k_off[il]);
+                copy(j, il, true,  v_off[il]);
+            }
+        }
+    };
+    const size_t n_blocks = (n + block - 1)/block;
+    if (n_blocks > 1) {
+        store.parallel_for(n_blocks, work);
+    } else if (n_blocks == 1) {
+        work(0);
+    }
+}
+
 struct kvs_writer {
     uint8_t * p;
 
@@ -217,13 +247,22 @@ void llama_kv_freeze::session_save(llama_seq_id seq_id, uint8_t * out, size_t si
         w.put<uint64_t>(e.resident ? sums[e.i] : rec->checksum);
     }
     w.put<uint64_t>(fnv1a(out, (size_t) (w.p - out)));
-    for (const auto & e : order) {
-        const llama_kv_host_slot & sl = e.resident ? tmp.slot[res_slot[e.i]] : records.at({seq_id, e.pos}).slot;
-        for (uint32_t il = 0; il < n_layer; ++il) {
-            w.bytes(store.k_row(sl, il), store.k_row_bytes(il));
-            w.bytes(store.v_row(sl, il), store.v_row_bytes(il));
-        }
+
+    // the rows, entry after entry, copied on the store's threads: one thread copied ~1.2 GB/s (3.9 GB for a
+    // 30k-token chat of an 8B model took 3 s on the H200's host)
+    std::vector<const llama_kv_host_slot *> slot_of(order.size());
+    for (size_t j = 0; j < order.size(); ++j) {
+        const auto & e = order[j];
+        slot_of[j] = e.resident ? &tmp.slot[res_slot[e.i]] : &records.at({seq_id, e.pos}).slot;
     }
+    uint8_t * rows = w.p;
+    const size_t tb = store.token_bytes();
+    kvs_copy_rows(store, order.size(), [&](size_t j, uint32_t il, bool is_v, size_t off) {
+        uint8_t * dst = rows + j*tb + off;
+        const uint8_t * src = is_v ? store.v_row(*slot_of[j], il) : store.k_row(*slot_of[j], il);
+        memcpy(dst, src, is_v ? store.v_row_bytes(il) : store.k_row_bytes(il));
+    });
+    w.p += order.size()*tb;
     GGML_ASSERT((size_t) (w.p - out) == n_out);
 }
 
@@ -390,15 +429,12 @@ void llama_kv_freeze::session_load(llama_seq_id seq_id, const uint8_t * data, si
             KVF_FAIL(ASRKF_EBACKEND, "session load: out of host memory for %zu tokens (%zu bytes each)", entries.size(), tb);
         }
     }
-    for (size_t i = 0; i < entries.size(); ++i) {
-        const uint8_t * src = rows + i*tb;
-        for (uint32_t il = 0; il < n_layer; ++il) {
-            memcpy(store.k_row(in.slot[i], il), src, store.k_row_bytes(il));
-            src += store.k_row_bytes(il);
-            memcpy(store.v_row(in.slot[i], il), src, store.v_row_bytes(il));
-            src += store.v_row_bytes(il);
-        }
-    }
+    kvs_copy_rows(store, entries.size(), [&](size_t i, uint32_t il, bool is_v, size_t off) {
+        const uint8_t * src = rows + i*tb + off;
+        uint8_t * dst = is_v ? store.v_row(in.slot[i], il) : store.k_row(in.slot[i], il);
+        memcpy(dst, src, is_v ? store.v_row_bytes(il) : store.k_row_bytes(il));
+    });
+    (void) n_layer;
     std::vector<uint64_t> sums(entries.size());
     store.checksums(in.slot.data(), in.slot.size(), sums.data());
     for (size_t i = 0; i < entries.size(); ++i) {

@@ -212,7 +212,7 @@ class Engine:
         self.last_decode_phase_ms: dict = {}
         self._chat_id = 0
         self._next_chat_id = 1
-        self._parked: Dict[int, bytearray] = {}  # idle conversations: in-memory session blobs
+        self._parked: Dict[int, np.ndarray] = {}  # idle conversations: in-memory session blobs
         self._fingerprint: Optional[str] = None
         self.last_seed: Optional[int] = None  # the seed of the last turn's random draw (None: greedy)
         self.last_finish_reason: Optional[str] = None  # "stop" (end of generation), "length", "cancelled"
@@ -630,7 +630,7 @@ class Engine:
                        model_size=os.path.getsize(self.model_path))
         return out
 
-    def _snapshot(self, *, digest: bool) -> bytearray:
+    def _snapshot(self, *, digest: bool) -> np.ndarray:
         """The current conversation as a session (a file's bytes with digest, else an in-memory blob)."""
         import llama_cpp
 
@@ -638,7 +638,7 @@ class Engine:
 
         c = self.controller
         try:
-            kv = self.kv.session_save(c.seq_id)
+            n_kv = self.kv.session_size(c.seq_id)
         except AsrkfError as err:
             if err.code == -5:  # iSWA: the window layers' K/V are not in the managed cache
                 raise EngineError(f"this model's conversations cannot be saved or parked: {err.message}") from None
@@ -652,7 +652,15 @@ class Engine:
             "controller": {"step": c.step, "n_queries": c._n_queries, "scoring": c._scoring,
                            "entropy": dataclasses.asdict(c.entropy), "stats": dataclasses.asdict(c.stats)},
         }
-        return sessions.encode(header, {"kv": kv, "table": sessions.pack_arrays(c.table.arrays())}, digest=digest)
+        table = sessions.pack_arrays(c.table.arrays())
+
+        def fill(name: str, view: memoryview) -> None:
+            if name == "kv":  # written in place: the K/V section is GBs for a long chat of a large model
+                self.kv.session_save_into(view, c.seq_id)
+            else:
+                view[:] = table
+
+        return sessions.encode_into(header, {"kv": n_kv, "table": len(table)}, fill, digest=digest)
 
     def _prepare(self, data, *, verify: bool) -> dict:
         """Everything of a session checked that can be without touching the cache; SessionError otherwise."""

@@ -353,6 +353,20 @@ class KVCache:
                 _check("session_save", rc)
                 return out if n[0] == cap else out[: n[0]]
 
+    def session_size(self, seq_id: int = 0) -> int:
+        """Bytes session_save(seq_id) writes now."""
+        n = ffi.new("size_t *")
+        _check("session_save", lib.asrkf_kv_session_save(self._h(), seq_id, ffi.NULL, 0, n))
+        return int(n[0])
+
+    def session_save_into(self, out, seq_id: int = 0) -> int:
+        """session_save into a writable buffer of at least session_size() bytes (e.g. a slice of a larger one, so
+        that a multi-GB session is not copied again); returns the bytes written."""
+        buf = ffi.from_buffer(out, require_writable=True)
+        n = ffi.new("size_t *")
+        _check("session_save", lib.asrkf_kv_session_save(self._h(), seq_id, buf, len(buf), n))
+        return int(n[0])
+
     def session_load(self, data, seq_id: int = 0, *, check_only: bool = False) -> None:
         """Replace seq_id's content with a session_save buffer; validated before anything changes (check_only:
         only the format, geometry and cells, not the rows' checksums, and nothing changes)."""

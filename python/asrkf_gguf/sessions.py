@@ -28,7 +28,7 @@ import io
 import json
 import os
 import struct
-from typing import Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 import numpy as np
 
@@ -73,21 +73,36 @@ def unpack_arrays(data: bytes) -> Dict[str, np.ndarray]:
         raise SessionError(f"the session's token table cannot be read: {err}") from None
 
 
-def encode(header: dict, sections: Dict[str, bytes], *, digest: bool = True) -> bytearray:
+def encode(header: dict, sections: Dict[str, bytes], *, digest: bool = True) -> np.ndarray:
     """One session: header JSON (the section table is added here) and the sections, with a sha256 when digest."""
+    def fill(name, view):
+        view[:] = sections[name]
+
+    return encode_into(header, {name: len(data) for name, data in sections.items()}, fill, digest=digest)
+
+
+def encode_into(header: dict, sizes: Dict[str, int], fill: Callable[[str, memoryview], None], *,
+                digest: bool = True) -> np.ndarray:
+    """One session as a uint8 array whose sections fill(name, view) writes in place (view: sizes[name] bytes).
+
+    A session of a 30k-token chat of an 8B model is ~4 GB: the K/V section is written by the native save straight
+    into the session's memory, which is allocated without zeroing (np.empty), instead of being built apart and
+    concatenated (a zero-filled bytearray plus a copy took longer than the native save itself)."""
     table, offset = [], 0
-    for name, data in sections.items():
-        table.append({"name": name, "offset": offset, "length": len(data)})
-        offset += len(data)
+    for name, size in sizes.items():
+        table.append({"name": name, "offset": offset, "length": int(size)})
+        offset += int(size)
     head = json.dumps({**header, "sections": table}, separators=(",", ":")).encode()
-    parts = [MAGIC, struct.pack("<II", FORMAT_VERSION, len(head)), head, *sections.values()]
-    h = hashlib.sha256()
-    if digest:
-        for p in parts:
-            h.update(p)
-    out = bytearray().join(parts)
-    out += h.digest() if digest else _NO_DIGEST
-    return out  # not copied into bytes: a session of an 8k-token chat is ~100 MB
+    prefix = MAGIC + struct.pack("<II", FORMAT_VERSION, len(head)) + head
+    out = np.empty(len(prefix) + offset + _DIGEST, np.uint8)
+    view = memoryview(out)
+    view[: len(prefix)] = prefix
+    for entry in table:
+        a = len(prefix) + entry["offset"]
+        fill(entry["name"], view[a: a + entry["length"]])
+    body = view[: len(out) - _DIGEST]
+    view[len(out) - _DIGEST:] = hashlib.sha256(body).digest() if digest else _NO_DIGEST
+    return out
 
 
 def decode(data, *, verify: bool = True) -> Tuple[dict, Dict[str, memoryview]]:
