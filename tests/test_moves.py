@@ -184,3 +184,31 @@ def test_engine_with_pageable_host_memory_reserves_ahead_and_answers_the_same(de
         Engine(demo_model_path, ctx=2048, kv_budget=256, host_memory="swap")
     with Engine(demo_model_path, ctx=2048, kv_budget=256, n_threads=2) as e:  # auto on a CPU: pinned, no reservation
         assert not e.controller.config.reserve_ahead
+
+
+def test_a_staged_offload_finishes_its_host_copies_while_the_next_tokens_decode(tiny_paths):
+    # a staged offload returns once its rows are in the pinned staging; their copy into the slots and their
+    # checksums finish on a background thread while the caller decodes on. Tokens decoded right after it (into the
+    # freed cells), then every offloaded token thawed back: the same logits, bit for bit, as the same operations on
+    # a store that copies before offload returns (pinned host memory), every host copy passes its checksum, and a
+    # corrupted one is still caught
+    path = tiny_paths["llama-hd128"]
+    tokens = random_tokens(120, seed=41)
+    opts = {**OPTS, "kv_type": "f16", "flash_attn": "on"}
+    logits = {}
+    for pinned in (True, False):
+        with session(path, **opts) as s, KVCache(ctx=s.context, pinned_host=pinned, force_gather=True) as kv:
+            s.decode(tokens[:100], 0)
+            kv.offload(np.arange(0, 90))  # staged: one round, its host side deferred
+            s.decode(tokens[100:-1], 100)  # into the freed cells, while the copies may still run
+            kv.debug_corrupt(10, byte=5)
+            with pytest.raises(AsrkfError, match="checksum"):
+                kv.thaw(np.arange(0, 90))
+            kv.debug_corrupt(10, byte=5)  # flipped back
+            kv.offload(np.arange(95, 105))
+            kv.check()  # every host copy against its recorded checksum
+            kv.thaw(np.arange(0, 90))
+            kv.thaw(np.arange(95, 105))
+            kv.check()
+            logits[pinned] = s.decode(tokens[-1:], len(tokens) - 1)
+    assert np.array_equal(logits[True], logits[False])

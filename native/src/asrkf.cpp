@@ -177,6 +177,7 @@ int32_t asrkf_kv_get_info(asrkf_kv_t kv, struct asrkf_kv_info * info) {
         info->host_bytes_used    = kvf.store.bytes_used();
         info->n_copies           = kvf.n_copies;
         info->n_gathers          = kvf.n_gathers;
+        kvf.finish_pending(); // a staged offload may still be hashing on its thread
         info->hashed_bytes       = kvf.store.hashed_bytes;
         info->hash_us            = (uint64_t) (kvf.store.hash_seconds*1e6);
     });

@@ -101,10 +101,12 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
     }
     const auto t_alloc1 = kvf_clock::now();
 
-    // nothing in the cache changes until every row is on the host and recorded
+    // nothing in the cache changes until every row is on the host and recorded (or, staged, in the pinned staging
+    // with its copy into the slots left to a background thread that every later operation waits for)
+    std::function<void()> deferred;
+    std::vector<uint64_t> sums(cell.size(), 0);
     try {
-        std::vector<uint64_t> sums(cell.size(), 0);
-        copy_to_host(stream(seq_id), cell, slot, sums.data());
+        copy_to_host(stream(seq_id), cell, slot, sums.data(), staged ? &deferred : nullptr);
 
         for (uint32_t i = 0; i < cell.size(); ++i) {
             llama_kv_freeze_record rec;
@@ -122,6 +124,23 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
             store.release(slot[i]);
         }
         throw;
+    }
+
+    if (deferred) {
+        auto job = std::make_unique<pending_offload>();
+        job->keys.reserve(cpos.size());
+        for (const llama_pos p : cpos) {
+            job->keys.emplace_back(seq_id, p);
+        }
+        job->sums = std::move(sums); // the same buffer: the deferred work writes into it
+        try {
+            job->worker = std::thread(std::move(deferred));
+            pending = std::move(job);
+        } catch (const std::system_error &) {
+            deferred(); // no thread: finish here
+            pending = std::move(job);
+            finish_pending();
+        }
     }
 
     const auto t_copied = kvf_clock::now();

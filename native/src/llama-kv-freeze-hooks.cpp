@@ -16,12 +16,14 @@
 //
 
 void llama_kv_freeze::on_clear() {
+    finish_pending(); // its thread writes into slots about to be released
     records.clear();
     store.clear();
     epoch++;
 }
 
 void llama_kv_freeze::on_seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    finish_pending();
     if (p0 < 0) {
         p0 = 0;
     }
@@ -41,6 +43,7 @@ void llama_kv_freeze::on_seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1)
 }
 
 void llama_kv_freeze::on_seq_keep(llama_seq_id seq_id) {
+    finish_pending();
     for (auto it = records.begin(); it != records.end();) {
         if (it->first.first != seq_id) {
             store.release(it->second.slot);

@@ -64,7 +64,7 @@ void llama_kv_freeze::finish_copies() {
             ggml_backend_synchronize(backend);
         }
     }
-    scatter_rows.reset();
+    scatter_rows.clear();
 }
 
 ggml_backend_buffer_t llama_kv_freeze::device_buffer(ggml_backend_t backend, int which, size_t size) {
@@ -270,7 +270,69 @@ static void kvf_for_runs_in(const std::vector<kvf_run> & runs, size_t r0, size_t
     }
 }
 
+std::vector<std::vector<size_t>> llama_kv_freeze::by_backend(const std::vector<ggml_tensor *> & tensors) {
+    std::vector<ggml_backend_t>      backend_of;
+    std::vector<std::vector<size_t>> groups;
+    for (size_t i = 0; i < tensors.size(); ++i) {
+        ggml_backend_t b = backend_for(tensors[i]);
+        if (!b) {
+            return {};
+        }
+        const size_t g = std::find(backend_of.begin(), backend_of.end(), b) - backend_of.begin();
+        if (g == backend_of.size()) {
+            backend_of.push_back(b);
+            groups.emplace_back();
+        }
+        groups[g].push_back(i);
+    }
+    return groups;
+}
+
 bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows,
+        const std::vector<kvf_run> & runs, const std::function<uint8_t *(size_t, size_t)> & dst,
+        const std::function<void(size_t, size_t)> & landed) {
+    const auto groups = by_backend(tensors);
+    if (groups.size() <= 1) {
+        return gather_on(tensors, rows, runs, dst, landed);
+    }
+    // the devices one after the other (each waits for its copies); the rows have landed once all have. A device
+    // that cannot gather leaves the whole move to the per-run copies, which rewrite what the others gathered
+    for (const auto & g : groups) {
+        std::vector<ggml_tensor *> sub;
+        for (const size_t i : g) {
+            sub.push_back(tensors[i]);
+        }
+        if (!gather_on(sub, rows, runs, [&](size_t j, size_t a) { return dst(g[j], a); }, nullptr)) {
+            return false;
+        }
+    }
+    if (landed) {
+        landed(0, rows.size());
+    }
+    return true;
+}
+
+bool llama_kv_freeze::scatter(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows,
+        const std::vector<kvf_run> & runs, const std::function<const uint8_t *(size_t, size_t)> & src) {
+    const auto groups = by_backend(tensors);
+    if (groups.size() <= 1) {
+        return scatter_on(tensors, rows, runs, src);
+    }
+    // every device's passes queued on its own stream (finish_copies() waits for all); false: the caller writes per
+    // run, the same rows the queued scatters write
+    for (const auto & g : groups) {
+        std::vector<ggml_tensor *> sub;
+        for (const size_t i : g) {
+            sub.push_back(tensors[i]);
+        }
+        if (!scatter_on(sub, rows, runs, [&src, &g](size_t j, size_t a) { return src(g[j], a); })) {
+            return false;
+        }
+    }
+    return true;
+}
+
+bool llama_kv_freeze::gather_on(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows,
         const std::vector<kvf_run> & runs, const std::function<uint8_t *(size_t, size_t)> & dst,
         const std::function<void(size_t, size_t)> & landed) {
     if (tensors.empty() || rows.empty()) {
@@ -341,7 +403,7 @@ bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const s
 // F32, and set_rows from F32 to F32 moves them bit for bit, whatever the KV type. Every pass is queued at once
 // and this returns without waiting for them (finish_copies() does): the caller verifies the host rows meanwhile.
 // false: the caller writes per run.
-bool llama_kv_freeze::scatter(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows,
+bool llama_kv_freeze::scatter_on(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows,
         const std::vector<kvf_run> & runs, const std::function<const uint8_t *(size_t, size_t)> & src) {
     if (tensors.empty() || rows.empty()) {
         return true;
@@ -354,11 +416,11 @@ bool llama_kv_freeze::scatter(const std::vector<ggml_tensor *> & tensors, const 
         return false;
     }
 
-    scatter_rows = std::make_unique<llama_kv_freeze_rows>();
-    auto & plan = *scatter_rows;
+    scatter_rows.push_back(std::make_unique<llama_kv_freeze_rows>());
+    auto & plan = *scatter_rows.back();
     if (!kvf_plan_rows(plan, backend, tensors, rows, n_pass, GGML_TYPE_F32,
             [&](int which, size_t size) { return device_buffer(backend, which, size); })) {
-        scatter_rows.reset();
+        scatter_rows.pop_back();
         return false;
     }
     uint8_t * scratch_base = (uint8_t *) ggml_backend_buffer_get_base(plan.scratch);
@@ -422,7 +484,8 @@ std::vector<kvf_run> kvf_slot_runs(const std::vector<llama_kv_host_slot> & slot)
 // offload's copy to the host
 //
 
-void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & cell, const std::vector<llama_kv_host_slot> & slot, uint64_t * sums) {
+void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & cell, const std::vector<llama_kv_host_slot> & slot, uint64_t * sums,
+        std::function<void()> * defer) {
     const auto runs = kvf_runs(cell, slot);
 
     const uint64_t kv_size = kv->get_size();
@@ -491,8 +554,35 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
                 }
             };
             const std::vector<kvf_run> one_run = { { 0, (uint32_t) m } };
-            ok = gather(gather_t, rows_round, one_run, [&](size_t i, size_t a) { return stage + off[i] + a*gather_t[i]->nb[1]; },
-                    landed);
+            auto stage_dst = [&](size_t i, size_t a) { return stage + off[i] + a*gather_t[i]->nb[1]; };
+            if (defer && hash_landed && q0 + m == n) {
+                // the last round: once its rows are in the staging, the device is done; copying them into the
+                // slots and hashing them is left to the caller's background thread
+                ok = gather(gather_t, rows_round, one_run, stage_dst, nullptr);
+                if (ok) {
+                    std::vector<size_t> rb(gather_t.size());
+                    for (size_t i = 0; i < gather_t.size(); ++i) {
+                        rb[i] = gather_t[i]->nb[1];
+                    }
+                    std::vector<llama_kv_host_slot> slots(slot.begin() + q0, slot.begin() + q0 + m);
+                    *defer = [this, stage, off, rb, what = gather_what, slots = std::move(slots), out = sums + q0, n_layer]() {
+                        const size_t cnt = slots.size(), per_item = 32;
+                        store.parallel_for((cnt + per_item - 1)/per_item, [&](size_t item) {
+                            const size_t j1 = std::min(cnt, (item + 1)*per_item);
+                            for (size_t i = 0; i < rb.size(); ++i) {
+                                const auto [il, is_v] = what[i];
+                                for (size_t j = item*per_item; j < j1; ++j) {
+                                    uint8_t * dst = is_v ? store.v_row(slots[j], il) : store.k_row(slots[j], il);
+                                    memcpy(dst, stage + off[i] + j*rb[i], rb[i]);
+                                }
+                            }
+                        });
+                        store.checksum_add(slots.data(), cnt, 0, n_layer, out);
+                    };
+                }
+            } else {
+                ok = gather(gather_t, rows_round, one_run, stage_dst, landed);
+            }
         }
         if (!ok) {
             // no gather (several devices, no device memory): per-run copies into the pageable slots below, hashed

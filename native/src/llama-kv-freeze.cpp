@@ -151,6 +151,7 @@ llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_
 }
 
 llama_kv_freeze::~llama_kv_freeze() {
+    finish_pending();
     for (auto * inp : inputs) {
         llama_kv_freeze_input_detach(inp);
     }
@@ -208,6 +209,7 @@ uint8_t * llama_kv_freeze::host_staging(size_t size) {
 }
 
 void llama_kv_freeze::on_context_free() {
+    finish_pending();
     // the context frees the cache and the graph inputs right after this; forget them all
     for (auto * inp : inputs) {
         llama_kv_freeze_input_detach(inp);
@@ -237,6 +239,24 @@ void llama_kv_freeze::sync() const {
         KVF_FAIL(ASRKF_EFREED, "the llama_context of this handle was freed");
     }
     lctx->synchronize();
+    // const readers wait for a pending offload too: its records' checksums are only final once it is done
+    const_cast<llama_kv_freeze *>(this)->finish_pending();
+}
+
+void llama_kv_freeze::finish_pending() {
+    if (!pending) {
+        return;
+    }
+    if (pending->worker.joinable()) {
+        pending->worker.join();
+    }
+    for (size_t i = 0; i < pending->keys.size(); ++i) {
+        auto it = records.find(pending->keys[i]);
+        if (it != records.end()) {
+            it->second.checksum = pending->sums[i];
+        }
+    }
+    pending.reset();
 }
 
 //

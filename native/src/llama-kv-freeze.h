@@ -15,6 +15,7 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -177,8 +178,15 @@ struct llama_kv_freeze {
     uint32_t n_frozen_cells() const;
     bool     v_trans() const;
 
+    // waits for the llama context and for an offload's copies still running on the host (finish_pending)
     void sync() const;
     void bump_graph() const;
+
+    // the host side of the last offload when it was staged: its rows are copied out of the pinned staging into
+    // their slots and hashed on a background thread while the caller decodes the next prompt chunk (the copies
+    // took 0.49 s of a 30k prompt's 4.7 s on the H200, docs/gpu.md). Every operation of this handle, the hooks and
+    // the destructor wait for it first; then its checksums go into the records
+    void finish_pending();
 
 private:
     // the importance output of the latest decode for seq_id, per cell of the graph's view (refuses stale data)
@@ -196,10 +204,19 @@ private:
     // landed(r0, n): rows r0..r0+n-1 of every tensor are on the host (called in order, while later rows copy)
     // runs: the rows in runs (ascending, covering every row) whose host rows are back to back: dst(i, a) / src(i, a)
     // is where row a of tensor i and the rest of its run live on the host (one device copy per run and tensor)
+    // tensors on several devices (layers split over GPUs, or over a GPU and the CPU with force_gather): one gather /
+    // scatter per device, each over its own tensors (gather_on / scatter_on: the tensors of one device)
     bool gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<kvf_run> & runs,
                 const std::function<uint8_t *(size_t, size_t)> & dst, const std::function<void(size_t, size_t)> & landed);
     bool scatter(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<kvf_run> & runs,
                  const std::function<const uint8_t *(size_t, size_t)> & src);
+    bool gather_on(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<kvf_run> & runs,
+                   const std::function<uint8_t *(size_t, size_t)> & dst, const std::function<void(size_t, size_t)> & landed);
+    bool scatter_on(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<kvf_run> & runs,
+                    const std::function<const uint8_t *(size_t, size_t)> & src);
+    // indices of tensors grouped by the backend that holds them, in order of first appearance; empty when one has
+    // no backend
+    std::vector<std::vector<size_t>> by_backend(const std::vector<ggml_tensor *> & tensors);
 
     // device buffers of the gathers and scatters (0: row ids, 1: scratch), per backend, kept across moves
     std::map<ggml_backend_t, std::array<ggml_backend_buffer_t, 2>> dev_buffers;
@@ -222,14 +239,24 @@ private:
 
     // K/V rows of the cells into the slots (cells ascending; slots from store.alloc); with sums, the slots'
     // checksums, hashed as the rows land while later rows still copy
-    void copy_to_host(uint32_t strm, const std::vector<uint32_t> & cell, const std::vector<llama_kv_host_slot> & slot, uint64_t * sums);
+    // defer != nullptr: the last round of a staged copy may be left to *defer (run it later, on any thread, before
+    // the staging or the slots are touched again), which then fills its part of sums
+    void copy_to_host(uint32_t strm, const std::vector<uint32_t> & cell, const std::vector<llama_kv_host_slot> & slot, uint64_t * sums,
+                      std::function<void()> * defer = nullptr);
+
+    struct pending_offload {
+        std::thread                                    worker;
+        std::vector<uint64_t>                          sums; // by index of keys; the deferred part filled by worker
+        std::vector<std::pair<llama_seq_id, llama_pos>> keys;
+    };
+    std::unique_ptr<pending_offload> pending;
 
     void read (const ggml_tensor * t, size_t offset, size_t size, void * dst);
     void write(ggml_tensor * t, size_t offset, size_t size, const void * src);
     void finish_copies();
 
     // the device buffers of a scatter still running (released by finish_copies)
-    std::unique_ptr<llama_kv_freeze_rows> scatter_rows;
+    std::vector<std::unique_ptr<llama_kv_freeze_rows>> scatter_rows; // one per device of the scatter
 
     // cell index of each position (must be resident and unique), in the order given
     std::vector<uint32_t> cells_of(llama_seq_id seq_id, const std::vector<llama_pos> & pos, const char * op) const;
