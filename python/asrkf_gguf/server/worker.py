@@ -67,9 +67,13 @@ class Job:
 
 
 class ModelWorker:
-    def __init__(self, engine, pool: ConversationPool):
+    def __init__(self, engine, pool: ConversationPool, *, save_seconds: float = 10.0):
+        """save_seconds: at close, how long the pool may go on writing conversations to its cache directory."""
         self.engine = engine
         self.pool = pool
+        self.save_seconds = save_seconds
+        self._closing = threading.Lock()
+        self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asrkf-model")
         self._lock = threading.Lock()  # guards _current against cancel(): engine.cancel() hits only that job
         self._current: Optional[Job] = None
@@ -98,10 +102,20 @@ class ModelWorker:
                 self.engine.cancel()
 
     def close(self) -> None:
-        """Stop, wait for the job in progress to end, close the Engine. Safe to call twice."""
+        """Stop, wait for the job in progress to end, write the conversations in memory to the cache directory
+        (if any, within save_seconds), close the Engine. Safe to call twice, from two threads."""
         self.stop()
         self._executor.shutdown(wait=True, cancel_futures=True)
-        self.engine.close()
+        with self._closing:  # the lifespan's close and serve()'s: the first one writes, the second finds it done
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self.pool.persist(self.save_seconds)  # the model thread has ended: nothing else uses the Engine
+            except Exception:
+                log.exception("writing the conversations to the cache directory failed")
+            finally:
+                self.engine.close()
 
     @property
     def busy(self) -> bool:
@@ -120,6 +134,8 @@ class ModelWorker:
         self.last = {"completion_tokens": 0, "cancelled": False}
         try:
             self._generate(job)
+            # after the reply went out, before the next request: idle conversations past the limits go to disk
+            self.pool.tidy()
         except _Cancelled:  # during the prefill: the turn was taken back out of the cache
             self.last["cancelled"] = True
             job.emit("error", ApiError(503, "the server is shutting down" if self.stopping else "cancelled",
