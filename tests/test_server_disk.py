@@ -2,7 +2,11 @@
 prefilled; a restart continues the chats a SIGTERM wrote; a damaged file, or one of another model, is refused and
 the reply is still right. The official openai client, greedy, the demo model."""
 
+import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -11,7 +15,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
-from asrkf_gguf import sessions  # noqa: E402
+from asrkf_gguf import _lib, sessions  # noqa: E402
 from asrkf_gguf.engine import Engine  # noqa: E402
 from asrkf_gguf.server.pool import SESSION_SUFFIX  # noqa: E402
 from test_server import A, B, CTX, MAX_TOKENS, T, converse, engine_replies, start_server, stop_server  # noqa: E402
@@ -36,8 +40,16 @@ def client_of(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=300)
 
 
-def health(url):
-    return httpx.get(f"{url}/health").json()
+def health(url, requests=None):
+    """/health; with requests, once that many requests have ended and the model thread is idle (it moves
+    conversations to disk after a reply went out, and is busy until then)."""
+    deadline = time.monotonic() + 60
+    while True:
+        h = httpx.get(f"{url}/health").json()
+        if requests is None or (h["requests"] >= requests and not h["busy"]):
+            return h
+        assert time.monotonic() < deadline, h
+        time.sleep(0.05)
 
 
 def session_files(d):
@@ -67,7 +79,7 @@ def test_interleaved_conversations_through_the_disk_reply_as_each_alone(demo_mod
                 if turn > 0:  # the cache held everything up to this turn's new user message: from the file
                     assert r.usage.prompt_tokens_details.cached_tokens >= last[name], (name, turn)
                 last[name] = r.usage.prompt_tokens + r.usage.completion_tokens - 1  # the end token is not decoded
-        h = health(url)
+        h = health(url, requests=6)
         assert h["conversations"] == 2 and h["on_disk"] == 1
         assert h["loaded_from_disk"] == 4 and h["written_to_disk"] >= 5 and h["refused_files"] == 0
         assert len(session_files(tmp_path)) == 2
@@ -100,7 +112,7 @@ def test_a_restart_continues_the_conversations_a_sigterm_wrote(demo_model_path, 
         second, r2 = converse(client_of(url), T, history)
         assert second == want[1]  # as in one uninterrupted run
         assert r2.usage.prompt_tokens_details.cached_tokens >= len(tokens)
-        assert health(url)["loaded_from_disk"] == 1
+        assert health(url, requests=1)["loaded_from_disk"] == 1
     finally:
         stop_server(proc)
 
@@ -130,8 +142,9 @@ def test_a_damaged_file_or_another_models_is_refused_and_the_reply_is_still_righ
         ha, hb = [], []
         converse(client, A, ha)
         converse(client, B, hb)  # A goes to disk
+        assert health(url, requests=2)["on_disk"] == 1
         files = [p for p in session_files(tmp_path) if p != other]
-        assert len(files) == 1 and health(url)["on_disk"] == 1
+        assert len(files) == 1
         data = files[0].read_bytes()
         files[0].write_bytes(flipped(data, len(data) // 2))  # in the K/V rows
         # A's next turn: the file fails its checksum, so A is prefilled from scratch, as a fresh Engine does it
@@ -141,7 +154,7 @@ def test_a_damaged_file_or_another_models_is_refused_and_the_reply_is_still_righ
         r = client.chat.completions.create(model="any", messages=ha, temperature=0, max_tokens=MAX_TOKENS)
         assert r.choices[0].message.content == want
         assert r.usage.prompt_tokens_details.cached_tokens == 0
-        h = health(url)
+        h = health(url, requests=3)
         assert h["refused_files"] == 1 and h["loaded_from_disk"] == 0
         assert not files[0].exists() or files[0].read_bytes() != flipped(data, len(data) // 2)
         code, err = stop_cleanly(proc)
@@ -151,3 +164,12 @@ def test_a_damaged_file_or_another_models_is_refused_and_the_reply_is_still_righ
     assert f"skipped {other}: the session was saved with another model" in err, err
     assert "was refused (the session file failed its checksum" in err, err
     assert other.exists()  # another model's file is left alone
+
+
+def test_a_cache_dir_that_is_a_file_is_one_error_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = subprocess.run([sys.executable, "-m", "asrkf_gguf", "serve", "--cache-dir", str(tmp_path / "file")],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, ASRKF_GGUF_LIB_DIR=str(_lib.lib_dir())))
+    assert r.returncode == 2 and r.stderr.startswith(f"error: --cache-dir {tmp_path / 'file'}: "), r.stderr
+    assert len(r.stderr.splitlines()) == 1

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
 from ..engine import EngineError, common_prefix
-from ..errors import SessionError
+from ..errors import ClosedError, SessionError
 
 log = logging.getLogger("asrkf_gguf.server")
 
@@ -167,7 +167,9 @@ class ConversationPool:
         everything before it changes anything): logged, deleted, and the conversation prefilled from scratch."""
         try:
             self.engine.load(conv.path)
-        except (SessionError, OSError) as err:
+        except ClosedError:
+            raise
+        except Exception as err:  # SessionError, OSError; a native failure clears the chat: the same remedy
             self.n_refused += 1
             log.warning("conversation %d: the session file %s was refused (%s); its prompt is prefilled from "
                         "scratch", conv.id, conv.path, err)

@@ -134,8 +134,6 @@ class ModelWorker:
         self.last = {"completion_tokens": 0, "cancelled": False}
         try:
             self._generate(job)
-            # after the reply went out, before the next request: idle conversations past the limits go to disk
-            self.pool.tidy()
         except _Cancelled:  # during the prefill: the turn was taken back out of the cache
             self.last["cancelled"] = True
             job.emit("error", ApiError(503, "the server is shutting down" if self.stopping else "cancelled",
@@ -152,9 +150,19 @@ class ModelWorker:
             log.exception("request failed")
             job.emit("error", ApiError(500, f"{type(err).__name__}: {err}", type="server_error"))
         finally:
+            if not self.stopping:  # at shutdown close() writes them all
+                self._tidy()
             self.n_requests += 1
             with self._lock:
                 self._current = None
+
+    def _tidy(self) -> None:
+        """After the reply went out, before the next request (still busy in /health): idle conversations past the
+        pool's limits go to disk. A failure here is logged; the request has been answered already."""
+        try:
+            self.pool.tidy()
+        except Exception:
+            log.exception("moving idle conversations to disk failed")
 
     def _generate(self, job: Job) -> None:
         e, req = self.engine, job.request
