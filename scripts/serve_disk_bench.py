@@ -2,12 +2,13 @@
 
     python scripts/serve_disk_bench.py [--runs 3] [--doc-chars 3000] [--json OUT] [-- MODEL serve options]
 
-Two servers in turn on the demo model (or the MODEL after --), both with --max-conversations 1, so that a second
+Three servers in turn on the demo model (or the MODEL after --). Two with --max-conversations 1, so that a second
 conversation pushes the first one out of memory: "disk" with --cache-dir (the first conversation is written to a
-session file and loaded back), "prefill" without (it is forgotten and its prompt prefilled again). In each run a
+session file and loaded back), "prefill" without (it is forgotten and its prompt prefilled again); and "memory",
+--max-conversations 16 without --cache-dir (it stays parked in host memory: the switch of issue 14, item 3). In each run a
 conversation gets a document and a question (its first turn), a short unrelated conversation runs, and the first
-one's follow-up is timed: the whole request, streamed, max_tokens 1 (so it is the time to the first token: the load
-or the prefill, plus one decode). Printed: per mode, the follow-up's milliseconds as median [min-max] over the
+one's follow-up is timed, once the server is idle (the write to disk after the short reply is not counted): the
+whole request, streamed, max_tokens 1 (the time to the first token: the load or the prefill, plus one decode). Printed: per mode, the follow-up's milliseconds as median [min-max] over the
 runs, its prompt and cached tokens, and the session files' sizes.
 """
 
@@ -25,6 +26,7 @@ import tempfile
 import threading
 import time
 
+import httpx
 import openai
 
 
@@ -73,6 +75,12 @@ def timed(client, messages, max_tokens):
     return time.perf_counter() - t0, "".join(text), usage
 
 
+def idle(url):
+    """Wait until the model thread is idle: the server writes idle conversations to disk after a reply went out."""
+    while httpx.get(url.removesuffix("/v1") + "/health").json()["busy"]:
+        time.sleep(0.01)
+
+
 def run_mode(serve_args, runs, doc):
     proc, url = start_server(serve_args)
     out = []
@@ -83,6 +91,7 @@ def run_mode(serve_args, runs, doc):
                     {"role": "user", "content": f"{doc}\n\nWhat is this text about?"}]
             _, reply, first = timed(client, chat, 8)
             timed(client, [{"role": "user", "content": f"Run {i}: name a color."}], 4)  # pushes `chat` out
+            idle(url)  # the write of `chat` to disk (after that reply) is not in the timed request
             chat += [{"role": "assistant", "content": reply}, {"role": "user", "content": "Say it in one word."}]
             seconds, _, usage = timed(client, chat, 1)
             out.append({"ms": seconds * 1e3, "prompt_tokens": usage.prompt_tokens,
@@ -116,15 +125,16 @@ def main() -> int:
         disk = run_mode([*common, "--cache-dir", cache_dir], args.runs, doc)
         sizes = sorted(os.path.getsize(os.path.join(cache_dir, n)) for n in os.listdir(cache_dir))
     prefill = run_mode(common, args.runs, doc)
+    memory = run_mode([*args.serve_args, "--max-conversations", "16"], args.runs, doc)
     result["load_average_end"] = os.getloadavg()[0]
-    result.update(disk=summary(disk), prefill=summary(prefill), session_file_bytes=sizes, raw={"disk": disk,
-                                                                                               "prefill": prefill})
+    result.update(disk=summary(disk), prefill=summary(prefill), memory=summary(memory), session_file_bytes=sizes,
+                  raw={"disk": disk, "prefill": prefill, "memory": memory})
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
         with open(args.json, "w") as f:
             f.write(text + "\n")
-    for mode in ("disk", "prefill"):
+    for mode in ("disk", "prefill", "memory"):
         s = result[mode]
         print(f"{mode:8s} follow-up {s['ms_median']:.0f} ms [{s['ms_min']:.0f}-{s['ms_max']:.0f}], prompt "
               f"{s['prompt_tokens']} tokens, cached {s['cached_tokens']}", file=sys.stderr)
