@@ -5,11 +5,13 @@
 Three servers in turn on the demo model (or the MODEL after --). Two with --max-conversations 1, so that a second
 conversation pushes the first one out of memory: "disk" with --cache-dir (the first conversation is written to a
 session file and loaded back), "prefill" without (it is forgotten and its prompt prefilled again); and "memory",
---max-conversations 16 without --cache-dir (it stays parked in host memory: the switch of issue 14, item 3). In each run a
-conversation gets a document and a question (its first turn), a short unrelated conversation runs, and the first
-one's follow-up is timed, once the server is idle (the write to disk after the short reply is not counted): the
-whole request, streamed, max_tokens 1 (the time to the first token: the load or the prefill, plus one decode). Printed: per mode, the follow-up's milliseconds as median [min-max] over the
-runs, its prompt and cached tokens, and the session files' sizes.
+--max-conversations 16 without --cache-dir (it stays parked in host memory: the switch of issue 14, item 3).
+
+In each run a conversation gets a document and a question (its first turn), a short unrelated conversation runs,
+and the first one's follow-up is timed once the server is idle (the write to disk after the short reply is not
+counted): the whole request, streamed, max_tokens 1 (the time to the first token: the load or the prefill, plus
+one decode). Printed: per mode, the follow-up's milliseconds as median [min-max] over the runs, its prompt and
+cached tokens, and the session files' sizes.
 """
 
 from __future__ import annotations

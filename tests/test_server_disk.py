@@ -173,3 +173,24 @@ def test_a_cache_dir_that_is_a_file_is_one_error_line(tmp_path):
                        env=dict(os.environ, ASRKF_GGUF_LIB_DIR=str(_lib.lib_dir())))
     assert r.returncode == 2 and r.stderr.startswith(f"error: --cache-dir {tmp_path / 'file'}: "), r.stderr
     assert len(r.stderr.splitlines()) == 1
+
+
+def test_an_idle_chat_is_written_as_save_writes_it_when_current(reference, tmp_path):
+    # what the server writes for a parked conversation (Engine.save_chat) is byte for byte the file Engine.save
+    # writes for the same conversation once it is current again, and its header gives its tokens
+    e = reference
+    e.reset()
+    "".join(e.chat(A[0], max_tokens=4))
+    a, a_tokens = e.chat_id, e.cached_tokens()
+    b = e.new_chat()
+    "".join(e.chat(B[0], max_tokens=4))
+    try:
+        e.save_chat(a, tmp_path / f"idle{SESSION_SUFFIX}")
+        assert e.saved_tokens(tmp_path / f"idle{SESSION_SUFFIX}") == a_tokens
+        e.switch(a)
+        e.save_chat(a, tmp_path / f"current{SESSION_SUFFIX}")  # the current one: save()
+        assert (tmp_path / f"idle{SESSION_SUFFIX}").read_bytes() == (tmp_path / f"current{SESSION_SUFFIX}").read_bytes()
+        assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    finally:
+        if b in e.chat_ids() and b != e.chat_id:
+            e.drop_chat(b)
