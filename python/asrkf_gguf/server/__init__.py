@@ -8,6 +8,7 @@ app.py (the HTTP API). docs/server.md says what is honoured and what is not done
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -18,7 +19,9 @@ from ..cli import UsageError, check_engine_args, check_gguf, make_engine
 from ..engine import size_bytes
 from .app import create_app
 from .pool import ConversationPool
-from .worker import ModelWorker, log
+from .worker import ModelWorker
+
+log = logging.getLogger("asrkf_gguf.server")
 
 # at SIGINT / SIGTERM, how long the server may go on writing the conversations in memory to --cache-dir before it
 # exits (after the at most 5 s it gives open connections): within the 10 s a container runtime waits before it
