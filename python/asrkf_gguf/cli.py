@@ -135,7 +135,13 @@ def add_serve_parser(sub) -> None:
     r.add_argument("--port", type=int, default=8080, help="port (0: any free port, printed)")
     r.add_argument("--alias", help="model name in /v1/models and the replies (default: the GGUF's file name)")
     r.add_argument("--max-conversations", type=int, default=16,
-                   help="conversations the server tells apart (matched by token prefix)")
+                   help="conversations the server tells apart (matched by token prefix); with --cache-dir, the "
+                        "conversations kept in memory (the least recently used idle ones past it go to disk)")
+    r.add_argument("--cache-dir", metavar="DIR",
+                   help="keep idle conversations on disk as session files: past --max-conversations in memory or "
+                        "--host-budget (parked conversations plus offloaded K/V), the least recently used go to "
+                        "DIR; at shutdown the conversations in memory are written there too, and a restart on "
+                        "the same DIR continues them without prefilling them again (default: none, nothing on disk)")
     add_engine_options(r)
     add_verbose_flag(r)
 

@@ -515,17 +515,38 @@ class Engine:
             data = self._snapshot(digest=True)
         finally:
             self._step.release()
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        sessions.write_file(os.fspath(path), data)  # atomic: the old file or the new one, never a torn one
         return len(data)
+
+    def save_chat(self, chat_id: int, path: Union[str, os.PathLike]) -> int:
+        """Write one conversation, the current one (as save()) or an idle one, to a session file; returns its size.
+        An idle one's in-memory blob is written as the file save() would have written while it was current (the
+        model's fingerprint and a sha256 added); nothing changes in the Engine. A server moves idle
+        conversations to disk with this, then drop_chat()."""
+        self._live()
+        if chat_id == self._chat_id:
+            return self.save(path)
+        blob = self._parked.get(chat_id)
+        if blob is None:
+            raise EngineError(f"no conversation {chat_id}; this Engine holds {self.chat_ids()}")
+        header, sections = sessions.decode(blob, verify=False)
+        header = {k: v for k, v in header.items() if k != "sections"}  # encode() writes the section table again
+        header["compat"] = {**header.get("compat", {}), **self._compat(model=True)}
+        data = sessions.encode(header, {name: sections[name] for name in ("kv", "table")}, digest=True)
+        sessions.write_file(os.fspath(path), data)
+        return len(data)
+
+    def saved_tokens(self, path: Union[str, os.PathLike]) -> List[int]:
+        """The token ids a session file holds, if its header says it can be loaded into this Engine (the same
+        model and cache settings); SessionError naming what differs otherwise. Reads only the header: load()
+        still verifies the whole file (checksum, KV) and may refuse it."""
+        self._live()
+        header = sessions.read_header(os.fspath(path))
+        sessions.compare(header.get("compat", {}), self._compat(model=True))
+        try:
+            return [int(t) for t in header["chat"]["tokens"]]
+        except (KeyError, TypeError, ValueError) as err:
+            raise SessionError(f"the session's chat cannot be read: {err}") from None
 
     def load(self, path: Union[str, os.PathLike]) -> None:
         """Replace the current conversation with a saved one (save()). A file that is not a session, is damaged,

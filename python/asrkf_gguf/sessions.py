@@ -140,6 +140,60 @@ def decode(data, *, verify: bool = True) -> Tuple[dict, Dict[str, memoryview]]:
     return header, sections
 
 
+def read_header(path: str) -> dict:
+    """The header of a session file, reading only its first bytes (no checksum: load() verifies the whole file);
+    SessionError when it is not one, a newer format, or its header is cut or not JSON. A server indexes its cache
+    directory with this: what a file holds (the chat's tokens) and what it needs (header["compat"])."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(MAGIC) + 8)
+            if len(head) < len(MAGIC) + 8 or head[: len(MAGIC)] != MAGIC:
+                raise SessionError("not an asrkf-gguf session file")
+            version, n_head = struct.unpack_from("<II", head, len(MAGIC))
+            if version != FORMAT_VERSION:
+                raise SessionError(f"session format version {version}; this asrkf-gguf reads version "
+                                   f"{FORMAT_VERSION}")
+            text = f.read(n_head)
+    except OSError as err:
+        raise SessionError(f"cannot read the session file: {err}") from None
+    if len(text) < n_head:
+        raise SessionError("the session file is truncated (header)")
+    try:
+        header = json.loads(text)
+    except ValueError as err:
+        raise SessionError(f"the session header is not valid JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise SessionError("the session header is not a JSON object")
+    return header
+
+
+def write_file(path: str, data) -> None:
+    """Write a session file atomically: a temporary file next to it, flushed to the disk (fsync), renamed over
+    `path`, and the directory flushed too, so that a crash or power loss leaves the old file or the new one,
+    never a torn one (readers only ever see whole files)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:  # a directory that cannot be opened (some platforms): the rename is done all the same
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def compare(saved: dict, here: dict) -> None:
     """SessionError naming the first setting in which a saved session and this Engine differ."""
     labels = {

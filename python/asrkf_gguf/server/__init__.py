@@ -1,6 +1,6 @@
 """python -m asrkf_gguf serve: an OpenAI-compatible HTTP server over one Engine (Starlette on uvicorn).
 
-    python -m asrkf_gguf serve [MODEL] [--host 127.0.0.1] [--port 8080] [run's Engine options]
+    python -m asrkf_gguf serve [MODEL] [--host 127.0.0.1] [--port 8080] [--cache-dir DIR] [run's Engine options]
 
 Parts: pool.py (which conversation a request continues; the swap hook), worker.py (the model thread),
 app.py (the HTTP API). docs/server.md says what is honoured and what is not done yet.
@@ -8,6 +8,7 @@ app.py (the HTTP API). docs/server.md says what is honoured and what is not done
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -15,9 +16,17 @@ import socket
 import uvicorn
 
 from ..cli import UsageError, check_engine_args, check_gguf, make_engine
+from ..engine import size_bytes
 from .app import create_app
 from .pool import ConversationPool
 from .worker import ModelWorker
+
+log = logging.getLogger("asrkf_gguf.server")
+
+# at SIGINT / SIGTERM, how long the server may go on writing the conversations in memory to --cache-dir before it
+# exits (after the at most 5 s it gives open connections): within the 10 s a container runtime waits before it
+# kills a process, when the connections close at once
+SHUTDOWN_SAVE_SECONDS = 5.0
 
 
 def serve(args) -> int:
@@ -29,13 +38,28 @@ def serve(args) -> int:
     check_engine_args(args)
     if args.model:
         check_gguf(args.model)
+    if args.cache_dir is not None:
+        _check_cache_dir(args.cache_dir)
     sock = _listen(args.host, args.port)  # before loading the model: a port in use fails at once, in one line
     try:
         engine = make_engine(args)
     except BaseException:
         sock.close()
         raise
-    worker = ModelWorker(engine, ConversationPool(engine, max_conversations=args.max_conversations))
+    try:
+        if args.cache_dir is not None and engine.kv.info().iswa:
+            raise UsageError("--cache-dir: this model's conversations cannot be saved (sliding-window layers, iSWA, "
+                             "e.g. Gemma-3)")
+        pool = ConversationPool(engine, max_conversations=args.max_conversations, cache_dir=args.cache_dir,
+                                host_budget=size_bytes(args.host_budget) if args.host_budget is not None else None)
+        n_found = pool.index()  # the conversations a previous run left on disk, before the first request
+    except BaseException:
+        engine.close()
+        sock.close()
+        raise
+    if args.cache_dir is not None:
+        log.info("%d conversations found in %s", n_found, args.cache_dir)
+    worker = ModelWorker(engine, pool, save_seconds=SHUTDOWN_SAVE_SECONDS)
     name = args.alias or os.path.basename(engine.model_path)
     try:
         config = uvicorn.Config(create_app(worker, name), ws="none", log_level="info" if args.verbose else "warning",
@@ -55,6 +79,16 @@ def serve(args) -> int:
         worker.close()  # the lifespan shutdown closed it already unless startup failed or the exit was forced
         sock.close()
     return 0
+
+
+def _check_cache_dir(path: str) -> None:
+    """--cache-dir: made if missing; UsageError when it is not a directory this process can write."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--cache-dir {path}: {err.strerror or err}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"--cache-dir {path}: not writable")
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -67,9 +67,13 @@ class Job:
 
 
 class ModelWorker:
-    def __init__(self, engine, pool: ConversationPool):
+    def __init__(self, engine, pool: ConversationPool, *, save_seconds: float = 10.0):
+        """save_seconds: at close, how long the pool may go on writing conversations to its cache directory."""
         self.engine = engine
         self.pool = pool
+        self.save_seconds = save_seconds
+        self._closing = threading.Lock()
+        self._closed = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asrkf-model")
         self._lock = threading.Lock()  # guards _current against cancel(): engine.cancel() hits only that job
         self._current: Optional[Job] = None
@@ -98,10 +102,20 @@ class ModelWorker:
                 self.engine.cancel()
 
     def close(self) -> None:
-        """Stop, wait for the job in progress to end, close the Engine. Safe to call twice."""
+        """Stop, wait for the job in progress to end, write the conversations in memory to the cache directory
+        (if any, within save_seconds), close the Engine. Safe to call twice, from two threads."""
         self.stop()
         self._executor.shutdown(wait=True, cancel_futures=True)
-        self.engine.close()
+        with self._closing:  # the lifespan's close and serve()'s: the first one writes, the second finds it done
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self.pool.persist(self.save_seconds)  # the model thread has ended: nothing else uses the Engine
+            except Exception:
+                log.exception("writing the conversations to the cache directory failed")
+            finally:
+                self.engine.close()
 
     @property
     def busy(self) -> bool:
@@ -136,9 +150,19 @@ class ModelWorker:
             log.exception("request failed")
             job.emit("error", ApiError(500, f"{type(err).__name__}: {err}", type="server_error"))
         finally:
+            if not self.stopping:  # at shutdown close() writes them all
+                self._tidy()
             self.n_requests += 1
             with self._lock:
                 self._current = None
+
+    def _tidy(self) -> None:
+        """After the reply went out, before the next request (still busy in /health): idle conversations past the
+        pool's limits go to disk. A failure here is logged; the request has been answered already."""
+        try:
+            self.pool.tidy()
+        except Exception:
+            log.exception("moving idle conversations to disk failed")
 
     def _generate(self, job: Job) -> None:
         e, req = self.engine, job.request
