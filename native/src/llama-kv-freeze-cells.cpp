@@ -3,6 +3,8 @@
 #include "asrkf.h"
 #include "llama-kv-freeze-rows.h"
 
+#include <system_error>
+
 #include "llama-kv-cache.h"
 
 #include <algorithm>
