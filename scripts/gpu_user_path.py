@@ -6,6 +6,9 @@ broken down (model decodes, offloads, thaws, score folds, recall scoring), as me
 
   python scripts/gpu_user_path.py --model M.gguf [--tokens 30000 --ctx 32768 --rounds 3] [--json OUT.json]
 
+On the CPU (--n-gpu-layers 0, --threads N) it is the CPU's user path: scripts/cpu_user_path.sh runs it on
+Qwen2.5-Coder-0.5B with a 4k-token prompt.
+
 The model needs a real vocabulary and chat template (scripts/write_bench_model.py --vocab). The prompt is
 ordinary text (the Python standard library's reference documentation and source, which every Python ships), cut
 to --tokens tokens of that model.
@@ -81,7 +84,7 @@ def move_trace(stderr: str) -> dict:
 def run_once(model: str, prompt_file: str, args, extra) -> dict:
     cmd = [sys.executable, "-m", "asrkf_gguf", "run", model, "--prompt-file", prompt_file, "--ctx", str(args.ctx),
            "--max-tokens", str(args.max_tokens), "--temperature", "0", "--n-gpu-layers", str(args.n_gpu_layers),
-           "--json", *extra]
+           "--json", *(["--threads", str(args.threads)] if args.threads else []), *extra]
     t0 = time.perf_counter()
     # the trace costs one line per move (a few hundred in a run): on in every run, so that each carries its breakdown
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ASRKF_TRACE_MOVES": "1"})
@@ -109,6 +112,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--n-gpu-layers", type=int, default=99)
+    ap.add_argument("--threads", type=int, default=None, help="run's --threads (default: run's own)")
     ap.add_argument("--settings", default=",".join(SETTINGS), help=f"of {', '.join(SETTINGS)}")
     ap.add_argument("--json")
     args = ap.parse_args()

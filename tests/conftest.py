@@ -14,6 +14,14 @@ TINY_SPECS = {
     "qwen2": TinyModelSpec(arch="qwen2", n_layer=2, n_embd=128, n_head=4, n_head_kv=2, seed=1),
 }
 
+# ASRKF_TEST_N_GPU_LAYERS=99 (a CUDA/Metal build): the sessions of these tests and every Engine a test makes
+# without saying n_gpu_layers put the model and its KV cache on the GPU, so that the Engine's GPU defaults (every
+# 4th layer scored, recall on the device, pageable host memory with staged moves) run under the suite there
+if os.environ.get("ASRKF_TEST_N_GPU_LAYERS"):
+    from asrkf_gguf.engine import Engine as _Engine
+
+    _Engine.__init__.__kwdefaults__["n_gpu_layers"] = int(os.environ["ASRKF_TEST_N_GPU_LAYERS"])
+
 # (kv type, flash attention): quantized V needs flash attention in llama.cpp
 KV_CASES = [("f16", "off"), ("f16", "on"), ("q8_0", "on"), ("q4_0", "on")]
 
@@ -36,8 +44,29 @@ def fetched_model(fetch):
     return str(fetch(progress=False))
 
 
+# ChatML, as SmolLM2-135M-Instruct (the demo model) writes it
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+# where nothing can be fetched (ASRKF_TEST_NO_FETCH=1: the GPU machine of scripts/gpu_bench.sh) a written model
+# stands in for the demo model: random weights, a SentencePiece vocabulary and the demo's chat template, so that
+# the Engine, CLI, server and session tests run on the GPU's paths too. Tests that need the real model's answers
+# ask for real_demo_model_path, which skips there
+DEMO_STANDIN = TinyModelSpec(arch="llama", n_layer=4, n_embd=256, n_head=4, n_head_kv=2, n_vocab=1024,
+                             n_ctx_train=16384, seed=7, chat_template=CHATML)
+
+
+@pytest.fixture(scope="session")
+def real_demo_model_path():
+    from asrkf_gguf.models import fetch_demo_model
+
+    return fetched_model(fetch_demo_model)
+
+
 @pytest.fixture(scope="session")
 def demo_model_path():
+    if os.environ.get("ASRKF_TEST_NO_FETCH"):
+        return str(tiny_model(DEMO_STANDIN))
     from asrkf_gguf.models import fetch_demo_model
 
     return fetched_model(fetch_demo_model)

@@ -65,9 +65,9 @@ def test_a_builtin_name_is_llama_cpps_template(tiny_path):
             Engine(tiny_path, ctx=512, system_prompt="  ")
 
 
-def test_the_demo_models_own_template_is_used(demo_model_path):
+def test_the_demo_models_own_template_is_used(real_demo_model_path):
     # SmolLM2's Jinja template adds its default system message, which llama.cpp's built-in chatml does not
-    with Engine(demo_model_path, ctx=1024, policy="full", n_threads=2) as e:
+    with Engine(real_demo_model_path, ctx=1024, policy="full", n_threads=2) as e:
         "".join(e.chat("Hi", max_tokens=2, temperature=0.0))
         head = b"".join(e.session.piece(t) for t in e.cached_tokens()[:40])
         assert b"named SmolLM" in head and e._template.used == "jinja"
@@ -103,7 +103,7 @@ def test_create_chat_completion_is_openai_shaped_and_reuses_the_cache(engine):
     assert engine.messages == msgs2 + [out2["choices"][0]["message"]]
 
 
-def test_create_chat_completion_streams_chunks(engine):
+def test_create_chat_completion_streams_chunks(engine, real_demo_model_path):  # the real model stops by itself
     msgs = [{"role": "user", "content": "Count to three."}]
     chunks = list(engine.create_chat_completion(msgs, stream=True, max_tokens=40, temperature=0.0))
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)

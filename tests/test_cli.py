@@ -115,16 +115,16 @@ def one_error_line(r):
     (lambda d: ["--hf-repo", "no-slash"], "ORG/NAME"),
     (lambda d: ["DEMO", "--policy", "full", "--ctx", "64", "--max-tokens", "60"], "--max-tokens 60), more than ctx 64"),
 ])
-def test_bad_input_is_one_line_and_exit_2(demo_model_path, tmp_path, make_args, words):
+def test_bad_input_is_one_line_and_exit_2(real_demo_model_path, tmp_path, make_args, words):
     (tmp_path / "text.gguf").write_text("hello")
-    with open(demo_model_path, "rb") as f:
+    with open(real_demo_model_path, "rb") as f:
         (tmp_path / "truncated.gguf").write_bytes(f.read(1 << 20))
     (tmp_path / "bad.json").write_text("[1, 2")
     (tmp_path / "notlist.json").write_text('{"a": 1}')
     (tmp_path / "blank.json").write_text('["hi", "  "]')
     (tmp_path / "blank.txt").write_text(" \n\n")
     (tmp_path / "bad.gbnf").write_text('root ::= ( "a"\n')
-    args = [demo_model_path if a == "DEMO" else a for a in make_args(tmp_path)]
+    args = [real_demo_model_path if a == "DEMO" else a for a in make_args(tmp_path)]
     r = cli(*args, "--max-tokens", "4") if "--max-tokens" not in args else cli(*args)
     assert r.returncode == 2, r.stderr
     assert words in one_error_line(r)
@@ -137,10 +137,10 @@ def test_usage_errors_without_a_subcommand_are_one_line():
     assert "required" in one_error_line(r)
 
 
-def test_a_context_llama_cpp_refuses_is_a_runtime_error_not_a_bad_file(demo_model_path):
+def test_a_context_llama_cpp_refuses_is_a_runtime_error_not_a_bad_file(real_demo_model_path):
     # llama.cpp loads the model, then refuses the context (a quantized V cache without flash attention): exit 1,
     # and the message is about the context and its KV size, not "truncated file or unsupported architecture?"
-    r = cli(demo_model_path, "--ctx", "2048", "--kv-type", "q4_0", "--flash-attn", "off", "--max-tokens", "4")
+    r = cli(real_demo_model_path, "--ctx", "2048", "--kv-type", "q4_0", "--flash-attn", "off", "--max-tokens", "4")
     assert r.returncode == 1, r.stderr
     line = one_error_line(r)
     assert "could not create a context of 2048 cells" in line and "0.01 GiB q4_0 KV cache" in line

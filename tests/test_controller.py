@@ -19,24 +19,24 @@ def run(path, policy, prompt, max_tokens, budget, n_ctx, config=None, **policy_p
         return res, ctl.stats, ctl.table.counts()
 
 
-def test_full_policy_reproduces_plain_greedy(demo_model_path):
+def test_full_policy_reproduces_plain_greedy(real_demo_model_path):
     prompt = random_tokens(200, seed=40, vocab=40000)
-    with session(demo_model_path, n_ctx=512, flash_attn="on", n_batch=128, n_ubatch=128) as s:
+    with session(real_demo_model_path, n_ctx=512, flash_attn="on", n_batch=128, n_ubatch=128) as s:
         logits = s.decode(prompt, 0)
         plain = []
         for i in range(24):
             plain.append(int(np.argmax(logits)))
             logits = s.decode([plain[-1]], len(prompt) + i)
-    res, stats, counts = run(demo_model_path, "full", prompt, 24, budget=512, n_ctx=512)
+    res, stats, counts = run(real_demo_model_path, "full", prompt, 24, budget=512, n_ctx=512)
     assert res.tokens == plain
     assert stats.freezes == stats.offloads == stats.drops == 0
 
 
-def test_asrkf_at_a_quarter_budget_accounts_for_every_position(demo_model_path):
+def test_asrkf_at_a_quarter_budget_accounts_for_every_position(real_demo_model_path):
     prompt = random_tokens(1500, seed=41, vocab=40000)
     budget = 1500 // 4
     # the paper's rule (freeze every period whatever the budget) exercises every state under pressure
-    res, stats, counts = run(demo_model_path, "asrkf", prompt, 48, budget=budget, n_ctx=budget,
+    res, stats, counts = run(real_demo_model_path, "asrkf", prompt, 48, budget=budget, n_ctx=budget,
                              config={"freeze_under_budget": True}, recent=64, period=8)
     assert len(res.tokens) == 48 and all(np.isfinite(l).all() for l in res.logits)
     assert counts["dropped"] == 0
@@ -123,16 +123,16 @@ def test_a_prompt_many_times_the_budget_prefills_in_fitting_chunks(tiny_path):
     assert counts["active"] + counts["frozen"] <= 150 and sum(counts.values()) == 1504
 
 
-def test_bringing_everything_back_reproduces_the_full_logits(demo_model_path):
+def test_bringing_everything_back_reproduces_the_full_logits(real_demo_model_path):
     # the controller moves tokens only after their K/V were computed (prompt within budget, then pressure):
     # thawing and unfreezing everything must then give the full cache's logits exactly
     prompt = random_tokens(600, seed=45, vocab=40000)
     nxt = random_tokens(1, seed=46, vocab=40000)
     opts = dict(n_ctx=1024, flash_attn="on", n_batch=128, n_ubatch=128)
-    with session(demo_model_path, **opts) as ref:
+    with session(real_demo_model_path, **opts) as ref:
         ref.decode(prompt, 0)
         expected = ref.decode(nxt, len(prompt))
-    with session(demo_model_path, **opts) as s, KVCache(ctx=s.context) as kv:
+    with session(real_demo_model_path, **opts) as s, KVCache(ctx=s.context) as kv:
         # no re-evaluation during the prompt: a freeze there would change the K/V of the later chunks
         ctl = Controller(kv, make_policy("asrkf", period=10**6),
                          ControllerConfig(budget_cells=620, freeze_under_budget=True))

@@ -105,26 +105,26 @@ def test_generate_starts_a_new_conversation(engine):
     assert "".join(engine.chat("Hello", max_tokens=4))
 
 
-def test_bad_input(engine, demo_model_path, tmp_path):
+def test_bad_input(engine, real_demo_model_path, tmp_path):
     for empty in ("", " \n\t"):
         with pytest.raises(EngineError, match="non-empty"):
             engine.chat(empty)
     with pytest.raises(EngineError):
         engine.generate([{"role": "user"}])
     with pytest.raises(EngineError, match="too small"):
-        Engine(demo_model_path, ctx=2048, kv_budget=32)
+        Engine(real_demo_model_path, ctx=2048, kv_budget=32)
     for ctx in (0, -1, 2.5):  # 0 fell back to the training context
         with pytest.raises(EngineError, match="ctx must be a positive"):
-            Engine(demo_model_path, ctx=ctx)
+            Engine(real_demo_model_path, ctx=ctx)
     with pytest.raises(EngineError, match="training context of 8192"):
-        Engine(demo_model_path, ctx=8193)
+        Engine(real_demo_model_path, ctx=8193)
     with pytest.raises(EngineError, match="no kv_budget"):
-        Engine(demo_model_path, ctx=2048, kv_budget=512, policy="full")
+        Engine(real_demo_model_path, ctx=2048, kv_budget=512, policy="full")
     with pytest.raises(EngineError, match="policy"):
-        Engine(demo_model_path, ctx=2048, policy_params={"k": 0})
+        Engine(real_demo_model_path, ctx=2048, policy_params={"k": 0})
     with pytest.raises(EngineError):
-        Engine(demo_model_path, ctx=2048, controller_params={"ema": 2.0})
-    with Engine(demo_model_path, ctx=2048, kv_budget=512, policy_params={"recent": 32, "period": 4},
+        Engine(real_demo_model_path, ctx=2048, controller_params={"ema": 2.0})
+    with Engine(real_demo_model_path, ctx=2048, kv_budget=512, policy_params={"recent": 32, "period": 4},
                 controller_params={"n_q": 8, "importance_layers": (0, 10)}) as e:
         assert e.policy.recent == 32 and e.controller.layers == [0, 10]
         assert "".join(e.chat("Hi", max_tokens=4))
@@ -215,12 +215,12 @@ def test_close_from_another_thread_stops_a_running_turn(demo_model_path):
     assert outcome and outcome[0][1] < 100
 
 
-def test_a_template_that_trims_replies_keeps_the_chat_going(demo_model_path):
+def test_a_template_that_trims_replies_keeps_the_chat_going(real_demo_model_path):
     # llama.cpp's built-in Llama-3 template trims each message; this model's replies to it start with a newline,
     # so the second turn renders the first reply differently from how it was generated. The cache keeps the
     # common token prefix and decodes the rest again: the second reply is then the one a fresh conversation
     # gives to the same messages (policy full: no budget, so both caches hold the same tokens).
-    with Engine(demo_model_path, ctx=1024, policy="full", n_threads=2, chat_template="llama3") as e:
+    with Engine(real_demo_model_path, ctx=1024, policy="full", n_threads=2, chat_template="llama3") as e:
         first = "".join(e.chat("My name is Ada. Say hello.", max_tokens=12))
         assert first != first.strip()  # the case this test is about
         n_first = e.controller.table.n
@@ -244,10 +244,10 @@ def test_h2o_drops_are_counted_in_the_events(demo_model_path):
         assert e.controller.table.counts()["dropped"] == events["drops"]
 
 
-def test_close_from_another_thread_stops_a_long_prefill(demo_model_path):
+def test_close_from_another_thread_stops_a_long_prefill(real_demo_model_path):
     # close() waits for the step in progress; a prefill is one step, so it now stops between two chunks instead
     # of running through the whole prompt (and the first tokens) first
-    e = Engine(demo_model_path, ctx=2048, kv_budget=256, n_threads=2)
+    e = Engine(real_demo_model_path, ctx=2048, kv_budget=256, n_threads=2)
     progress, outcome = [], []
     first_chunk = threading.Event()
 

@@ -15,11 +15,11 @@ from asrkf_gguf.evaluation.runner import kl_topk, log_softmax
 from asrkf_gguf.evaluation.tasks import make_case
 
 
-def test_smoke_grid_runs_resumes_and_reports(demo_model_path, tmp_path):
+def test_smoke_grid_runs_resumes_and_reports(real_demo_model_path, tmp_path):
     spec = GridSpec(tasks=("passkey",), ctxs=(1024,), budgets=(0.5,), depths=(0.5,), settings=("full", "asrkf"))
     lines = []
     log = lambda i, n, text, t0, done: lines.append(text)  # noqa: E731
-    results = run_grid(demo_model_path, spec, str(tmp_path), n_threads=2, log=log)
+    results = run_grid(real_demo_model_path, spec, str(tmp_path), n_threads=2, log=log)
 
     data = json.loads((tmp_path / "results.json").read_text())
     meta = data["meta"]
@@ -47,7 +47,7 @@ def test_smoke_grid_runs_resumes_and_reports(demo_model_path, tmp_path):
     # resume: nothing is run again, the file is unchanged
     before = (tmp_path / "results.json").read_text()
     lines.clear()
-    run_grid(demo_model_path, spec, str(tmp_path), n_threads=2, log=log)
+    run_grid(real_demo_model_path, spec, str(tmp_path), n_threads=2, log=log)
     assert len(lines) == 2 and all("skipped" in line for line in lines)
     assert json.loads((tmp_path / "results.json").read_text())["records"] == json.loads(before)["records"]
     assert len(results.records) == 2
@@ -70,11 +70,11 @@ def test_results_of_another_seed_are_refused(demo_model_path, tmp_path):
         run_grid(demo_model_path, spec, str(tmp_path))
 
 
-def test_cases_fit_their_context_and_put_the_needle_at_its_depth(demo_model_path):
+def test_cases_fit_their_context_and_put_the_needle_at_its_depth(real_demo_model_path):
     from asrkf_gguf.models import fetch_haystack_essays
 
     essays = [p.read_text(errors="replace") for p in fetch_haystack_essays(progress=False)[:8]]
-    with Tokenizer(demo_model_path) as tok:
+    with Tokenizer(real_demo_model_path) as tok:
         for task in ("passkey", "passkey-mt", "niah", "multikey", "vartrack"):
             for depth in (0.1, 0.9):
                 case = make_case(task, 2048, depth, 0, tok.count, essays)

@@ -182,7 +182,7 @@ def test_engine_with_pageable_host_memory_reserves_ahead_and_answers_the_same(de
     assert replies["pinned"] == replies["pageable"]
     with pytest.raises(EngineError, match="host_memory"):
         Engine(demo_model_path, ctx=2048, kv_budget=256, host_memory="swap")
-    with Engine(demo_model_path, ctx=2048, kv_budget=256, n_threads=2) as e:  # auto on a CPU: pinned, no reservation
+    with Engine(demo_model_path, ctx=2048, kv_budget=256, n_threads=2, n_gpu_layers=0) as e:  # auto on a CPU: pinned, no reservation
         assert not e.controller.config.reserve_ahead
 
 

@@ -92,10 +92,10 @@ def test_roundtrip_with_k_and_v_of_different_types(tiny_paths):
 
 
 @pytest.mark.parametrize("kv_type,fa", [("f16", "off"), ("q8_0", "on")])
-def test_roundtrip_demo_model(demo_model_path, kv_type, fa):
+def test_roundtrip_demo_model(real_demo_model_path, kv_type, fa):
     tokens = random_tokens(300, seed=4, vocab=40000)
     offload = sorted(set(np.random.default_rng(5).choice(np.arange(4, 290), 120, replace=False).tolist()))
-    expected, got = reference_and_roundtrip(demo_model_path, tokens, offload,
+    expected, got = reference_and_roundtrip(real_demo_model_path, tokens, offload,
                                             n_ctx=512, kv_type=kv_type, flash_attn=fa, n_batch=128, n_ubatch=128)
     assert np.array_equal(expected, got)
 

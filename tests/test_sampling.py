@@ -65,7 +65,7 @@ def test_llama_cpps_greedy_sampler_is_argmax(tiny_session):
         assert chain(tie) == 7
 
 
-def test_penalties_see_the_prompt_and_the_reply(engine):
+def test_penalties_see_the_prompt_and_the_reply(engine, real_demo_model_path):  # greedy repeats: the real model
     prompt = "one two three four one two three four one two three four one two"
     plain = engine.generate(prompt, max_tokens=12, temperature=0.0)
     "".join(plain)

@@ -53,8 +53,8 @@ def stop_server(proc):
 
 
 @pytest.fixture(scope="module")
-def server(demo_model_path):
-    proc, url = start_server(demo_model_path)
+def server(real_demo_model_path):
+    proc, url = start_server(real_demo_model_path)
     yield url
     stop_server(proc)
 
@@ -65,9 +65,9 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def reference(demo_model_path):
+def reference(real_demo_model_path):
     """The same Engine settings as the server's, in this process: what `run` / Engine.chat give."""
-    with Engine(demo_model_path, ctx=CTX) as e:
+    with Engine(real_demo_model_path, ctx=CTX) as e:
         yield e
 
 
@@ -274,8 +274,8 @@ def test_client_disconnect_cancels_the_generation(server, stream):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_the_server_cleanly_mid_stream(demo_model_path, sig):
-    proc, url = start_server(demo_model_path)
+def test_a_signal_stops_the_server_cleanly_mid_stream(real_demo_model_path, sig):
+    proc, url = start_server(real_demo_model_path)
     try:
         chunks, errors = [], []
 
@@ -327,12 +327,12 @@ def test_serve_errors_are_one_line(tmp_path):
         assert len(r.stderr.splitlines()) == 1
 
 
-def test_a_port_in_use_is_one_error_line_before_the_model_loads(demo_model_path):
+def test_a_port_in_use_is_one_error_line_before_the_model_loads(real_demo_model_path):
     env = dict(os.environ, ASRKF_GGUF_LIB_DIR=str(_lib.lib_dir()))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
-        r = subprocess.run([sys.executable, "-m", "asrkf_gguf", "serve", demo_model_path, "--port",
+        r = subprocess.run([sys.executable, "-m", "asrkf_gguf", "serve", real_demo_model_path, "--port",
                             str(taken.getsockname()[1])], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 1 and r.stdout == ""
     lines = r.stderr.splitlines()

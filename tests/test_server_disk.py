@@ -27,8 +27,8 @@ THREADS = "1"
 
 
 @pytest.fixture(scope="module")
-def reference(demo_model_path):
-    with Engine(demo_model_path, ctx=CTX, n_threads=int(THREADS)) as e:
+def reference(real_demo_model_path):
+    with Engine(real_demo_model_path, ctx=CTX, n_threads=int(THREADS)) as e:
         yield e
 
 
@@ -63,12 +63,12 @@ def stop_cleanly(proc):
     return code, proc.stderr.read()
 
 
-def test_interleaved_conversations_through_the_disk_reply_as_each_alone(demo_model_path, reference, tmp_path):
+def test_interleaved_conversations_through_the_disk_reply_as_each_alone(real_demo_model_path, reference, tmp_path):
     # one conversation in memory: every switch writes the other one to disk and the next turn loads it back. Loaded,
     # each replies exactly as alone (Engine.chat turn after turn); prefilled again it would not (KV of one prefill
     # differs in its last bits from KV decoded token by token: a greedy pick of the demo model flips within 3 turns)
     want_a, want_b = engine_replies(reference, A), engine_replies(reference, B)
-    proc, url = serve(demo_model_path, tmp_path, "--max-conversations", "1")
+    proc, url = serve(real_demo_model_path, tmp_path, "--max-conversations", "1")
     try:
         client = client_of(url)
         ha, hb, last = [], [], {}
@@ -87,9 +87,9 @@ def test_interleaved_conversations_through_the_disk_reply_as_each_alone(demo_mod
         stop_server(proc)
 
 
-def test_a_restart_continues_the_conversations_a_sigterm_wrote(demo_model_path, reference, tmp_path):
+def test_a_restart_continues_the_conversations_a_sigterm_wrote(real_demo_model_path, reference, tmp_path):
     want = engine_replies(reference, T)
-    proc, url = serve(demo_model_path, tmp_path)
+    proc, url = serve(real_demo_model_path, tmp_path)
     try:
         history = []
         first, r1 = converse(client_of(url), T, history)
@@ -106,7 +106,7 @@ def test_a_restart_continues_the_conversations_a_sigterm_wrote(demo_model_path, 
     ended_by_eog = r1.choices[0].finish_reason == "stop"
     assert len(tokens) == r1.usage.prompt_tokens + r1.usage.completion_tokens - ended_by_eog
 
-    proc, url = serve(demo_model_path, tmp_path)
+    proc, url = serve(real_demo_model_path, tmp_path)
     try:
         assert health(url)["conversations"] == 1
         second, r2 = converse(client_of(url), T, history)
@@ -121,7 +121,7 @@ def flipped(data: bytes, where: int) -> bytes:
     return data[:where] + bytes([data[where] ^ 0x40]) + data[where + 1:]
 
 
-def test_a_damaged_file_or_another_models_is_refused_and_the_reply_is_still_right(demo_model_path, reference,
+def test_a_damaged_file_or_another_models_is_refused_and_the_reply_is_still_right(real_demo_model_path, reference,
                                                                                   tmp_path):
     # a session of "another model": a real one whose header names another model fingerprint (checksum redone)
     reference.reset()
@@ -135,7 +135,7 @@ def test_a_damaged_file_or_another_models_is_refused_and_the_reply_is_still_righ
     (tmp_path / "other.session").unlink()
 
     # --host-budget 1 byte: every parked conversation is past it and goes to disk
-    proc, url = serve(demo_model_path, tmp_path, "--host-budget", "1")
+    proc, url = serve(real_demo_model_path, tmp_path, "--host-budget", "1")
     try:
         assert health(url)["conversations"] == 0  # the other model's file was not taken
         client = client_of(url)

@@ -203,12 +203,12 @@ def cli(*args, timeout=600):
                           timeout=timeout, env=env)
 
 
-def test_cli_save_then_load_gives_the_replies_of_one_run(demo_model_path, reference, tmp_path):
+def test_cli_save_then_load_gives_the_replies_of_one_run(real_demo_model_path, reference, tmp_path):
     files = {}
     for name, turns in (("a", A), ("b", B), ("ab", A + B)):
         files[name] = tmp_path / f"{name}.json"
         files[name].write_text(json.dumps(turns))
-    common = [demo_model_path, "--temp", "0", "--max-tokens", str(MAX), "--ctx", str(KW["ctx"]), "--kv-budget",
+    common = [real_demo_model_path, "--temp", "0", "--max-tokens", str(MAX), "--ctx", str(KW["ctx"]), "--kv-budget",
               str(KW["kv_budget"]), "--threads", "2", "--json"]
     ses = tmp_path / "chat.session"
     r1 = cli(*common, "--turns-file", str(files["a"]), "--save-session", str(ses))

@@ -20,10 +20,10 @@ def _script(name, *args, **kw):
 
 
 @pytest.fixture(scope="module")
-def vocab_model(demo_model_path, tmp_path_factory):
+def vocab_model(real_demo_model_path, tmp_path_factory):
     pytest.importorskip("gguf")
     d = tmp_path_factory.mktemp("vocab")
-    _script("extract_vocab.py", demo_model_path, d / "vocab.json.gz")
+    _script("extract_vocab.py", real_demo_model_path, d / "vocab.json.gz")
     _script("write_bench_model.py", d / "m.gguf", "--n-layer", 2, "--n-embd", 256, "--n-head", 4, "--n-head-kv", 2,
             "--n-ff", 512, "--vocab", d / "vocab.json.gz")
     return d / "m.gguf"
@@ -53,14 +53,18 @@ def test_controller_settings_follow_where_the_kv_lives(demo_model_path):
     with Engine(demo_model_path, ctx=1024, kv_budget=256, n_gpu_layers=99, n_threads=2) as e:
         layers = e.controller.layers
         all_layers = e.kv.layers().tolist()
+        native_recall = e.controller.config.recall_native
     if llama_cpp.llama_supports_gpu_offload():
-        assert device_defaults(99) == {"importance_every": 4} and layers == all_layers[::-1][::4][::-1]
-    else:  # a CPU build: the KV stays on the CPU whatever n_gpu_layers says, and every layer is scored
-        assert device_defaults(99) == {} and layers == all_layers
+        # every 4th layer scored, recall scored on the device; a caller's layers are kept, recall still native
+        assert device_defaults(99) == {"importance_every": 4, "recall_native": True}
+        assert layers == all_layers[::-1][::4][::-1] and native_recall
+        assert device_defaults(99, {"importance_every": 1}) == {"recall_native": True}
+    else:  # a CPU build: the KV stays on the CPU whatever n_gpu_layers says, every layer scored, recall in numpy
+        assert device_defaults(99) == {} and layers == all_layers and not native_recall
     assert device_defaults(0) == {}
 
 
-def test_a_host_budget_refuses_the_offload_that_would_pass_it_and_keeps_the_chat(demo_model_path):
+def test_a_host_budget_refuses_the_offload_that_would_pass_it_and_keeps_the_chat(real_demo_model_path):
     from asrkf_gguf.engine import EngineError, size_bytes
     from asrkf_gguf.errors import HostBudgetError
 
@@ -68,7 +72,7 @@ def test_a_host_budget_refuses_the_offload_that_would_pass_it_and_keeps_the_chat
     for bad in ("", "x", "-1G", "0", True, 1.5):
         with pytest.raises(EngineError):
             size_bytes(bad)
-    with Engine(demo_model_path, ctx=4096, kv_budget=256, n_threads=2, host_budget="8M") as e:
+    with Engine(real_demo_model_path, ctx=4096, kv_budget=256, n_threads=2, host_budget="8M") as e:
         per_token = e.kv.info().kv_bytes_per_token
         limit = 8 * 2**20 // per_token  # tokens the host may hold
         "".join(e.chat("Hello there, my friend! " * 70, max_tokens=4))
