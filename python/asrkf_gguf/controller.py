@@ -39,6 +39,11 @@ class ControllerConfig:
     # entropy recovery SR/WR/FR/RR on spikes; False keeps watching the entropy (stats, traces) but never acts,
     # which is the "asrkf without recovery" ablation
     recovery: bool = True
+    # what FR/RR bring back to the device. "score": the paper's rule, the best running scores, offloaded or not
+    # (an offloaded token's score is the one it had when it left). "fresh": the offloaded tokens the spiking step's
+    # own queries attend most (scored on the host like recall), when they rank among the offload_batch best movable
+    # tokens; the lowest-scored resident ones make room (docs/controller.md, issue 16)
+    recovery_restore: str = "score"
     # freeze (mask) low tokens while the device budget is binding. A frozen cell holds device memory and gives the
     # model nothing, and under a full budget the same low tokens are the ones the next offloads move out anyway:
     # freezing them first only shrinks the context the model attends (issue 16; h2o attends the whole budget).
@@ -69,6 +74,8 @@ class ControllerConfig:
             raise ValueError("ControllerConfig: budget_cells >= 1, 0 < ema <= 1, n_q >= 1, wr_window >= 1, "
                              "rr_tokens >= 0, recall_pool >= 0, recall_redecode >= 1, offload_batch >= 0, host_budget_bytes >= 0, score_every >= 1, "
                              "importance_every >= 1 are required")
+        if self.recovery_restore not in ("score", "fresh"):
+            raise ValueError(f"ControllerConfig: recovery_restore is 'score' or 'fresh', not {self.recovery_restore!r}")
         if self.importance_layers is not None and self.importance_every != 1:
             raise ValueError("ControllerConfig: give importance_layers or importance_every, not both")
 
@@ -179,6 +186,7 @@ class Controller:
             entropy = entropy_of(logits)
         if entropy is not None:
             level = self.entropy.update(entropy)
+        spike = level  # what the monitor judged, acted on or not (recovery off: the trigger's would-be events)
         self.step += 1
         if not (isinstance(self.policy, AsrkfPolicy) and self.config.recovery):
             level = None
@@ -197,7 +205,8 @@ class Controller:
         self._account()
         self.stats.seconds += time.perf_counter() - t0
         if self.on_step is not None:
-            self.on_step({"step": self.step, "n_new": n_new, **self.table.counts(), "entropy": entropy,
+            self.on_step({"step": self.step, "n_new": n_new, "n": self.table.n, **self.table.counts(),
+                          "entropy": entropy, "spike": spike.name if spike is not None else None,
                           "threshold": self.entropy.threshold if entropy is not None else None,
                           "recovery": level.name if level is not None else None})
         return level
