@@ -329,6 +329,9 @@ class Controller:
         else:  # FR, RR: forget every judgement; the best-scored tokens, offloaded or not, take the device cells
             t.low_count[: t.n] = 0
             self._unfreeze(frozen)
+            if self.config.recovery_restore == "fresh" and self._scoring and self.policy.reversible:
+                self._restore_fresh()
+                return
             movable = self.policy.candidates(t, CellState.ACTIVE)
             off = t.positions(CellState.OFFLOADED)
             counts = t.counts()
@@ -336,6 +339,44 @@ class Controller:
             pool = np.concatenate([movable, off])
             keep = pool[np.argsort(-t.score[pool], kind="stable")[: movable.size + room]]
             self._swap(np.setdiff1d(movable, keep), np.intersect1d(off, keep))
+
+    def _restore_fresh(self) -> None:
+        """FR/RR with recovery_restore "fresh": score every movable token, resident or offloaded, with the queries of
+        the step that spiked (recall_mass, on the host, pooled like recall) and bring back the offloaded ones among
+        the offload_batch best; as many resident tokens leave, the lowest running scores outside that best set.
+
+        The paper's rule ranks offloaded tokens by the running score they had when they left, which no query has
+        updated since (the importance output sees resident cells only), against resident scores that kept decaying:
+        under a binding budget it swapped stale tokens in for live ones (issue 16). A spike with no offloaded token
+        among the best brings nothing back."""
+        from .recall import recall_mass
+
+        t = self.table
+        off = t.positions(CellState.OFFLOADED)
+        active = self.policy.candidates(t, CellState.ACTIVE)
+        if off.size == 0 or active.size == 0:
+            return
+        movable = np.concatenate([active, off])
+        fixed = np.setdiff1d(np.concatenate([t.positions(CellState.ACTIVE), t.positions(CellState.FROZEN)]), active)
+        t1 = time.perf_counter()
+        mass = recall_mass(self.kv, movable, self.layers, self.seq_id, others=fixed,
+                           timing=self.stats.recall_parts).astype(np.float32)
+        self.stats.recall_score_seconds += time.perf_counter() - t1
+        mass = pooled_max(movable, mass, self.config.recall_pool, t.n)
+        best = np.argsort(-mass, kind="stable")[: self.offload_batch]
+        is_off = best >= active.size
+        back_i = best[is_off]
+        if back_i.size == 0:
+            return
+        stay = np.zeros(active.size, bool)
+        stay[best[~is_off]] = True
+        rest = active[~stay]
+        out = np.sort(rest[np.argsort(t.score[rest], kind="stable")[: back_i.size]])
+        back = movable[back_i]
+        # observed now: their score is this step's view (per query), not the one they left with
+        t.score[back] = mass[back_i] / self._n_queries
+        order = np.argsort(back)
+        self._swap(out, back[order][: out.size])
 
     def bring_back(self, pos: np.ndarray) -> None:
         """Thaw offloaded positions into free cells, active (make_room first when the budget is full)."""
