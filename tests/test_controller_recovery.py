@@ -91,6 +91,21 @@ def test_fresh_restore_on_escalating_spikes_keeps_decoding_consistent(tiny_path)
         assert ctl.stats.recall_score_seconds > 0 and ctl.stats.thaws > 0
         log = ctl.stats.recovery_log
         assert [e["level"] for e in log] == ["SR", "WR", "FR", "RR"] and log[2]["restored"] > 0
+        assert log[0]["restored"] == log[1]["restored"] == 0  # "fresh": SR/WR have nothing frozen to act on
+
+
+def test_fresh_all_restores_on_every_spike_level_while_the_budget_binds(tiny_path):
+    with session(tiny_path, n_ctx=160, flash_attn="on", n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        ctl = _under_pressure(s, kv, "fresh-all", offload_batch=16)
+        assert ctl.table.count(CellState.FROZEN) == 0
+        ctl._recover(Recovery.SR)
+        ctl.table.check(kv)
+        assert ctl.stats.thaws > 0 and ctl.stats.recovery_log == []  # (the log is on_decoded's)
+        thaws = ctl.stats.thaws
+        ctl._recover(Recovery.WR)
+        ctl.table.check(kv)
+        # the step's best are on the device already: a second look with the same queries brings nothing back
+        assert ctl.stats.thaws == thaws
 
 
 def test_restore_rule_is_validated_and_the_eval_settings_pin_it():
@@ -98,6 +113,7 @@ def test_restore_rule_is_validated_and_the_eval_settings_pin_it():
         ControllerConfig(budget_cells=10, recovery_restore="best")
     assert controller_params(SETTINGS["asrkf-paper"])["recovery_restore"] == "score"
     assert controller_params(SETTINGS["asrkf-fresh"])["recovery_restore"] == "fresh"
+    assert controller_params(SETTINGS["asrkf-fresh-all"])["recovery_restore"] == "fresh-all"
     assert controller_params(SETTINGS["asrkf-norec"])["recovery"] is False
 
 

@@ -42,7 +42,8 @@ class ControllerConfig:
     # what FR/RR bring back to the device. "score": the paper's rule, the best running scores, offloaded or not
     # (an offloaded token's score is the one it had when it left). "fresh": the offloaded tokens the spiking step's
     # own queries attend most (scored on the host like recall), when they rank among the offload_batch best movable
-    # tokens; the lowest-scored resident ones make room (docs/controller.md, issue 16)
+    # tokens; the lowest-scored resident ones make room (docs/controller.md, issue 16). "fresh-all": the same, and
+    # while the budget binds SR and WR do it too (they have nothing frozen to act on then)
     recovery_restore: str = "score"
     # freeze (mask) low tokens while the device budget is binding. A frozen cell holds device memory and gives the
     # model nothing, and under a full budget the same low tokens are the ones the next offloads move out anyway:
@@ -74,8 +75,9 @@ class ControllerConfig:
             raise ValueError("ControllerConfig: budget_cells >= 1, 0 < ema <= 1, n_q >= 1, wr_window >= 1, "
                              "rr_tokens >= 0, recall_pool >= 0, recall_redecode >= 1, offload_batch >= 0, host_budget_bytes >= 0, score_every >= 1, "
                              "importance_every >= 1 are required")
-        if self.recovery_restore not in ("score", "fresh"):
-            raise ValueError(f"ControllerConfig: recovery_restore is 'score' or 'fresh', not {self.recovery_restore!r}")
+        if self.recovery_restore not in ("score", "fresh", "fresh-all"):
+            raise ValueError("ControllerConfig: recovery_restore is 'score', 'fresh' or 'fresh-all', not "
+                             f"{self.recovery_restore!r}")
         if self.importance_layers is not None and self.importance_every != 1:
             raise ValueError("ControllerConfig: give importance_layers or importance_every, not both")
 
@@ -322,14 +324,19 @@ class Controller:
         t = self.table
         self.stats.recoveries[level.name] += 1
         frozen = t.positions(CellState.FROZEN)
+        fresh = self.config.recovery_restore != "score" and self._scoring and self.policy.reversible
         if level == Recovery.SR:
             self._unfreeze(frozen[freeze_durations(t.low_count[frozen], self.policy.k) > 1])
+            if fresh and self.config.recovery_restore == "fresh-all" and self.budget_binding():
+                self._restore_fresh()
         elif level == Recovery.WR:
             self._unfreeze(frozen[t.frozen_at[frozen] >= self.step - self.config.wr_window])
+            if fresh and self.config.recovery_restore == "fresh-all" and self.budget_binding():
+                self._restore_fresh()
         else:  # FR, RR: forget every judgement; the best-scored tokens, offloaded or not, take the device cells
             t.low_count[: t.n] = 0
             self._unfreeze(frozen)
-            if self.config.recovery_restore == "fresh" and self._scoring and self.policy.reversible:
+            if fresh:
                 self._restore_fresh()
                 return
             movable = self.policy.candidates(t, CellState.ACTIVE)

@@ -47,6 +47,7 @@ SETTINGS: Dict[str, Setting] = {s.name: s for s in (
     # recovery's restore rule, whatever the default (issue 16): the paper's (best running scores) and ours
     Setting("asrkf-paper", "asrkf", params=(("recovery_restore", "score"),)),
     Setting("asrkf-fresh", "asrkf", params=(("recovery_restore", "fresh"),)),
+    Setting("asrkf-fresh-all", "asrkf", params=(("recovery_restore", "fresh-all"),)),
 )}
 
 KL_TOP_K = 1024  # reference distribution kept as its top-k log-probs + the tail's total (see kl_topk)
