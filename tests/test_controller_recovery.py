@@ -127,3 +127,28 @@ def test_spikes_are_indexed_by_the_step_whose_distribution_spiked():
              "recovery": [None, None, None, None, "WR", None, "FR", None]}
     assert spikes_by_step(trace, n_prompt=10, n_continuation=3) == [[2, "SR", False]]
     assert spikes_by_step(trace, n_prompt=10, n_continuation=4) == [[2, "SR", False], [3, "WR", True]]
+
+
+@pytest.mark.parametrize("n_ctx,budget,acts", [(160, 150, False), (512, 500, True)])
+def test_recovery_under_budget_off_watches_but_acts_only_while_the_budget_has_room(tiny_path, n_ctx, budget, acts):
+    calm = np.zeros(64)
+    calm[0] = 30.0
+    spike = np.zeros(64)
+    with session(tiny_path, n_ctx=n_ctx, flash_attn="on", n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        ctl = Controller(kv, make_policy("asrkf", recent=16, period=2),
+                         ControllerConfig(budget_cells=budget, recovery_under_budget=False))
+        steps = []
+        ctl.on_step = steps.append
+        generate(s, ctl, random_tokens(200, seed=46), 0)
+        assert ctl.budget_binding() is not acts
+        levels = []
+        for i in range(24):
+            ctl.make_room(1)
+            s.decode([5], ctl.table.n)
+            levels.append(ctl.on_decoded(1, spike if i == 20 else calm))
+        assert steps[-4]["spike"] == "SR"  # judged either way
+        if acts:
+            assert levels[20] == Recovery.SR and ctl.stats.recoveries["SR"] == 1
+        else:
+            assert levels == [None] * 24 and not ctl.stats.recovery_log and steps[-4]["recovery"] is None
+        ctl.table.check(kv)

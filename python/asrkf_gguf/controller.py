@@ -45,6 +45,11 @@ class ControllerConfig:
     # tokens; the lowest-scored resident ones make room (docs/controller.md, issue 16). "fresh-all": the same, and
     # while the budget binds SR and WR do it too (they have nothing frozen to act on then)
     recovery_restore: str = "score"
+    # recovery while the device budget is binding (budget_binding()). False: the entropy is still watched (stats,
+    # traces) but no level acts once the budget binds; before that SR/WR unfreeze as in the paper. Under a binding
+    # budget nothing is frozen, so only FR/RR can act, and on 9 texts x 3 kinds they bought no measurable KL
+    # (docs/evaluation.md, round 5)
+    recovery_under_budget: bool = True
     # freeze (mask) low tokens while the device budget is binding. A frozen cell holds device memory and gives the
     # model nothing, and under a full budget the same low tokens are the ones the next offloads move out anyway:
     # freezing them first only shrinks the context the model attends (issue 16; h2o attends the whole budget).
@@ -190,7 +195,8 @@ class Controller:
             level = self.entropy.update(entropy)
         spike = level  # what the monitor judged, acted on or not (recovery off: the trigger's would-be events)
         self.step += 1
-        if not (isinstance(self.policy, AsrkfPolicy) and self.config.recovery):
+        if not (isinstance(self.policy, AsrkfPolicy) and self.config.recovery) or \
+                (not self.config.recovery_under_budget and self.budget_binding()):
             level = None
         if isinstance(self.policy, AsrkfPolicy):
             if level is not None:
