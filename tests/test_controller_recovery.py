@@ -16,7 +16,8 @@ from conftest import random_tokens, session
 
 def _under_pressure(s, kv, restore, **config):
     ctl = Controller(kv, make_policy("asrkf", recent=16, period=2),
-                     ControllerConfig(budget_cells=150, recovery_restore=restore, **config))
+                     ControllerConfig(budget_cells=150, recovery_restore=restore, recovery_under_budget=True,
+                                      **config))
     generate(s, ctl, random_tokens(300, seed=43), 16, check_every_step=True)
     assert ctl.budget_binding() and ctl.table.count(CellState.OFFLOADED) > 100
     return ctl
@@ -115,6 +116,11 @@ def test_restore_rule_is_validated_and_the_eval_settings_pin_it():
     assert controller_params(SETTINGS["asrkf-fresh"])["recovery_restore"] == "fresh"
     assert controller_params(SETTINGS["asrkf-fresh-all"])["recovery_restore"] == "fresh-all"
     assert controller_params(SETTINGS["asrkf-norec"])["recovery"] is False
+    # the default: recovery on, but not acting once the budget binds; the paper's settings pin it acting
+    assert ControllerConfig(budget_cells=10).recovery and not ControllerConfig(budget_cells=10).recovery_under_budget
+    for name in ("asrkf-paper", "asrkf-fresh", "asrkf-fresh-all"):
+        assert controller_params(SETTINGS[name])["recovery_under_budget"] is True
+    assert "recovery_under_budget" not in controller_params(SETTINGS["asrkf"])
 
 
 def test_spikes_are_indexed_by_the_step_whose_distribution_spiked():

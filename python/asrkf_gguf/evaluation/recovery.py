@@ -86,7 +86,8 @@ def trigger_counts(r: dict, levels: Optional[set] = None) -> Dict[str, int]:
     if spike.sum():
         top_ent[np.argsort(-np.nan_to_num(ent, nan=-1.0), kind="stable")[: int(spike.sum())]] = True
     in_full = r.get("full_spikes") or set()
-    return {"n": n, "spikes": int(spike.sum()), "also_full": int(sum(spike[i] for i in in_full if i < n)), "top1": int(d_top1.sum()), "hit_top1": int((spike & d_top1).sum()),
+    return {"n": n, "spikes": int(spike.sum()), "also_full": int(sum(spike[i] for i in in_full if i < n)),
+            "top1": int(d_top1.sum()), "hit_top1": int((spike & d_top1).sum()),
             "klhi": int(d_kl.sum()), "hit_klhi": int((spike & d_kl).sum()),
             "hit_top1_entropy": int((top_ent & d_top1).sum())}
 
@@ -205,7 +206,8 @@ def tables(summary: dict) -> str:
         pa, ra, _ = _pr(ca, "top1")
         ctrl = c["hit_top1_entropy"] / c["spikes"] if c["spikes"] else float("nan")
         lines.append(f"| {budget:g} | {setting} | {1000 * c['spikes'] / c['n']:.1f} | {p1:.2f} / {r1:.2f} / {b1:.2f} "
-                     f"| {ctrl:.2f} | {p2:.2f} / {r2:.2f} / {b2:.2f} | {1000 * ca['spikes'] / ca['n']:.1f}, {pa:.2f} / {ra:.2f} | "
+                     f"| {ctrl:.2f} | {p2:.2f} / {r2:.2f} / {b2:.2f} | "
+                     f"{1000 * ca['spikes'] / ca['n']:.1f}, {pa:.2f} / {ra:.2f} | "
                      f"{c['also_full'] / max(1, c['spikes']):.2f} |")
     return "\n".join(lines)
 
