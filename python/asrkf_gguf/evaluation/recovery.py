@@ -217,44 +217,50 @@ COLORS = {"h2o": "tab:red", "asrkf-norec": "tab:cyan", "asrkf-paper": "tab:blue"
 
 
 def plot(summary: dict, runs: Sequence[dict], path: str) -> None:
+    """Per budget: each setting's pooled-median KL minus asrkf-norec's, per kind and pooled, with the paired 95%
+    interval over texts (below 0: better than no recovery). Last panel: the trigger's precision vs recall."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     budgets = sorted({b for _, b in summary}, reverse=True)
-    settings = [s for s in ORDER if any(k[0] == s for k in summary)]
+    settings = [s for s in ORDER if s != "asrkf-norec" and any(k[0] == s for k in summary)]
     fig, axes = plt.subplots(1, len(budgets) + 1, figsize=(5 * (len(budgets) + 1), 4.2))
+    kinds = KINDS + ["pooled"]
+    w = 0.8 / len(settings)
     for ax, b in zip(axes, budgets):
-        kinds = KINDS + ["pooled"]
-        w = 0.8 / len(settings)
+        base = summary.get(("asrkf-norec", b), {})
         for j, s in enumerate(settings):
             f = summary.get((s, b), {})
-            if not f:
-                continue
             xs, ys, lo, hi = [], [], [], []
             for i, k in enumerate(kinds):
-                if k in f:
+                if k in f and k in base:
+                    d, l, h = paired_delta(f[k]["_per_text"], base[k]["_per_text"])
                     xs.append(i + (j - (len(settings) - 1) / 2) * w)
-                    ys.append(f[k]["median"])
-                    lo.append(f[k]["median"] - f[k]["ci"][0])
-                    hi.append(f[k]["ci"][1] - f[k]["median"])
-            ax.bar(xs, ys, w, yerr=[lo, hi], color=COLORS.get(s, "gray"), label=s, capsize=2)
-        ax.set_xticks(range(len(kinds)), [KIND_NAME.get(k, k) for k in kinds])
-        ax.set_ylabel("KL median vs full (95% CI over texts)")
-        ax.set_title(f"budget {100 * b:g}% of ctx 2048")
+                    ys.append(d)
+                    lo.append(d - l)
+                    hi.append(h - d)
+            if xs:
+                ax.bar(xs, ys, w, yerr=[lo, hi], color=COLORS.get(s, "gray"), label=s, capsize=2)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(range(len(kinds)), [f"{KIND_NAME.get(k, k)}" for k in kinds])
+        ax.set_ylabel("KL median minus asrkf-norec's (95% CI, texts resampled)")
+        ax.set_title(f"budget {100 * b:g}% of ctx 2048, 3 texts a kind")
         ax.legend(fontsize=7)
-    # the trigger: precision vs recall of spikes for top-1 disagreement, per setting and budget, with the base rate
     ax = axes[-1]
     for (s, b), f in summary.items():
         c = f["pooled"]["trigger"]
         p, r, base = _pr(c, "top1")
-        ax.scatter(r, p, color=COLORS.get(s, "gray"), marker="o" if b == budgets[0] else "^", s=40)
+        m = "o" if b == budgets[0] else "^"
+        ax.scatter(r, p, color=COLORS.get(s, "gray"), marker=m, s=40)
         ax.scatter(r, base, color=COLORS.get(s, "gray"), marker="_", s=120)
+        if c["spikes"]:
+            ax.scatter(r, c["hit_top1_entropy"] / c["spikes"], color=COLORS.get(s, "gray"), marker="x", s=30)
     ax.set_xlabel("recall (disagreeing steps that spiked)")
-    ax.set_ylabel("precision (spike steps that disagree); dash: base rate")
-    ax.set_title("trigger vs top-1 disagreement (o 25%, ^ 12.5%)")
-    ax.set_xlim(0, None)
+    ax.set_ylabel("precision (spike steps whose top-1 differs from full)")
+    ax.set_title("trigger (o 25%, ^ 12.5%); x: top entropies; -: base")
+    ax.set_xlim(0, 0.25)
     ax.set_ylim(0, 1)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
