@@ -33,7 +33,7 @@ def load_cases(out_dir: Path, tasks, ctxs):
     cases = []
     for path in sorted((out_dir / "cases").glob("*.json")):
         c = json.loads(path.read_text(encoding="utf-8"))
-        if c["task"] in tasks and c["ctx"] in ctxs and c["task"] != "kl":
+        if c["task"] in tasks and c["ctx"] in ctxs and not c["task"].startswith("kl"):
             cases.append(c)
     return cases
 

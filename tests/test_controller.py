@@ -157,7 +157,7 @@ def test_recovery_switch_watches_entropy_but_acts_only_when_on(tiny_path, recove
     spike = np.zeros(64)               # uniform: entropy log(64)
     with session(tiny_path, n_ctx=160, flash_attn="on", n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
         ctl = Controller(kv, make_policy("asrkf", recent=16, period=2),
-                         ControllerConfig(budget_cells=150, recovery=recovery))
+                         ControllerConfig(budget_cells=150, recovery=recovery, recovery_under_budget=True))
         steps = []
         ctl.on_step = steps.append
         generate(s, ctl, prompt, 0)  # the prompt only: every entropy the monitor sees is ours

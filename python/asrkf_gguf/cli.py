@@ -385,13 +385,16 @@ def add_eval_parsers(sub) -> None:
                        formatter_class=HelpFormatter)
     e.add_argument("--model", default="qwen", help="qwen | demo | gemma | a GGUF path")
     e.add_argument("--tasks", default="passkey,passkey-mt",
-                   help="comma list of passkey, passkey-mt, niah, niah-mt, multikey, vartrack, kl")
+                   help="comma list of passkey, passkey-mt, niah, niah-mt, multikey, vartrack, kl (essays), kl-code, "
+                        "kl-docs, needle-code, needle-docs, needle-prose (and -mt)")
     e.add_argument("--ctx", default="2048,4096,8192", help="contexts in tokens (whole case, comma list)")
     e.add_argument("--budgets", default="0.5,0.33,0.25,0.125", help="device budgets, fractions of the context")
     e.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths, fractions of the document")
     e.add_argument("--policies", default="full,full-q8_0,full-q4_0,window,h2o,asrkf-norec,asrkf",
                    help="settings: full, full-q8_0, full-q4_0 (memory-matched quantized full caches), window, h2o, "
-                        "asrkf-norec (no entropy recovery), asrkf, asrkf-nopool (recall without pooling), "
+                        "asrkf-norec (no entropy recovery), asrkf, asrkf-paper / asrkf-fresh / asrkf-fresh-all "
+                        "(recovery acting under a binding budget: the paper's restore rule / ours), asrkf-nopool "
+                        "(recall without pooling), "
                         "asrkf-l4 (every 4th layer scored)")
     e.add_argument("--kl-tokens", type=int, default=512, help="teacher-forced continuation of the kl task")
     e.add_argument("--seed", type=int, default=0, help="seed of the generated cases")

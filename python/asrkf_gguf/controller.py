@@ -43,6 +43,18 @@ class ControllerConfig:
     # entropy recovery SR/WR/FR/RR on spikes; False keeps watching the entropy (stats, traces) but never acts,
     # which is the "asrkf without recovery" ablation
     recovery: bool = True
+    # what FR/RR bring back to the device. "score": the paper's rule, the best running scores, offloaded or not
+    # (an offloaded token's score is the one it had when it left). "fresh": the offloaded tokens the spiking step's
+    # own queries attend most (scored on the host like recall), when they rank among the offload_batch best movable
+    # tokens; the lowest-scored resident ones make room (docs/controller.md, issue 16). "fresh-all": the same, and
+    # while the budget binds SR and WR do it too (they have nothing frozen to act on then)
+    recovery_restore: str = "score"
+    # recovery while the device budget is binding (budget_binding()). False (ours): the entropy is still watched
+    # (stats, traces) but no level acts once the budget binds; while it has room SR/WR/FR/RR act as in the paper.
+    # Under a binding budget nothing is frozen, so only FR/RR can act: on 9 texts of 3 kinds (docs/evaluation.md,
+    # round 5) neither the paper's FR/RR nor "fresh" lowered the KL median at both 25% and 12.5% without losing on
+    # a kind, and the paper's rule swaps ~40-90 tokens and rewalks ~11 times per 1k tokens. True: the paper's method
+    recovery_under_budget: bool = False
     # freeze (mask) low tokens while the device budget is binding. A frozen cell holds device memory and gives the
     # model nothing, and under a full budget the same low tokens are the ones the next offloads move out anyway:
     # freezing them first only shrinks the context the model attends (issue 16; h2o attends the whole budget).
@@ -73,6 +85,9 @@ class ControllerConfig:
             raise ValueError("ControllerConfig: budget_cells >= 1, 0 < ema <= 1, n_q >= 1, wr_window >= 1, "
                              "rr_tokens >= 0, recall_pool >= 0, recall_redecode >= 1, offload_batch >= 0, host_budget_bytes >= 0, score_every >= 1, "
                              "importance_every >= 1 are required")
+        if self.recovery_restore not in ("score", "fresh", "fresh-all"):
+            raise ValueError("ControllerConfig: recovery_restore is 'score', 'fresh' or 'fresh-all', not "
+                             f"{self.recovery_restore!r}")
         if self.importance_layers is not None and self.importance_every != 1:
             raise ValueError("ControllerConfig: give importance_layers or importance_every, not both")
 
@@ -183,8 +198,10 @@ class Controller:
             entropy = entropy_of(logits)
         if entropy is not None:
             level = self.entropy.update(entropy)
+        spike = level  # what the monitor judged, acted on or not (recovery off: the trigger's would-be events)
         self.step += 1
-        if not (isinstance(self.policy, AsrkfPolicy) and self.config.recovery):
+        if not (isinstance(self.policy, AsrkfPolicy) and self.config.recovery) or \
+                (not self.config.recovery_under_budget and self.budget_binding()):
             level = None
         if isinstance(self.policy, AsrkfPolicy):
             if level is not None:
@@ -201,7 +218,8 @@ class Controller:
         self._account()
         self.stats.seconds += time.perf_counter() - t0
         if self.on_step is not None:
-            self.on_step({"step": self.step, "n_new": n_new, **self.table.counts(), "entropy": entropy,
+            self.on_step({"step": self.step, "n_new": n_new, "n": self.table.n, **self.table.counts(),
+                          "entropy": entropy, "spike": spike.name if spike is not None else None,
                           "threshold": self.entropy.threshold if entropy is not None else None,
                           "recovery": level.name if level is not None else None})
         return level
@@ -317,13 +335,21 @@ class Controller:
         t = self.table
         self.stats.recoveries[level.name] += 1
         frozen = t.positions(CellState.FROZEN)
+        fresh = self.config.recovery_restore != "score" and self._scoring and self.policy.reversible
         if level == Recovery.SR:
             self._unfreeze(frozen[freeze_durations(t.low_count[frozen], self.policy.k) > 1])
+            if fresh and self.config.recovery_restore == "fresh-all" and self.budget_binding():
+                self._restore_fresh()
         elif level == Recovery.WR:
             self._unfreeze(frozen[t.frozen_at[frozen] >= self.step - self.config.wr_window])
+            if fresh and self.config.recovery_restore == "fresh-all" and self.budget_binding():
+                self._restore_fresh()
         else:  # FR, RR: forget every judgement; the best-scored tokens, offloaded or not, take the device cells
             t.low_count[: t.n] = 0
             self._unfreeze(frozen)
+            if fresh:
+                self._restore_fresh()
+                return
             movable = self.policy.candidates(t, CellState.ACTIVE)
             off = t.positions(CellState.OFFLOADED)
             counts = t.counts()
@@ -331,6 +357,44 @@ class Controller:
             pool = np.concatenate([movable, off])
             keep = pool[np.argsort(-t.score[pool], kind="stable")[: movable.size + room]]
             self._swap(np.setdiff1d(movable, keep), np.intersect1d(off, keep))
+
+    def _restore_fresh(self) -> None:
+        """FR/RR with recovery_restore "fresh": score every movable token, resident or offloaded, with the queries of
+        the step that spiked (recall_mass, on the host, pooled like recall) and bring back the offloaded ones among
+        the offload_batch best; as many resident tokens leave, the lowest running scores outside that best set.
+
+        The paper's rule ranks offloaded tokens by the running score they had when they left, which no query has
+        updated since (the importance output sees resident cells only), against resident scores that kept decaying:
+        under a binding budget it swapped stale tokens in for live ones (issue 16). A spike with no offloaded token
+        among the best brings nothing back."""
+        from .recall import recall_mass
+
+        t = self.table
+        off = t.positions(CellState.OFFLOADED)
+        active = self.policy.candidates(t, CellState.ACTIVE)
+        if off.size == 0 or active.size == 0:
+            return
+        movable = np.concatenate([active, off])
+        fixed = np.setdiff1d(np.concatenate([t.positions(CellState.ACTIVE), t.positions(CellState.FROZEN)]), active)
+        t1 = time.perf_counter()
+        mass = recall_mass(self.kv, movable, self.layers, self.seq_id, others=fixed,
+                           timing=self.stats.recall_parts).astype(np.float32)
+        self.stats.recall_score_seconds += time.perf_counter() - t1
+        mass = pooled_max(movable, mass, self.config.recall_pool, t.n)
+        best = np.argsort(-mass, kind="stable")[: self.offload_batch]
+        is_off = best >= active.size
+        back_i = best[is_off]
+        if back_i.size == 0:
+            return
+        stay = np.zeros(active.size, bool)
+        stay[best[~is_off]] = True
+        rest = active[~stay]
+        out = np.sort(rest[np.argsort(t.score[rest], kind="stable")[: back_i.size]])
+        back = movable[back_i]
+        # observed now: their score is this step's view (per query), not the one they left with
+        t.score[back] = mass[back_i] / self._n_queries
+        order = np.argsort(back)
+        self._swap(out, back[order][: out.size])
 
     def bring_back(self, pos: np.ndarray) -> None:
         """Thaw offloaded positions into free cells, active (make_room first when the budget is full)."""

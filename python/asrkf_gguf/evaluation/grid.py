@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from .runner import KL_TOP_K, SETTINGS, Setting, load_reference, run_case, save_reference
-from .tasks import DEPTHLESS, NEEDS_ESSAYS, TASKS, Case, make_case
+from .tasks import DEPTHLESS, KL_TASKS, NEEDS_ESSAYS, TASKS, Case, make_case
 
 RESULTS = "results.json"
 SCHEMA = 1
@@ -57,7 +57,7 @@ class GridSpec:
             raise GridError("depths are fractions of the document in [0, 1]")
         if any(SETTINGS[s].budgeted for s in self.settings) and not self.budgets:
             raise GridError("a budgeted policy needs at least one budget")
-        if "kl" in self.tasks and not all(0 < self.kl_tokens < c for c in self.ctxs):
+        if KL_TASKS & set(self.tasks) and not all(0 < self.kl_tokens < c for c in self.ctxs):
             raise GridError(f"--kl-tokens ({self.kl_tokens}) must be shorter than every context")
 
     def runs(self) -> Iterator[Tuple[str, int, Optional[float], Setting, float]]:
@@ -66,7 +66,7 @@ class GridSpec:
         for ctx in sorted(self.ctxs):
             for task in self.tasks:
                 depths = [None] if task in DEPTHLESS else list(self.depths)
-                settings = sorted(self.settings, key=lambda s: (s != "full")) if task == "kl" else self.settings
+                settings = sorted(self.settings, key=lambda s: (s != "full")) if task in KL_TASKS else self.settings
                 for depth in depths:
                     for name in settings:
                         s = SETTINGS[name]
@@ -268,7 +268,7 @@ def save_case(out_dir: Path, case: Case) -> Path:
 
 def _run_one(path: str, case: Case, setting: Setting, budget: float, tok: Tokenizer, results: ResultsFile,
              n_threads: Optional[int]) -> dict:
-    if case.task != "kl":
+    if case.task not in KL_TASKS:
         return run_case(path, case, setting, budget, n_threads=n_threads)
     tokens = tok.tokenize(case.text, add_special=True)
     if len(tokens) < case.ctx:
@@ -301,7 +301,7 @@ def _store_reference(record: dict, ref_path: Path) -> dict:
 def _summary(r: dict) -> str:
     kv = r["kv"]
     dev = f"peak {kv['resident_cells_peak']}/{kv['logical_tokens']} cells"
-    if r["task"] == "kl":
+    if r["task"] in KL_TASKS:
         return f"KL median {r['kl_median']:.4f} p95 {r['kl_p95']:.4f} top1 {r['top1_agreement']:.3f}, {dev}, " \
                f"{r['timing']['wall_s']:.0f} s"
     return f"{'PASS' if r['passed'] else 'fail'} {r['answer'][:40]!r}, {dev}, {r['timing']['wall_s']:.0f} s"

@@ -14,10 +14,10 @@ import numpy as np
 
 from .grid import RESULTS, GridError
 from .runner import SETTINGS
-from .tasks import MULTI_TURN
+from .tasks import KL_TASKS, MULTI_TURN
 
 ORDER = list(SETTINGS)  # full, full-q8_0, full-q4_0, window, h2o, asrkf-norec, asrkf
-TASK_ORDER = ["passkey", "passkey-mt", "niah", "niah-mt", "multikey", "vartrack", "kl"]
+TASK_ORDER = ["passkey", "passkey-mt", "niah", "niah-mt", "multikey", "vartrack", "kl", "kl-code", "kl-docs"]
 COLORS = {"full": "black", "full-q8_0": "gray", "full-q4_0": "silver", "window": "tab:orange", "h2o": "tab:red",
           "asrkf-norec": "tab:cyan", "asrkf": "tab:blue", "asrkf-nopool": "tab:purple",
           "asrkf-l4": "tab:olive"}
@@ -57,7 +57,7 @@ def _tasks(records: Sequence[dict]) -> List[str]:
 
 def _chat_groups(records: Sequence[dict]):
     """(task, ctx, records) of every chat task and context, in report order."""
-    chat = [r for r in records if r["task"] != "kl"]
+    chat = [r for r in records if r["task"] not in KL_TASKS]
     for task in _tasks(chat):
         for ctx in sorted({r["ctx"] for r in chat if r["task"] == task}):
             yield task, ctx, [r for r in chat if r["task"] == task and r["ctx"] == ctx]
@@ -133,16 +133,17 @@ def kv_table(records: Sequence[dict]) -> str:
 
 
 def kl_table(records: Sequence[dict]) -> str:
-    rs = [r for r in records if r["task"] == "kl"]
+    rs = [r for r in records if r["task"] in KL_TASKS]
     if not rs:
         return ""
-    out = ["| context (prompt + continuation) | policy | budget | KL median | KL p95 | KL mean | top-1 agreement | "
-           "NLL of the real text | recoveries |", "|---|---|---|---|---|---|---|---|---|"]
-    for ctx in sorted({r["ctx"] for r in rs}):
+    out = ["| task | context (prompt + continuation) | policy | budget | KL median | KL p95 | KL mean | "
+           "top-1 agreement | NLL of the real text | recoveries |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for task, ctx in sorted({(r["task"], r["ctx"]) for r in rs}, key=lambda tc: (TASK_ORDER.index(tc[0]), tc[1])):
         for s in _settings(rs):
-            for r in sorted((r for r in rs if r["ctx"] == ctx and r["setting"] == s), key=lambda r: -r["budget"]):
+            for r in sorted((r for r in rs if r["ctx"] == ctx and r["task"] == task and r["setting"] == s),
+                            key=lambda r: -r["budget"]):
                 rec = sum(r["events"]["recoveries"].values())
-                out.append(f"| {ctx} ({r['n_prompt']} + {r['n_continuation']}) | {s} | "
+                out.append(f"| {task} | {ctx} ({r['n_prompt']} + {r['n_continuation']}) | {s} | "
                            f"{_pct(r['budget']) if SETTINGS[s].budgeted else '-'} | {r['kl_median']:.4f} | "
                            f"{r['kl_p95']:.4f} | {r['kl_mean']:.4f} | {r['top1_agreement']:.3f} | "
                            f"{r['nll_mean']:.3f} | {rec} |")
@@ -152,7 +153,7 @@ def kl_table(records: Sequence[dict]) -> str:
 def target_check(records: Sequence[dict], budget: float = 0.25) -> str:
     """The issue's targets, read off the records (reported, not asserted)."""
     lines = []
-    chat = [r for r in records if r["task"] != "kl"]
+    chat = [r for r in records if r["task"] not in KL_TASKS]
     by_case = defaultdict(dict)
     for r in chat:
         by_case[r["case"]][(r["setting"], r["budget"])] = r
@@ -173,7 +174,7 @@ def target_check(records: Sequence[dict], budget: float = 0.25) -> str:
         red_a = 1 - np.nanmean([active_share(r) for r in sel])
         lines.append(f"- Device KV reduction of asrkf at {_pct(budget)} (peak resident cells vs logical tokens): "
                      f"{100 * red:.1f}%; active (attended) cells while generating: {100 * red_a:.1f}%.")
-    kl = [r for r in records if r["task"] == "kl"]
+    kl = [r for r in records if r["task"] in KL_TASKS]
     for b in sorted({r["budget"] for r in kl if SETTINGS[r["setting"]].budgeted}, reverse=True):
         a = {r["setting"]: r for r in kl if r["budget"] == b}
         if "asrkf" in a and "h2o" in a:
@@ -185,7 +186,7 @@ def target_check(records: Sequence[dict], budget: float = 0.25) -> str:
 def failures(records: Sequence[dict]) -> str:
     out = ["| run | expected | answer |", "|---|---|---|"]
     for r in records:
-        if r["task"] != "kl" and not r["passed"]:
+        if r["task"] not in KL_TASKS and not r["passed"]:
             ans = r["answer"].replace("|", "\\|").replace("\n", " ")[:60]
             out.append(f"| {r['key'].replace('|', ' ')} | {' '.join(r['expected'])} | {ans} |")
     return "\n".join(out) if len(out) > 2 else "(none)"
@@ -226,7 +227,7 @@ def kvpress_table(out_dir: Path, records: Sequence[dict]) -> str:
 def plot_accuracy(records: Sequence[dict], path: Path) -> Optional[Path]:
     import matplotlib.pyplot as plt
 
-    chat = [r for r in records if r["task"] != "kl"]
+    chat = [r for r in records if r["task"] not in KL_TASKS]
     panels = [(t, c) for t in _tasks(chat) for c in sorted({r["ctx"] for r in chat if r["task"] == t})]
     if not panels:
         return None
@@ -261,7 +262,7 @@ def plot_accuracy(records: Sequence[dict], path: Path) -> Optional[Path]:
 def _trace_run(records: Sequence[dict], setting: str, budget: float) -> Optional[dict]:
     """The longest-decoding run of a setting at a budget (KL runs first: they decode hundreds of tokens)."""
     sel = [r for r in records if r["setting"] == setting and r["budget"] == budget and r.get("trace")]
-    return max(sel, key=lambda r: (r["task"] == "kl", r["ctx"], r["n_generated_tokens"]), default=None)
+    return max(sel, key=lambda r: (r["task"] in KL_TASKS, r["ctx"], r["n_generated_tokens"]), default=None)
 
 
 def _steps(trace: dict) -> Tuple[np.ndarray, dict]:

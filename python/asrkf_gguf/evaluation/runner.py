@@ -16,7 +16,7 @@ import numpy as np
 
 from ..engine import Engine
 from ..generate import generate
-from .tasks import Case
+from .tasks import KL_TASKS, Case
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class Setting:
     recovery: bool = True
     recall_pool: Optional[int] = None  # None: the controller's default
     importance_every: int = 1
+    params: tuple = ()  # other ControllerConfig fields, (name, value) pairs
 
     @property
     def budgeted(self) -> bool:
@@ -43,6 +44,11 @@ SETTINGS: Dict[str, Setting] = {s.name: s for s in (
     Setting("asrkf", "asrkf"),
     Setting("asrkf-nopool", "asrkf", recall_pool=0),  # ablation: recall ranks tokens one by one (the first version)
     Setting("asrkf-l4", "asrkf", importance_every=4),  # the GPU setting: every 4th layer scored (docs/gpu.md)
+    # recovery acting under a binding budget (the default does not, issue 16), by restore rule: the paper's (best
+    # running scores) and the two measured against it in round 5 (docs/evaluation.md)
+    Setting("asrkf-paper", "asrkf", params=(("recovery_under_budget", True), ("recovery_restore", "score"))),
+    Setting("asrkf-fresh", "asrkf", params=(("recovery_under_budget", True), ("recovery_restore", "fresh"))),
+    Setting("asrkf-fresh-all", "asrkf", params=(("recovery_under_budget", True), ("recovery_restore", "fresh-all"))),
 )}
 
 KL_TOP_K = 1024  # reference distribution kept as its top-k log-probs + the tail's total (see kl_topk)
@@ -51,7 +57,8 @@ KL_TOP_K = 1024  # reference distribution kept as its top-k log-probs + the tail
 class Tracer:
     """Collects the controller's per-step figures (Controller.on_step) as columns."""
 
-    FIELDS = ("step", "n_new", "active", "frozen", "offloaded", "dropped", "entropy", "recovery")
+    # n: logical tokens after the step; spike: the entropy monitor's level whether or not recovery acted on it
+    FIELDS = ("step", "n_new", "n", "active", "frozen", "offloaded", "dropped", "entropy", "spike", "recovery")
 
     def __init__(self):
         self.cols: Dict[str, list] = {f: [] for f in self.FIELDS}
@@ -75,6 +82,7 @@ def controller_params(setting: Setting) -> dict:
         params["recall_pool"] = setting.recall_pool
     if setting.importance_every != 1:
         params["importance_every"] = setting.importance_every
+    params.update(dict(setting.params))
     return params
 
 
@@ -125,6 +133,11 @@ class ForcedContinuation:
         self.kl = np.full(n, np.nan)
         self.ref_idx = np.zeros((n, KL_TOP_K), np.int64)
         self.ref_lp = np.zeros((n, KL_TOP_K), np.float32)
+        # the first measurement of each step: a rewalk (RR) measures its steps again after recovery restored the
+        # cache; the trigger is judged on what the step looked like when it fired
+        self.seen = np.zeros(n, bool)
+        self.kl_first = np.full(n, np.nan)
+        self.top1_first = np.zeros(n, np.int64)
 
     def __call__(self, logits: np.ndarray) -> int:
         i = self.controller.table.n - self.start
@@ -136,6 +149,9 @@ class ForcedContinuation:
             self.ref_idx[i], self.ref_lp[i] = idx, lp[idx]
         else:
             self.kl[i] = kl_topk(self.ref["idx"][i], self.ref["lp"][i].astype(np.float64), lp)
+        if not self.seen[i]:
+            self.seen[i] = True
+            self.kl_first[i], self.top1_first[i] = self.kl[i], self.top1[i]
         return self.forced[i]
 
 
@@ -155,7 +171,27 @@ def run_kl(engine: Engine, case: Case, tokens: List[int], ref: Optional[dict]) -
         out.update({"kl": [round(float(x), 6) for x in pick.kl],
                     "kl_median": float(np.median(pick.kl)), "kl_p95": float(np.percentile(pick.kl, 95)),
                     "kl_mean": float(np.mean(pick.kl)),
-                    "top1_agreement": float(np.mean(pick.top1 == ref["top1"]))})
+                    "top1_agreement": float(np.mean(pick.top1 == ref["top1"])),
+                    # per step, for the trigger's precision and recall (evaluation/recovery.py)
+                    "top1_match": (pick.top1 == ref["top1"]).astype(int).tolist(),
+                    "kl_first": [round(float(x), 6) for x in pick.kl_first],
+                    "top1_match_first": (pick.top1_first == ref["top1"]).astype(int).tolist()})
+    return out
+
+
+def spikes_by_step(trace: Dict[str, list], n_prompt: int, n_continuation: int) -> List[list]:
+    """[index, spike level, acted] for every continuation step whose distribution the entropy monitor judged a
+    spike, first measurement only. A decode that leaves n logical tokens produced the distribution of forced token
+    n - n_prompt, and that distribution's entropy is the step's."""
+    out, seen = [], set()
+    for n_new, n, spike, rec, ent in zip(trace["n_new"], trace["n"], trace["spike"], trace["recovery"],
+                                         trace["entropy"]):
+        i = n - n_prompt
+        if n_new != 1 or ent is None or not 0 <= i < n_continuation or i in seen:
+            continue
+        seen.add(i)
+        if spike is not None:
+            out.append([i, spike, rec is not None])
     return out
 
 
@@ -166,7 +202,7 @@ def run_case(model_path: str, case: Case, setting: Setting, budget: float, *, n_
     tracer = Tracer()
     with engine_for(model_path, case, setting, budget, n_threads) as engine:
         engine.controller.on_step = tracer
-        if case.task == "kl":
+        if case.task in KL_TASKS:
             outcome = run_kl(engine, case, kl_tokens, kl_ref)
         else:
             outcome = run_chat(engine, case)
@@ -185,6 +221,8 @@ def run_case(model_path: str, case: Case, setting: Setting, budget: float, *, n_
                    "decode_s": round(engine.decode_seconds, 3), "wall_s": round(time.perf_counter() - t0, 3)},
         "n_prompt_tokens": stats["n_prompt_tokens"], "n_generated_tokens": stats["n_generated_tokens"],
         "trace": tracer.cols,
+        **({"spikes": spikes_by_step(tracer.cols, outcome["n_prompt"], outcome["n_continuation"])}
+           if case.task in KL_TASKS else {}),
         "model_file": os.path.basename(model_path),
     }
 

@@ -16,6 +16,8 @@ document, at a sentence boundary.
               question in the same message (single-turn) or in a later turn (-mt)
   kl          a long prose prompt and its real continuation, decoded token by token (teacher forcing): KL and
               top-1 agreement of each next-token distribution against the full cache's
+  kl-code / kl-docs: the same on Python's standard library source / Python's reference documentation (the
+              haystacks of needle-code / needle-docs); each seed is another text
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class Case:
     @property
     def key(self) -> str:
         depth = "-" if self.depth is None else f"{self.depth:g}"
-        extra = f"|cont={self.n_continuation}" if self.task == "kl" else ""
+        extra = f"|cont={self.n_continuation}" if self.task in KL_TASKS else ""
         return f"{self.task}|ctx={self.ctx}|depth={depth}|seed={self.seed}{extra}"
 
     def score(self, reply: str) -> float:
@@ -197,14 +199,17 @@ def vartrack(ctx: int, depth: float, seed: int, count: Count, n_hops: int = 4, *
                  seed=seed)
 
 
-def kl(ctx: int, seed: int, count: Count, essays: Sequence[str], n_continuation: int = 512, **_) -> Case:
-    """Prose whose first ctx tokens are the prompt (ctx - n_continuation) and its real continuation."""
+def kl(ctx: int, seed: int, count: Count, essays: Sequence[str], n_continuation: int = 512, kind: str = "prose",
+       **_) -> Case:
+    """Text whose first ctx tokens are the prompt (ctx - n_continuation) and its real continuation: essays (task
+    kl), standard library source (kl-code) or the language reference (kl-docs), from a seeded start."""
     if not 0 < n_continuation < ctx:
         raise ValueError(f"the KL continuation ({n_continuation} tokens) must be shorter than ctx ({ctx})")
-    rng = _rng("kl", ctx, None, seed)
+    task = "kl" if kind == "prose" else f"kl-{kind}"
+    rng = _rng(task, ctx, None, seed)
     # 10% more: the runner cuts at exactly ctx tokens
-    text = prose_haystack(int(ctx * 1.1) + 64, count, essays, rng)
-    return Case("kl", ctx=ctx, depth=None, seed=seed, text=text, n_continuation=n_continuation)
+    text = natural_haystack(kind, int(ctx * 1.1) + 64, count, essays, rng)
+    return Case(task, ctx=ctx, depth=None, seed=seed, text=text, n_continuation=n_continuation)
 
 
 # ---- natural text: needles that look like the text around them
@@ -302,12 +307,15 @@ TASKS = {
     "multikey": multikey,
     "vartrack": vartrack,
     "kl": kl,
+    "kl-code": lambda **kw: kl(kind="code", **kw),
+    "kl-docs": lambda **kw: kl(kind="docs", **kw),
     **{f"needle-{k}{mt}": (lambda k=k, mt=mt: lambda **kw: natural(k, multi_turn=bool(mt), **kw))()
        for k in ("code", "docs", "prose") for mt in ("", "-mt")},
 }
 MULTI_TURN = {"passkey-mt", "niah-mt", "needle-code-mt", "needle-docs-mt", "needle-prose-mt"}
 NEEDS_ESSAYS = {"niah", "niah-mt", "multikey", "kl", "needle-prose", "needle-prose-mt"}
-DEPTHLESS = {"kl"}
+KL_TASKS = {"kl", "kl-code", "kl-docs"}  # teacher-forced continuations, scored by KL against the full cache
+DEPTHLESS = set(KL_TASKS)
 
 
 def make_case(task: str, ctx: int, depth: Optional[float], seed: int, count: Count,
