@@ -83,7 +83,7 @@ def move_trace(stderr: str) -> dict:
 
 def run_once(model: str, prompt_file: str, args, extra) -> dict:
     cmd = [sys.executable, "-m", "asrkf_gguf", "run", model, "--prompt-file", prompt_file, "--ctx", str(args.ctx),
-           "--max-tokens", str(args.max_tokens), "--temperature", "0", "--n-gpu-layers", str(args.n_gpu_layers),
+           "--max-tokens", str(args.max_tokens), "--temperature", "0", "--ignore-eos", "--n-gpu-layers", str(args.n_gpu_layers),
            "--json", *(["--threads", str(args.threads)] if args.threads else []), *extra]
     t0 = time.perf_counter()
     # the trace costs one line per move (a few hundred in a run): on in every run, so that each carries its breakdown

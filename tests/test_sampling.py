@@ -176,3 +176,22 @@ def test_sampling_params_and_schema_errors():
     with pytest.raises(SamplingError, match="JSON schema"):
         json_schema_grammar('{"type": 5}')
     assert "root ::=" in json_schema_grammar({"type": "integer"})
+
+
+def test_ignore_eos_never_draws_an_end_of_generation_token(tiny_session):
+    # llama.cpp's --ignore-eos: a row whose largest logit is an end-of-generation token draws the next best, greedy
+    # and sampled; without it, greedy draws the EOG token
+    from asrkf_gguf.sampling import eog_tokens
+
+    eog = eog_tokens(tiny_session.model)
+    assert eog.size >= 1
+    with Sampler(tiny_session, SamplingParams(temperature=0.0)) as plain:
+        row = np.zeros(plain.n_vocab, np.float32)
+        row[eog[0]], row[7] = 10.0, 5.0
+        assert plain(row) == eog[0]
+    for temperature in (0.0, 0.8):
+        with Sampler(tiny_session, SamplingParams(temperature=temperature, seed=3, ignore_eos=True)) as s:
+            assert s(row) == 7
+            assert row[eog[0]] == 10.0  # the caller's logits are not changed
+    with pytest.raises(SamplingError):
+        SamplingParams(ignore_eos="yes")

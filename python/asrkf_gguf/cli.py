@@ -112,6 +112,8 @@ def add_run_parser(sub) -> None:
     s.add_argument("--frequency-penalty", type=float, default=0.0, help="frequency penalty (0.0: off)")
     s.add_argument("--presence-penalty", type=float, default=0.0, help="presence penalty (0.0: off)")
     s.add_argument("-s", "--seed", type=int, default=-1, help="random seed (-1: a random one; --json reports it)")
+    s.add_argument("--ignore-eos", action="store_true",
+                   help="never end a reply at an end-of-generation token: generate --max-tokens (benchmarks)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--grammar-file", help="constrain the reply with a GBNF grammar file (llama.cpp's format)")
     g.add_argument("-j", "--json-schema", help="constrain the reply to a JSON schema (JSON text, or @FILE)")
@@ -271,7 +273,7 @@ def run(args) -> int:
     sampling = dict(temperature=args.temperature, seed=args.seed, top_k=args.top_k, top_p=args.top_p,
                     min_p=args.min_p, repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
                     frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
-                    grammar=_grammar(args))
+                    grammar=_grammar(args), ignore_eos=args.ignore_eos)
     try:
         from .engine import sampling_params
 

@@ -48,7 +48,7 @@ _KV_TYPE_NAMES = {v: k for k, v in KV_TYPES.items()}
 
 # the sampling keywords chat() and generate() take beside temperature and seed (llama-cpp-python's names)
 SAMPLING_KEYS = ("top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "frequency_penalty",
-                 "presence_penalty", "grammar")
+                 "presence_penalty", "grammar", "ignore_eos")
 
 
 class EngineError(ValueError):

@@ -86,6 +86,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: Optional[int] = None
     grammar: Optional[str] = None
+    # llama.cpp's --ignore-eos: end-of-generation tokens are never drawn (their logits -inf), so a reply runs to
+    # max_tokens (benchmarks of decode speed)
+    ignore_eos: bool = False
 
     def __post_init__(self):
         def number(name, value, kind=float):
@@ -113,6 +116,8 @@ class SamplingParams:
             raise SamplingError(f"seed must be -1 (random) or in 0..{0xFFFFFFFF}, got {self.seed}")
         if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
             raise SamplingError("grammar must be a non-empty GBNF string")
+        if not isinstance(self.ignore_eos, bool):
+            raise SamplingError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:
@@ -135,6 +140,18 @@ def json_schema_grammar(schema) -> str:
         return json_schema_to_gbnf(text)
     except Exception as err:  # the converter raises several types on schemas it cannot take
         raise SamplingError(f"cannot convert the JSON schema to a grammar: {err}") from None
+
+
+def eog_tokens(model) -> np.ndarray:
+    """Ids of a model's end-of-generation tokens (llama_vocab_is_eog), what llama.cpp's --ignore-eos biases to
+    -inf; asked once per loaded model and kept on it (a loop over 150k ids through ctypes takes ~0.1 s)."""
+    ids = getattr(model, "_asrkf_eog_ids", None)
+    if ids is None:
+        vocab = model.vocab
+        n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        ids = np.array([i for i in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, i)], np.int64)
+        model._asrkf_eog_ids = ids
+    return ids
 
 
 class Sampler:
@@ -183,6 +200,7 @@ class Sampler:
         # largest logit; test_sampling checks both) in 5 us instead of 0.2-0.6 ms for a vocabulary copied into
         # llama_token_data, which is 4-13% of a decode step on a GPU
         self._argmax = params.greedy and self._penalties is None and self._grammar is None
+        self._eog = eog_tokens(session.model) if params.ignore_eos else None
         self._data = np.empty(n_vocab, _TOKEN_DATA)
         self._ids = np.arange(n_vocab, dtype=np.int32)
         self._array = llama_cpp.llama_token_data_array(
@@ -235,6 +253,9 @@ class Sampler:
         """The token drawn from a row of logits (the last decoded token's); not accepted yet."""
         if logits.shape != (self.n_vocab,):
             raise ValueError(f"a row of {self.n_vocab} logits is expected, got shape {logits.shape}")
+        if self._eog is not None and self._eog.size:
+            logits = logits.copy()  # the caller's row stays as the model computed it
+            logits[self._eog] = -np.inf
         if self._argmax:
             return int(np.argmax(logits))
         self._data["id"] = self._ids
