@@ -136,7 +136,7 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
         }
         job->sums = std::move(sums); // the same buffer: the deferred work writes into it
         try {
-            job->worker = std::thread(std::move(deferred));
+            job->worker = std::thread(deferred); // a copy: a thread that fails to start leaves `deferred` whole
             pending = std::move(job);
         } catch (const std::system_error &) {
             deferred(); // no thread: finish here
