@@ -311,6 +311,19 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
     auto scattered = [&](const ggml_tensor * t) {
         return std::find(scatter_t.begin(), scatter_t.end(), t) != scatter_t.end();
     };
+    const auto host_written = copy_host_runs(strm, cell, slot, runs, /*to_host =*/ false,
+            [&](uint32_t il, bool is_v) { return scattered(is_v ? layer_v[il] : layer_k[il]); });
+    auto written = [&](const ggml_tensor * t) {
+        if (scattered(t)) {
+            return true;
+        }
+        for (const auto & [il, is_v] : host_written) {
+            if ((is_v ? layer_v[il] : layer_k[il]) == t) {
+                return true;
+            }
+        }
+        return false;
+    };
 
     for (uint32_t il = 0; il < layer_k.size(); ++il) {
         ggml_tensor * k = layer_k[il];
@@ -320,8 +333,8 @@ void llama_kv_freeze::thaw(llama_seq_id seq_id, const std::vector<llama_pos> & p
         const size_t vb = store.v_row_bytes(il);
 
         // decided once per layer, not per run: the lookup scans every scattered tensor
-        const bool copy_k = !scattered(k);
-        const bool copy_v = !kv->v_trans && !scattered(v);
+        const bool copy_k = !written(k);
+        const bool copy_v = !kv->v_trans && !written(v);
         for (size_t ir = 0; (copy_k || copy_v) && ir < runs.size(); ++ir) {
             const auto & r = runs[ir];
             const size_t row0 = strm*kv_size + cell[r.first];

@@ -67,6 +67,42 @@ void llama_kv_freeze::finish_copies() {
     scatter_rows.clear();
 }
 
+std::vector<std::pair<uint32_t, bool>> llama_kv_freeze::copy_host_runs(uint32_t strm, const std::vector<uint32_t> & cell,
+        const std::vector<llama_kv_host_slot> & slot, const std::vector<kvf_run> & runs, bool to_host,
+        const std::function<bool(uint32_t, bool)> & skip) {
+    std::vector<std::pair<uint32_t, bool>> what;
+    for (uint32_t il = 0; il < layer_k.size(); ++il) {
+        for (const bool is_v : { false, true }) {
+            const ggml_tensor * t = is_v ? layer_v[il] : layer_k[il];
+            if ((is_v && kv->v_trans) || !t->buffer || !ggml_backend_buffer_is_host(t->buffer) || skip(il, is_v)) {
+                continue;
+            }
+            what.emplace_back(il, is_v);
+        }
+    }
+    // one memcpy per run is microseconds: spread only when there are many of them
+    if (what.size() < 2 || what.size()*runs.size() < 256) {
+        return {};
+    }
+    const uint64_t kv_size = kv->get_size();
+    store.parallel_for(what.size(), [&](size_t i) {
+        const auto [il, is_v] = what[i];
+        ggml_tensor * t = is_v ? layer_v[il] : layer_k[il];
+        const size_t rb = is_v ? store.v_row_bytes(il) : store.k_row_bytes(il);
+        for (const auto & r : runs) {
+            uint8_t * dev  = (uint8_t *) t->data + (strm*kv_size + cell[r.first])*t->nb[1];
+            uint8_t * host = is_v ? store.v_row(slot[r.first], il) : store.k_row(slot[r.first], il);
+            if (to_host) {
+                memcpy(host, dev, r.n*rb);
+            } else {
+                memcpy(dev, host, r.n*rb);
+            }
+        }
+    });
+    n_copies += what.size()*runs.size();
+    return what;
+}
+
 ggml_backend_buffer_t llama_kv_freeze::device_buffer(ggml_backend_t backend, int which, size_t size) {
     // kept across moves and grown when a move needs more: a device allocation and free per move cost about as
     // much as moving a few hundred tokens. Every move waits for its copies before it returns, so the next one
@@ -651,6 +687,10 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
     auto gathered = [&](uint32_t il, bool is_v) {
         return std::find(gather_what.begin(), gather_what.end(), std::make_pair(il, is_v)) != gather_what.end();
     };
+    const auto host_copied = copy_host_runs(strm, cell, slot, runs, /*to_host =*/ true, gathered);
+    auto copied = [&](uint32_t il, bool is_v) {
+        return gathered(il, is_v) || std::find(host_copied.begin(), host_copied.end(), std::make_pair(il, is_v)) != host_copied.end();
+    };
 
     // per-run copies of every layer are queued first, with an event after each group of layers of at least
     // 16 MiB of rows (smaller units cost more in waking the hashing threads); then the host hashes group after
@@ -678,8 +718,8 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
         const size_t vb = store.v_row_bytes(il);
 
         // decided once per layer, not per run: the lookup scans every gathered tensor
-        const bool copy_k = !gathered(il, false);
-        const bool copy_v = !kv->v_trans && !gathered(il, true);
+        const bool copy_k = !copied(il, false);
+        const bool copy_v = !kv->v_trans && !copied(il, true);
         for (size_t ir = 0; (copy_k || copy_v) && ir < runs.size(); ++ir) {
             const auto & r = runs[ir];
             const size_t row0 = strm*kv_size + cell[r.first];

@@ -251,6 +251,14 @@ private:
     };
     std::unique_ptr<pending_offload> pending;
 
+    // per-run copies between host slots and the K/V tensors that live in host memory (the layers llama.cpp keeps on
+    // the CPU with part of the model on a GPU, or a CPU cache), one tensor per item on the store's threads; the
+    // tensors `skip` names are left out. Returns the (layer, is_v) copied: empty when there is too little work to
+    // spread (then the caller's per-run loop copies them)
+    std::vector<std::pair<uint32_t, bool>> copy_host_runs(uint32_t strm, const std::vector<uint32_t> & cell,
+            const std::vector<llama_kv_host_slot> & slot, const std::vector<kvf_run> & runs, bool to_host,
+            const std::function<bool(uint32_t, bool)> & skip);
+
     void read (const ggml_tensor * t, size_t offset, size_t size, void * dst);
     void write(ggml_tensor * t, size_t offset, size_t size, const void * src);
     void finish_copies();
