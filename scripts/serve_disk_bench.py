@@ -19,33 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import httpx
 import openai
 
-
-def start_server(serve_args):
-    proc = subprocess.Popen([sys.executable, "-m", "asrkf_gguf", "serve", "--port", "0", *serve_args],
-                            stdout=subprocess.PIPE, text=True, env=dict(os.environ))
-    lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    try:
-        line = lines.get(timeout=300)
-    except queue.Empty:
-        proc.kill()
-        raise SystemExit("the server did not start")
-    if " on http://" not in line:
-        proc.kill()
-        raise SystemExit(f"unexpected first line from the server: {line!r}")
-    return proc, line.split(" on ")[1].strip() + "/v1"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_load import start_server  # noqa: E402  (the same server start as the load test)
 
 
 def stop_server(proc) -> int:

@@ -175,12 +175,14 @@ void llama_kv_freeze::recall_mass(llama_seq_id seq_id, const std::vector<int32_t
                 }
             }
         }
-        // causal: query t (position newest - n_q + 1 + t) does not see later keys
-        mask.resize((size_t) n_keys*n_q);
-        for (int64_t t = 0; t < n_q; ++t) {
-            const llama_pos q_pos = newest - n_q + 1 + (llama_pos) t;
-            for (int64_t j = 0; j < n_keys; ++j) {
-                mask[(size_t) t*n_keys + j] = keys[order[j]] > q_pos ? -std::numeric_limits<float>::infinity() : 0.0f;
+        // causal: query t (position newest - n_q + 1 + t) does not see later keys; the same for every layer
+        if (mask.size() != (size_t) n_keys*n_q) {
+            mask.resize((size_t) n_keys*n_q);
+            for (int64_t t = 0; t < n_q; ++t) {
+                const llama_pos q_pos = newest - n_q + 1 + (llama_pos) t;
+                for (int64_t j = 0; j < n_keys; ++j) {
+                    mask[(size_t) t*n_keys + j] = keys[order[j]] > q_pos ? -std::numeric_limits<float>::infinity() : 0.0f;
+                }
             }
         }
 

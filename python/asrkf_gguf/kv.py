@@ -343,8 +343,7 @@ class KVCache:
         """Every position of seq_id, resident or offloaded, with cells, frozen flags, rows and checksums, as one
         buffer (asrkf_kv_session_save); nothing in the cache changes."""
         h = self._h()
-        n = ffi.new("size_t *")
-        _check("session_save", lib.asrkf_kv_session_save(h, seq_id, ffi.NULL, 0, n))
+        n = ffi.new("size_t *", self.session_size(seq_id))
         while True:  # the size can change between the two calls when another thread shares the handle
             out = bytearray(n[0])
             cap = len(out)

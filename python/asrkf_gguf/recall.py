@@ -86,8 +86,8 @@ def recall_mass(kv, positions: np.ndarray, layers, seq_id: int = 0, others: np.n
     GPU the products and softmax take milliseconds where numpy took ~1 s for 30k tokens (docs/gpu.md). Timed
     under "native"."""
     positions = np.asarray(positions)
+    keys = positions if others is None or not len(others) else np.concatenate([positions, np.asarray(others)])
     if native:
-        keys = positions if others is None or not len(others) else np.concatenate([positions, np.asarray(others)])
         t0 = time.perf_counter()
         mass = kv.recall_mass(list(layers), keys, len(positions), seq_id).astype(np.float64)
         if timing is not None:
@@ -96,7 +96,6 @@ def recall_mass(kv, positions: np.ndarray, layers, seq_id: int = 0, others: np.n
     info = kv.info()
     d = info.n_embd_head_k
     newest = int(kv.cells(seq_id)[0].max())
-    keys = positions if others is None or not len(others) else np.concatenate([positions, np.asarray(others)])
 
     native = threading.Lock()  # one call into the handle at a time; the numpy work runs beside it
 
