@@ -1,16 +1,16 @@
-"""Chats in one Engine: switching to an idle chat (its KV restored from an in-memory session blob) against
-prefilling it again, and saving / loading it as a file. Prints one JSON object (also written to --json).
+"""Chats in one Engine: switching to an idle chat (its KV parked in the host store: the resident rows go back into
+their cells, the offloaded ones stay where they are) against prefilling it again, and saving / loading it as a file. Prints one JSON object (also written to --json).
 
 One chat holds a document of about --tokens tokens and a question; it is parked (new_chat), a second, short chat
 runs, and the first comes back (switch) and answers a follow-up. Reported:
   prefill_s          the first turn's prompt prefill: what a switch saves (re-prefill cost)
-  park_ms            new_chat(): the chat's KV and table into a blob in host memory
+  park_ms            new_chat(): the chat parked (its resident rows copied to the host store, its table kept)
   switch_ms          switch() back: the short chat parked, the long one restored
   switch_speedup     prefill_s / switch_ms
   save_ms, load_ms   the same chat as a file (sha256 over the file and the model fingerprint included)
   native_save_ms, native_load_ms  asrkf_kv_session_save / _load alone (the K/V part of a park / switch)
-  per chat           device bytes (its resident cells) and host bytes (offloaded rows while current, the whole
-                     blob while idle)
+  per chat           device bytes (its resident cells) and host bytes (offloaded rows while current, all of its
+                     rows while idle)
   followup_prompt_tokens  tokens decoded for the follow-up after the switch: only the new turn (no re-prefill)
 
   python scripts/bench_sessions.py [--model PATH] [--tokens 8000] [--ctx 8704] [--kv-budget 0.25]

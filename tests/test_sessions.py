@@ -66,6 +66,92 @@ def test_native_round_trip_is_bit_identical(tiny_path, kv_type, fa):
     assert np.array_equal(want, got)
 
 
+@pytest.mark.parametrize("kv_type,fa", KV_CASES[:3])
+def test_park_and_unpark_restore_a_sequence_bit_identically(tiny_path, kv_type, fa):
+    """Parking moves a conversation into the host store and empties the sequence; another conversation can use the
+    cells meanwhile; unparking restores cells, flags and host copies, so later decodes compute the same logits."""
+    tokens, other = random_tokens(220), random_tokens(220, seed=5)
+    with tiny_session(tiny_path, kv_type, fa) as s, KVCache(ctx=s.context) as kv:
+        fill(s, kv, tokens, 160)
+        kv.thaw(kv.offloaded()[10:20])
+        want = s.decode(tokens[160:200], 160)
+    with tiny_session(tiny_path, kv_type, fa) as s, KVCache(ctx=s.context) as kv:
+        fill(s, kv, tokens, 160)
+        before, blob = state_of(kv), bytes(kv.session_save())
+        n, tb = len(before[0]) + len(before[3]), kv.info().kv_bytes_per_token
+        kv.park(7)
+        assert state_of(kv) == ([], [], [], [])  # the sequence is empty: its cells are free for another chat
+        assert kv.parked_tokens(7) == n and kv.info().host_bytes_used == n * tb
+        out = bytearray(kv.parked_size(7))
+        kv.parked_save_into(out, 7)
+        assert bytes(out) == blob  # what session_save wrote before the park
+        kv.check()
+        fill(s, kv, other, 128)  # another conversation in the same cells, with its own host copies
+        other_state = state_of(kv)
+        kv.park(8)
+        s.clear()  # llama.cpp's clear empties the cache, not the parked conversations
+        kv.unpark(7)
+        kv.check()
+        assert state_of(kv) == before
+        kv.thaw(kv.offloaded()[10:20])
+        got = s.decode(tokens[160:200], 160)
+        s.clear()
+        kv.unpark(8)
+        assert state_of(kv) == other_state
+    assert np.array_equal(want, got)
+
+
+def test_park_refuses_bad_calls_and_a_corrupted_row_changes_nothing(tiny_path):
+    tokens = random_tokens(220)
+    with tiny_session(tiny_path) as s, KVCache(ctx=s.context) as kv:
+        fill(s, kv, tokens, 160)
+        before = state_of(kv)
+        resident_pos, offloaded_pos = before[0][5], before[3][3]
+        kv.park(1)
+        with pytest.raises(AsrkfError) as err:
+            kv.park(1)  # the id is taken (and the sequence is empty anyway)
+        assert err.value.code == -1
+        with pytest.raises(AsrkfError) as err:
+            kv.unpark(2)
+        assert err.value.code == -1 and "no sequence is parked" in err.value.message
+        s.decode(tokens[:8], 0)
+        with pytest.raises(AsrkfError) as err:
+            kv.unpark(1)  # into a sequence that holds something
+        assert err.value.code == -2 and "not empty" in err.value.message
+        assert kv.parked_tokens(1) == len(before[0]) + len(before[3])
+        s.clear()
+        # a row that was resident when parked is checked before it goes back: refused, nothing changed
+        kv.debug_corrupt_parked(1, resident_pos, byte=3)
+        with pytest.raises(AsrkfError) as err:
+            kv.unpark(1)
+        assert err.value.code == -3 and f"position {resident_pos} " in err.value.message
+        assert state_of(kv) == ([], [], [], []) and kv.parked_tokens(1) == len(before[0]) + len(before[3])
+        with pytest.raises(AsrkfError) as err:
+            kv.check()
+        assert err.value.code == -3
+        with pytest.raises(AsrkfError) as err:  # and it is not written to a session file either
+            kv.parked_save_into(bytearray(kv.parked_size(1)), 1)
+        assert err.value.code == -3
+        kv.debug_corrupt_parked(1, resident_pos, byte=3)  # flipped back
+        kv.debug_corrupt_parked(1, offloaded_pos, byte=9)
+        with pytest.raises(AsrkfError) as err:
+            kv.parked_save_into(bytearray(kv.parked_size(1)), 1)
+        assert err.value.code == -3 and f"position {offloaded_pos} " in err.value.message
+        kv.unpark(1)  # an offloaded row is checked when it is thawed, as always
+        with pytest.raises(AsrkfError) as err:
+            kv.thaw([offloaded_pos])
+        assert err.value.code == -3
+        kv.park(3)
+        with pytest.raises(AsrkfError) as err:
+            kv.close(force=False)  # parked rows would be lost
+        assert err.value.code == -2 and "parked" in err.value.message
+        kv.drop_parked(3)
+        assert kv.info().host_bytes_used == 0
+        kv.check()
+        with pytest.raises(AsrkfError):
+            kv.drop_parked(3)
+
+
 @pytest.fixture
 def saved(tiny_path):
     tokens = random_tokens(220)
@@ -231,7 +317,7 @@ def test_cli_save_then_load_gives_the_replies_of_one_run(real_demo_model_path, r
     assert r5.returncode == 2 and "device budget" in r5.stderr
 
 
-def test_switching_chats_gives_each_chat_its_own_replies(demo_model_path):
+def test_switching_chats_gives_each_chat_its_own_replies(demo_model_path, tmp_path):
     story = "The hive stands at the end of the orchard, under the old pear tree, and every morning the bees " * 4
     c1 = ["My name is Ada and I keep bees. " + story + "Say hello.", "What do I keep?"]
     c2 = ["Write a short poem about the sea. " + story, "Now one about the mountains."]
@@ -245,11 +331,18 @@ def test_switching_chats_gives_each_chat_its_own_replies(demo_model_path):
         first = e.chat_id
         got1 = replies(e, c1[:1])
         assert e.controller.table.counts()["offloaded"] > 0  # parked with its host tier
+        current_file = e.save(tmp_path / "current.session")
         second = e.new_chat()
+        # a parked chat is written as it would have been while current (its resident rows are host copies now)
+        assert e.save_chat(first, tmp_path / "parked.session") == current_file
+        assert (tmp_path / "parked.session").read_bytes() == (tmp_path / "current.session").read_bytes()
         assert e.cached_tokens() == [] and e.chat_ids() == [first, second]
         got2 = replies(e, c2[:1])
         mem = e.chat_memory()
-        assert mem[first]["device_bytes"] == 0 and mem[first]["host_bytes"] > 0  # parked: host memory only
+        tb = e.kv.info().kv_bytes_per_token
+        # parked: host memory only, every position of it
+        assert mem[first]["device_bytes"] == 0 and mem[first]["host_bytes"] == mem[first]["tokens"] * tb > 0
+        assert e.kv.info().host_bytes_used == mem[first]["host_bytes"] + mem[second]["host_bytes"]
         assert mem[second]["device_bytes"] > 0
         e.switch(first)
         got1 += replies(e, c1[1:])

@@ -232,11 +232,29 @@ ASRKF_API int32_t asrkf_kv_session_save(asrkf_kv_t kv, int32_t seq_id, void * ou
 // geometry and cells only (not the rows' checksums) and change nothing.
 ASRKF_API int32_t asrkf_kv_session_load(asrkf_kv_t kv, int32_t seq_id, const void * data, size_t size, bool check_only);
 
+// parking, for several conversations over one context: asrkf_kv_park moves every position of seq_id into the host
+// store under park_id (the resident rows are copied there and hashed, the offloaded ones only change owner) and
+// empties the sequence; asrkf_kv_unpark restores them into an empty sequence, the resident ones into their original
+// cells when free (then later decodes compute exactly what they would have without the round trip), their rows
+// checked first. A switch then copies only the resident rows each way, not the whole conversation.
+// park: -1 when park_id is taken, -2 with a pending K-shift or shared cells, -6 out of host memory, -5 for iSWA
+// models. unpark: -1 when nothing is parked under park_id, -2 when seq_id is not empty or the cache has too few free
+// cells, -3 when a row fails its checksum (then nothing changed). asrkf_kv_parked_save writes a parked sequence as
+// asrkf_kv_session_save wrote it before it was parked (out == NULL: *n_out is the size); asrkf_kv_drop_parked
+// releases its host memory. Parked rows count in host_bytes_used; asrkf_kv_free refuses them unless forced.
+ASRKF_API int32_t asrkf_kv_park(asrkf_kv_t kv, int32_t seq_id, int64_t park_id);
+ASRKF_API int32_t asrkf_kv_unpark(asrkf_kv_t kv, int64_t park_id, int32_t seq_id);
+ASRKF_API int32_t asrkf_kv_drop_parked(asrkf_kv_t kv, int64_t park_id);
+ASRKF_API int32_t asrkf_kv_parked_save(asrkf_kv_t kv, int64_t park_id, void * out, size_t size, size_t * n_out);
+ASRKF_API int32_t asrkf_kv_parked_tokens(asrkf_kv_t kv, int64_t park_id, int32_t * n_out);
+
 // check the invariants of the cell table and the host store; -1 with a message on the first violation
 ASRKF_API int32_t asrkf_kv_check(asrkf_kv_t kv);
 
 // testing only: flip one byte of the host copy of an offloaded position (to exercise the checksum path)
 ASRKF_API int32_t asrkf_kv_debug_corrupt(asrkf_kv_t kv, int32_t seq_id, int32_t pos, uint64_t byte);
+// testing only: the same for a position parked under park_id (resident or offloaded when it was parked)
+ASRKF_API int32_t asrkf_kv_debug_corrupt_parked(asrkf_kv_t kv, int64_t park_id, int32_t pos, uint64_t byte);
 
 #ifdef __cplusplus
 }

@@ -347,6 +347,38 @@ int32_t asrkf_kv_session_load(asrkf_kv_t kv, int32_t seq_id, const void * data, 
     return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.session_load(seq_id, (const uint8_t *) data, size, check_only); });
 }
 
+int32_t asrkf_kv_park(asrkf_kv_t kv, int32_t seq_id, int64_t park_id) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.park(seq_id, park_id); });
+}
+
+int32_t asrkf_kv_unpark(asrkf_kv_t kv, int64_t park_id, int32_t seq_id) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.unpark(park_id, seq_id); });
+}
+
+int32_t asrkf_kv_drop_parked(asrkf_kv_t kv, int64_t park_id) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.drop_parked(park_id); });
+}
+
+int32_t asrkf_kv_parked_save(asrkf_kv_t kv, int64_t park_id, void * out, size_t size, size_t * n_out) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
+        size_t n = 0;
+        kvf.parked_save(park_id, (uint8_t *) out, size, n);
+        if (n_out) {
+            *n_out = n;
+        }
+    });
+}
+
+int32_t asrkf_kv_parked_tokens(asrkf_kv_t kv, int64_t park_id, int32_t * n_out) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
+        auto it = kvf.parked.find(park_id);
+        if (it == kvf.parked.end()) {
+            KVF_FAIL(ASRKF_EINVAL, "parked tokens: no sequence is parked under id %lld", (long long) park_id);
+        }
+        *n_out = (int32_t) it->second.entries.size();
+    });
+}
+
 int32_t asrkf_kv_reserve_host(asrkf_kv_t kv, uint64_t bytes) {
     return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
         kvf.store.reserve((size_t) bytes); // no synchronize: it touches no cell, and the device may be busy
@@ -359,6 +391,10 @@ int32_t asrkf_kv_check(asrkf_kv_t kv) {
 
 int32_t asrkf_kv_debug_corrupt(asrkf_kv_t kv, int32_t seq_id, int32_t pos, uint64_t byte) {
     return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.debug_corrupt(seq_id, pos, byte); });
+}
+
+int32_t asrkf_kv_debug_corrupt_parked(asrkf_kv_t kv, int64_t park_id, int32_t pos, uint64_t byte) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.debug_corrupt_parked(park_id, pos, byte); });
 }
 
 } // extern "C"

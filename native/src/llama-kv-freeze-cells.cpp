@@ -499,6 +499,25 @@ void llama_kv_freeze::debug_corrupt(llama_seq_id seq_id, llama_pos pos, uint64_t
     if (it == records.end()) {
         KVF_FAIL(ASRKF_EINVAL, "debug_corrupt: position %d of sequence %d is not offloaded", pos, seq_id);
     }
+    debug_corrupt_slot(it->second.slot, byte);
+}
+
+void llama_kv_freeze::debug_corrupt_parked(int64_t park_id, llama_pos pos, uint64_t byte) {
+    sync();
+
+    auto it = parked.find(park_id);
+    if (it != parked.end()) {
+        for (const auto & e : it->second.entries) {
+            if (e.pos == pos) {
+                debug_corrupt_slot(e.rec.slot, byte);
+                return;
+            }
+        }
+    }
+    KVF_FAIL(ASRKF_EINVAL, "debug_corrupt: position %d is not parked under id %lld", pos, (long long) park_id);
+}
+
+void llama_kv_freeze::debug_corrupt_slot(const llama_kv_host_slot & slot, uint64_t byte) {
     if (byte >= store.token_bytes()) {
         KVF_FAIL(ASRKF_EINVAL, "debug_corrupt: byte %" PRIu64 " is past the %zu bytes of a token", byte, store.token_bytes());
     }
@@ -507,12 +526,12 @@ void llama_kv_freeze::debug_corrupt(llama_seq_id seq_id, llama_pos pos, uint64_t
     uint64_t rest = byte;
     for (uint32_t il = 0; il < store.n_layer(); ++il) {
         if (rest < store.k_row_bytes(il)) {
-            store.k_row(it->second.slot, il)[rest] ^= 0x5a;
+            store.k_row(slot, il)[rest] ^= 0x5a;
             return;
         }
         rest -= store.k_row_bytes(il);
         if (rest < store.v_row_bytes(il)) {
-            store.v_row(it->second.slot, il)[rest] ^= 0x5a;
+            store.v_row(slot, il)[rest] ^= 0x5a;
             return;
         }
         rest -= store.v_row_bytes(il);

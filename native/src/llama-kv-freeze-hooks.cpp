@@ -17,8 +17,14 @@
 
 void llama_kv_freeze::on_clear() {
     finish_pending(); // its thread writes into slots about to be released
+    if (parked.empty()) {
+        store.clear();
+    } else {
+        for (const auto & [key, rec] : records) {
+            store.release(rec.slot); // the parked sequences' slots are not the cache's to clear
+        }
+    }
     records.clear();
-    store.clear();
     epoch++;
 }
 

@@ -114,10 +114,81 @@ struct kvs_slots {
     }
 };
 
+// one entry of a session being written: its rows are in a host slot
+struct kvs_out {
+    llama_pos                  pos;
+    uint32_t                   cell;
+    uint8_t                    state;
+    llama_kv_cell_ext          ext;
+    uint64_t                   checksum;
+    const llama_kv_host_slot * slot;
+};
+
 } // namespace
+
+static size_t kvs_write(llama_kv_freeze & kvf, uint32_t head, const std::vector<kvs_out> & order, uint32_t n_resident,
+        uint8_t * out);
 
 size_t llama_kv_freeze::session_bytes(size_t n_entries) const {
     return kvs_header_bytes + layer_k.size()*kvs_layer_bytes + n_entries*kvs_entry_bytes + 8 + n_entries*store.token_bytes();
+}
+
+void llama_kv_freeze::resident_to_host(llama_seq_id seq_id, const std::vector<std::pair<llama_pos, uint32_t>> & res,
+        std::vector<llama_kv_host_slot> & slot, std::vector<uint64_t> & sums, const char * op) {
+    slot.clear();
+    sums.assign(res.size(), 0);
+    if (res.empty()) {
+        return;
+    }
+    // ascending cell order: consecutive cells land in consecutive slots (one copy per run, as offload does)
+    std::vector<std::pair<uint32_t, size_t>> by_cell; // (cell, index into res)
+    for (size_t i = 0; i < res.size(); ++i) {
+        by_cell.emplace_back(res[i].second, i);
+    }
+    std::sort(by_cell.begin(), by_cell.end());
+
+    std::vector<llama_kv_host_slot> got;
+    try {
+        got = store.alloc((uint32_t) res.size());
+    } catch (const std::bad_alloc &) {
+        KVF_FAIL(ASRKF_EBACKEND, "%s: out of host memory for %zu tokens (%zu bytes each)", op, res.size(), store.token_bytes());
+    }
+    std::vector<uint32_t> cell(res.size());
+    for (size_t k = 0; k < by_cell.size(); ++k) {
+        cell[k] = by_cell[k].first;
+    }
+    std::vector<uint64_t> ksums(res.size(), 0);
+    try {
+        copy_to_host(stream(seq_id), cell, got, ksums.data());
+        finish_copies();
+    } catch (...) {
+        finish_copies();
+        for (const auto & s : got) {
+            store.release(s);
+        }
+        throw;
+    }
+    slot.resize(res.size());
+    for (size_t k = 0; k < by_cell.size(); ++k) {
+        slot[by_cell[k].second] = got[k];
+        sums[by_cell[k].second] = ksums[k];
+    }
+}
+
+void llama_kv_freeze::verify_slots(const std::vector<const llama_kv_freeze_record *> & rec, const std::vector<llama_pos> & pos,
+        const char * op) {
+    std::vector<llama_kv_host_slot> slot;
+    slot.reserve(rec.size());
+    for (const auto * r : rec) {
+        slot.push_back(r->slot);
+    }
+    std::vector<uint64_t> sums(rec.size());
+    store.checksums(slot.data(), slot.size(), sums.data());
+    for (size_t i = 0; i < rec.size(); ++i) {
+        if (sums[i] != rec[i]->checksum) {
+            KVF_FAIL(ASRKF_ECHECKSUM, "%s: the host copy of position %d failed its checksum (corrupted); nothing was changed", op, pos[i]);
+        }
+    }
 }
 
 void llama_kv_freeze::session_save(llama_seq_id seq_id, uint8_t * out, size_t size, size_t & n_out) {
@@ -153,67 +224,41 @@ void llama_kv_freeze::session_save(llama_seq_id seq_id, uint8_t * out, size_t si
 
     // the host copies travel with their checksums: a copy that fails its checksum now is not written
     {
-        std::vector<llama_kv_host_slot> slot;
-        std::vector<uint64_t>           sums(off.size());
+        std::vector<const llama_kv_freeze_record *> rec;
         for (const llama_pos p : off) {
-            slot.push_back(records.at({seq_id, p}).slot);
+            rec.push_back(&records.at({seq_id, p}));
         }
-        store.checksums(slot.data(), slot.size(), sums.data());
-        for (size_t i = 0; i < off.size(); ++i) {
-            if (sums[i] != records.at({seq_id, off[i]}).checksum) {
-                KVF_FAIL(ASRKF_ECHECKSUM, "session save: the host copy of position %d of sequence %d failed its checksum", off[i], seq_id);
-            }
-        }
+        verify_slots(rec, off, "session save");
     }
 
     // resident rows: gathered into slots of the host store (in ascending cell order, as offload does), hashed as
     // they land, written out, and released
-    std::vector<std::pair<uint32_t, size_t>> by_cell; // (cell, index into res)
-    for (size_t i = 0; i < res.size(); ++i) {
-        by_cell.emplace_back(res[i].second, i);
-    }
-    std::sort(by_cell.begin(), by_cell.end());
-
     kvs_slots tmp{store, {}};
-    std::vector<uint64_t> sums(res.size(), 0);
-    std::vector<size_t>   res_slot(res.size()); // index into tmp.slot of res[i]
-    if (!res.empty()) {
-        try {
-            tmp.slot = store.alloc((uint32_t) res.size());
-        } catch (const std::bad_alloc &) {
-            KVF_FAIL(ASRKF_EBACKEND, "session save: out of host memory for %zu tokens (%zu bytes each)", res.size(), store.token_bytes());
-        }
-        std::vector<uint32_t> cell(res.size());
-        for (size_t k = 0; k < by_cell.size(); ++k) {
-            cell[k] = by_cell[k].first;
-            res_slot[by_cell[k].second] = k;
-        }
-        std::vector<uint64_t> ksums(res.size(), 0);
-        try {
-            copy_to_host(strm, cell, tmp.slot, ksums.data());
-        } catch (...) {
-            finish_copies();
-            throw;
-        }
-        finish_copies();
-        for (size_t i = 0; i < res.size(); ++i) {
-            sums[i] = ksums[res_slot[i]];
-        }
-    }
+    std::vector<uint64_t> sums;
+    resident_to_host(seq_id, res, tmp.slot, sums, "session save");
 
     // entries by position: resident and offloaded merged
-    struct src { llama_pos pos; bool resident; size_t i; };
-    std::vector<src> order;
+    std::vector<kvs_out> order;
     order.reserve(res.size() + off.size());
     for (size_t i = 0; i < res.size(); ++i) {
-        order.push_back({res[i].first, true, i});
+        const uint32_t cell = res[i].second;
+        order.push_back({res[i].first, cell, (uint8_t) (c.is_frozen(cell) ? ASRKF_CELL_FROZEN : ASRKF_CELL_ACTIVE),
+                c.ext_get(cell), sums[i], &tmp.slot[i]});
     }
-    for (size_t i = 0; i < off.size(); ++i) {
-        order.push_back({off[i], false, i});
+    for (const llama_pos p : off) {
+        const auto & rec = records.at({seq_id, p});
+        order.push_back({p, rec.cell, (uint8_t) ASRKF_CELL_OFFLOADED, rec.ext, rec.checksum, &rec.slot});
     }
-    std::sort(order.begin(), order.end(), [](const src & a, const src & b) { return a.pos < b.pos; });
+    std::sort(order.begin(), order.end(), [](const kvs_out & a, const kvs_out & b) { return a.pos < b.pos; });
 
-    const uint32_t n_layer = (uint32_t) layer_k.size();
+    GGML_ASSERT(kvs_write(*this, kv->v_heads[strm], order, (uint32_t) res.size(), out) == n_out);
+}
+
+// the session layout of entries whose rows are all in host slots (by position); returns the bytes written
+static size_t kvs_write(llama_kv_freeze & kvf, uint32_t head, const std::vector<kvs_out> & order, uint32_t n_resident,
+        uint8_t * out) {
+    llama_kv_host_store & store = kvf.store;
+    const uint32_t n_layer = (uint32_t) kvf.layer_k.size();
 
     kvs_writer w{out};
     w.bytes(kvs_magic, sizeof(kvs_magic));
@@ -221,49 +266,40 @@ void llama_kv_freeze::session_save(llama_seq_id seq_id, uint8_t * out, size_t si
     w.put<uint32_t>(kvs_bom);
     w.put<uint32_t>((uint32_t) sizeof(llama_kv_cell_ext));
     w.put<uint32_t>(n_layer);
-    w.put<uint32_t>(kv->get_size());
-    w.put<int32_t>((int32_t) kv->type_k());
-    w.put<int32_t>((int32_t) kv->type_v());
-    w.put<uint32_t>(kv->v_trans ? 1 : 0);
-    w.put<uint32_t>(kv->v_heads[strm]);
+    w.put<uint32_t>(kvf.kv->get_size());
+    w.put<int32_t>((int32_t) kvf.kv->type_k());
+    w.put<int32_t>((int32_t) kvf.kv->type_v());
+    w.put<uint32_t>(kvf.v_trans() ? 1 : 0);
+    w.put<uint32_t>(head);
     w.put<uint32_t>((uint32_t) order.size());
-    w.put<uint32_t>((uint32_t) res.size());
+    w.put<uint32_t>(n_resident);
     w.put<uint64_t>(store.token_bytes());
     for (uint32_t il = 0; il < n_layer; ++il) {
-        w.put<int32_t>(layer_il[il]);
+        w.put<int32_t>(kvf.layer_il[il]);
         w.put<uint64_t>(store.k_row_bytes(il));
         w.put<uint64_t>(store.v_row_bytes(il));
     }
     for (const auto & e : order) {
-        const llama_kv_freeze_record * rec = e.resident ? nullptr : &records.at({seq_id, e.pos});
-        const uint32_t cell = e.resident ? res[e.i].second : rec->cell;
-        const uint8_t  st   = e.resident ? (c.is_frozen(cell) ? ASRKF_CELL_FROZEN : ASRKF_CELL_ACTIVE) : ASRKF_CELL_OFFLOADED;
-        llama_kv_cell_ext ext = e.resident ? c.ext_get(cell) : rec->ext;
         w.put<int32_t>(e.pos);
-        w.put<uint32_t>(cell);
-        const uint8_t pad[4] = { st, 0, 0, 0 };
+        w.put<uint32_t>(e.cell);
+        const uint8_t pad[4] = { e.state, 0, 0, 0 };
         w.bytes(pad, 4);
-        w.bytes(&ext, sizeof(ext));
-        w.put<uint64_t>(e.resident ? sums[e.i] : rec->checksum);
+        w.bytes(&e.ext, sizeof(e.ext));
+        w.put<uint64_t>(e.checksum);
     }
     w.put<uint64_t>(fnv1a(out, (size_t) (w.p - out)));
 
     // the rows, entry after entry, copied on the store's threads: one thread copied ~1.2 GB/s (3.9 GB for a
     // 30k-token chat of an 8B model took 3 s on the H200's host)
-    std::vector<const llama_kv_host_slot *> slot_of(order.size());
-    for (size_t j = 0; j < order.size(); ++j) {
-        const auto & e = order[j];
-        slot_of[j] = e.resident ? &tmp.slot[res_slot[e.i]] : &records.at({seq_id, e.pos}).slot;
-    }
     uint8_t * rows = w.p;
     const size_t tb = store.token_bytes();
     kvs_copy_rows(store, order.size(), [&](size_t j, uint32_t il, bool is_v, size_t off) {
         uint8_t * dst = rows + j*tb + off;
-        const uint8_t * src = is_v ? store.v_row(*slot_of[j], il) : store.k_row(*slot_of[j], il);
+        const uint8_t * src = is_v ? store.v_row(*order[j].slot, il) : store.k_row(*order[j].slot, il);
         memcpy(dst, src, is_v ? store.v_row_bytes(il) : store.k_row_bytes(il));
     });
     w.p += order.size()*tb;
-    GGML_ASSERT((size_t) (w.p - out) == n_out);
+    return (size_t) (w.p - out);
 }
 
 // parse and validate everything but the rows' checksums; entries ordered by position
@@ -473,4 +509,175 @@ void llama_kv_freeze::session_load(llama_seq_id seq_id, const uint8_t * data, si
     thaw(seq_id, frozen, true,  /*verify =*/ false);
 
     kv->v_heads[strm] = head;
+}
+
+//
+// parking: a conversation kept in the host store while another one uses the device cells
+//
+
+void llama_kv_freeze::park(llama_seq_id seq_id, int64_t park_id) {
+    sync();
+
+    if (iswa) {
+        KVF_FAIL(ASRKF_EUNSUPPORTED, "park: the model's sliding-window layers keep their K/V outside the managed cache");
+    }
+    if (parked.count(park_id)) {
+        KVF_FAIL(ASRKF_EINVAL, "park: id %lld holds a parked sequence already", (long long) park_id);
+    }
+
+    const uint32_t strm = stream(seq_id);
+    auto & c = cells(seq_id);
+    if (c.get_has_shift()) {
+        KVF_FAIL(ASRKF_EREFUSED, "park: a K-shift is pending; decode once (or call llama_memory_update) first");
+    }
+
+    const auto res = resident(seq_id);
+    const auto off = offloaded(seq_id);
+    for (const auto & [p, i] : res) {
+        if (c.seq_count(i) != 1) {
+            KVF_FAIL(ASRKF_EREFUSED, "park: the cell of position %d is shared with another sequence", p);
+        }
+    }
+
+    // the resident rows go to host slots (the only copy a park makes); the offloaded ones stay where they are
+    kvs_slots tmp{store, {}};
+    std::vector<uint64_t> sums;
+    resident_to_host(seq_id, res, tmp.slot, sums, "park");
+
+    llama_kv_parked pk;
+    pk.head = kv->v_heads[strm];
+    pk.entries.reserve(res.size() + off.size());
+    for (size_t i = 0; i < res.size(); ++i) {
+        const uint32_t cell = res[i].second;
+        llama_kv_freeze_record rec;
+        rec.slot     = tmp.slot[i];
+        rec.ext      = c.ext_get(cell);
+        rec.checksum = sums[i];
+        rec.cell     = cell;
+        pk.entries.push_back({res[i].first, (uint8_t) (c.is_frozen(cell) ? ASRKF_CELL_FROZEN : ASRKF_CELL_ACTIVE), rec});
+    }
+    for (const llama_pos p : off) {
+        pk.entries.push_back({p, (uint8_t) ASRKF_CELL_OFFLOADED, records.at({seq_id, p})});
+    }
+    std::sort(pk.entries.begin(), pk.entries.end(),
+            [](const llama_kv_parked_entry & a, const llama_kv_parked_entry & b) { return a.pos < b.pos; });
+
+    // commit: the records change owner (no copy), then the sequence's cells are released
+    parked.emplace(park_id, std::move(pk));
+    tmp.keep = true;
+    for (const llama_pos p : off) {
+        records.erase({seq_id, p});
+    }
+    epoch++;
+    if (!kv->seq_rm(seq_id, -1, -1)) {
+        // cannot happen for a whole sequence; the parked copy is complete, so unpark can still restore it
+        KVF_FAIL(ASRKF_EREFUSED, "park: the sequence could not be removed: %s", asrkf_last_error());
+    }
+}
+
+void llama_kv_freeze::unpark(int64_t park_id, llama_seq_id seq_id) {
+    sync();
+
+    auto it = parked.find(park_id);
+    if (it == parked.end()) {
+        KVF_FAIL(ASRKF_EINVAL, "unpark: no sequence is parked under id %lld", (long long) park_id);
+    }
+    const uint32_t strm = stream(seq_id);
+    auto & c = cells(seq_id);
+    if (c.seq_pos_max(seq_id) >= 0 || has_offloaded(seq_id, -1, -1)) {
+        KVF_FAIL(ASRKF_EREFUSED, "unpark: sequence %d is not empty; park or remove its positions first", seq_id);
+    }
+    if (c.get_has_shift()) {
+        KVF_FAIL(ASRKF_EREFUSED, "unpark: a K-shift is pending; decode once (or call llama_memory_update) first");
+    }
+
+    const llama_kv_parked & pk = it->second;
+    std::vector<const llama_kv_freeze_record *> res_rec;
+    std::vector<llama_pos> res_pos;
+    for (const auto & e : pk.entries) {
+        if (e.state != ASRKF_CELL_OFFLOADED) {
+            res_rec.push_back(&e.rec);
+            res_pos.push_back(e.pos);
+        }
+    }
+    uint32_t n_free = 0;
+    for (uint32_t i = 0; i < c.size(); ++i) {
+        n_free += c.is_empty(i) ? 1 : 0;
+    }
+    if (n_free < res_rec.size()) {
+        KVF_FAIL(ASRKF_EREFUSED, "unpark: %zu resident positions need as many free cells, the cache has %u",
+                res_rec.size(), n_free);
+    }
+    // the rows going back to the device are checked now, before anything changes (the offloaded ones are checked
+    // when they are thawed, as always)
+    verify_slots(res_rec, res_pos, "unpark");
+
+    // commit: the records change owner back, and the resident ones are thawed into their cells (the original ones
+    // when free), not hashed again
+    std::vector<llama_pos> active;
+    std::vector<llama_pos> frozen;
+    for (const auto & e : pk.entries) {
+        records[{seq_id, e.pos}] = e.rec;
+        if (e.state == ASRKF_CELL_ACTIVE) {
+            active.push_back(e.pos);
+        } else if (e.state == ASRKF_CELL_FROZEN) {
+            frozen.push_back(e.pos);
+        }
+    }
+    const uint32_t head = pk.head;
+    parked.erase(it);
+    epoch++;
+
+    thaw(seq_id, active, false, /*verify =*/ false);
+    thaw(seq_id, frozen, true,  /*verify =*/ false);
+
+    kv->v_heads[strm] = head < kv->get_size() ? head : 0;
+}
+
+void llama_kv_freeze::drop_parked(int64_t park_id) {
+    sync();
+    auto it = parked.find(park_id);
+    if (it == parked.end()) {
+        KVF_FAIL(ASRKF_EINVAL, "drop parked: no sequence is parked under id %lld", (long long) park_id);
+    }
+    for (const auto & e : it->second.entries) {
+        store.release(e.rec.slot);
+    }
+    parked.erase(it);
+}
+
+size_t llama_kv_freeze::parked_tokens() const {
+    size_t n = 0;
+    for (const auto & [id, pk] : parked) {
+        n += pk.entries.size();
+    }
+    return n;
+}
+
+void llama_kv_freeze::parked_save(int64_t park_id, uint8_t * out, size_t size, size_t & n_out) {
+    sync();
+    auto it = parked.find(park_id);
+    if (it == parked.end()) {
+        KVF_FAIL(ASRKF_EINVAL, "parked save: no sequence is parked under id %lld", (long long) park_id);
+    }
+    const llama_kv_parked & pk = it->second;
+    n_out = session_bytes(pk.entries.size());
+    if (!out) {
+        return;
+    }
+    if (size < n_out) {
+        KVF_FAIL(ASRKF_EINVAL, "parked save: the output holds %zu bytes, %zu are needed", size, n_out);
+    }
+    std::vector<const llama_kv_freeze_record *> rec;
+    std::vector<llama_pos> pos;
+    std::vector<kvs_out> order;
+    uint32_t n_resident = 0;
+    for (const auto & e : pk.entries) {
+        rec.push_back(&e.rec);
+        pos.push_back(e.pos);
+        order.push_back({e.pos, e.rec.cell, e.state, e.rec.ext, e.rec.checksum, &e.rec.slot});
+        n_resident += e.state != ASRKF_CELL_OFFLOADED ? 1 : 0;
+    }
+    verify_slots(rec, pos, "parked save");
+    GGML_ASSERT(kvs_write(*this, pk.head, order, n_resident, out) == n_out);
 }

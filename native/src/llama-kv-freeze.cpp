@@ -402,8 +402,17 @@ void llama_kv_freeze::check() const {
         }
     }
 
-    if (store.bytes_used() != records.size()*store.token_bytes()) {
-        KVF_FAIL(ASRKF_EINVAL, "check: the host store holds %zu bytes for %zu records", store.bytes_used(), records.size());
+    if (store.bytes_used() != (records.size() + parked_tokens())*store.token_bytes()) {
+        KVF_FAIL(ASRKF_EINVAL, "check: the host store holds %zu bytes for %zu records and %zu parked positions",
+                store.bytes_used(), records.size(), parked_tokens());
+    }
+    for (const auto & [id, pk] : parked) {
+        for (const auto & e : pk.entries) {
+            if (store.checksum(e.rec.slot) != e.rec.checksum) {
+                KVF_FAIL(ASRKF_ECHECKSUM, "check: the host copy of position %d parked under id %lld failed its checksum",
+                        e.pos, (long long) id);
+            }
+        }
     }
 
     for (uint32_t i = 0; i < c.size(); ++i) {
@@ -452,9 +461,9 @@ void llama_kv_freeze_release(llama_kv_freeze * kvf, bool force) {
     {
         std::lock_guard<std::mutex> lock_kvf(kvf->mtx);
         if (kvf->lctx) {
-            if (!kvf->records.empty() && !force) {
-                KVF_FAIL(ASRKF_EREFUSED, "%zu positions are offloaded and would be lost; thaw them or free with force",
-                        kvf->records.size());
+            if ((!kvf->records.empty() || !kvf->parked.empty()) && !force) {
+                KVF_FAIL(ASRKF_EREFUSED, "%zu positions are offloaded and %zu parked and would be lost; thaw them or free with force",
+                        kvf->records.size(), kvf->parked_tokens());
             }
             kvf->lctx->synchronize();
             g_kvf_by_ctx.erase(kvf->lctx);

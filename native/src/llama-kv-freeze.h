@@ -50,6 +50,21 @@ struct llama_kv_freeze_record {
     uint32_t           cell; // where it was: thawing back there keeps the attention sums bit-identical
 };
 
+// one position of a parked sequence: its state when parked (ASRKF_CELL_ACTIVE / FROZEN / OFFLOADED) and where its
+// rows are in the host store
+struct llama_kv_parked_entry {
+    llama_pos              pos;
+    uint8_t                state;
+    llama_kv_freeze_record rec;
+};
+
+// a sequence parked in host memory (llama-kv-freeze-session.cpp): every position, by position, and the cache's
+// search head when it was parked
+struct llama_kv_parked {
+    std::vector<llama_kv_parked_entry> entries;
+    uint32_t                           head = 0;
+};
+
 // device scratch and graphs of one gather or scatter (llama-kv-freeze-rows.h)
 struct llama_kv_freeze_rows;
 struct kvf_run;
@@ -119,6 +134,21 @@ struct llama_kv_freeze {
     void session_load(llama_seq_id seq_id, const uint8_t * data, size_t size, bool check_only);
 
     void debug_corrupt(llama_seq_id seq_id, llama_pos pos, uint64_t byte);
+    void debug_corrupt_parked(int64_t park_id, llama_pos pos, uint64_t byte);
+    void debug_corrupt_slot(const llama_kv_host_slot & slot, uint64_t byte);
+
+    // parking (llama-kv-freeze-session.cpp): park moves every position of seq_id into the host store under park_id
+    // (the resident rows are copied there, the offloaded ones only change owner) and empties the sequence; unpark
+    // puts them back into an empty sequence, the resident ones into their cells. A switch between conversations then
+    // moves only the resident rows, each way
+    void park(llama_seq_id seq_id, int64_t park_id);
+    void unpark(int64_t park_id, llama_seq_id seq_id);
+    void drop_parked(int64_t park_id);
+    // a parked sequence as session_save would have written it before it was parked
+    void parked_save(int64_t park_id, uint8_t * out, size_t size, size_t & n_out);
+    size_t parked_tokens() const; // positions of all parked sequences
+
+    std::map<int64_t, llama_kv_parked> parked;
 
     //
     // hooks (llama-kv-freeze-hooks.h)
@@ -258,6 +288,13 @@ private:
     std::vector<std::pair<uint32_t, bool>> copy_host_runs(uint32_t strm, const std::vector<uint32_t> & cell,
             const std::vector<llama_kv_host_slot> & slot, const std::vector<kvf_run> & runs, bool to_host,
             const std::function<bool(uint32_t, bool)> & skip);
+
+    // the rows of resident cells res (pos, cell) copied into new host slots, slot[i] and sums[i] for res[i] (the
+    // slots are the caller's; none on failure)
+    void resident_to_host(llama_seq_id seq_id, const std::vector<std::pair<llama_pos, uint32_t>> & res,
+                          std::vector<llama_kv_host_slot> & slot, std::vector<uint64_t> & sums, const char * op);
+    // ECHECKSUM naming pos[i] for the first host copy rec[i] whose rows no longer match its checksum
+    void verify_slots(const std::vector<const llama_kv_freeze_record *> & rec, const std::vector<llama_pos> & pos, const char * op);
 
     void read (const ggml_tensor * t, size_t offset, size_t size, void * dst);
     void write(ggml_tensor * t, size_t offset, size_t size, const void * src);

@@ -69,8 +69,14 @@ int32_t asrkf_kv_k_rows(asrkf_kv_t kv, int32_t seq_id, int32_t layer, const int3
 int32_t asrkf_kv_recall_mass(asrkf_kv_t kv, int32_t seq_id, const int32_t * layers, int32_t n_layers, const int32_t * pos, int32_t n_pos, int32_t n_out, float * out);
 int32_t asrkf_kv_session_save(asrkf_kv_t kv, int32_t seq_id, void * out, size_t size, size_t * n_out);
 int32_t asrkf_kv_session_load(asrkf_kv_t kv, int32_t seq_id, const void * data, size_t size, bool check_only);
+int32_t asrkf_kv_park(asrkf_kv_t kv, int32_t seq_id, int64_t park_id);
+int32_t asrkf_kv_unpark(asrkf_kv_t kv, int64_t park_id, int32_t seq_id);
+int32_t asrkf_kv_drop_parked(asrkf_kv_t kv, int64_t park_id);
+int32_t asrkf_kv_parked_save(asrkf_kv_t kv, int64_t park_id, void * out, size_t size, size_t * n_out);
+int32_t asrkf_kv_parked_tokens(asrkf_kv_t kv, int64_t park_id, int32_t * n_out);
 int32_t asrkf_kv_check(asrkf_kv_t kv);
 int32_t asrkf_kv_debug_corrupt(asrkf_kv_t kv, int32_t seq_id, int32_t pos, uint64_t byte);
+int32_t asrkf_kv_debug_corrupt_parked(asrkf_kv_t kv, int64_t park_id, int32_t pos, uint64_t byte);
 """
 
 ffi = cffi.FFI()

@@ -108,6 +108,22 @@ def device_defaults(n_gpu_layers: int, given: Optional[dict] = None) -> dict:
     return out
 
 
+@dataclasses.dataclass
+class _ParkedChat:
+    """An idle conversation: its K/V is parked in the host store under its chat id (KVCache.park), its Python side
+    is kept here as it was (the objects themselves: the controller makes new ones for the next chat)."""
+    table: TokenTable
+    step: int
+    n_queries: int
+    scoring: bool
+    entropy: EntropyMonitor
+    stats: ControllerStats
+    messages: List[Dict[str, str]]
+    raw: bool
+    tokens: List[int]
+    n_tokens: int
+
+
 class Engine:
     def __init__(self, model_path: Optional[str] = None, *, ctx: Optional[int] = None,
                  kv_budget: Union[int, float, str, None] = None, policy: str = "asrkf", kv_type: str = "f16",
@@ -212,7 +228,7 @@ class Engine:
         self.last_decode_phase_ms: dict = {}
         self._chat_id = 0
         self._next_chat_id = 1
-        self._parked: Dict[int, np.ndarray] = {}  # idle conversations: in-memory session blobs
+        self._parked: Dict[int, _ParkedChat] = {}  # idle conversations: their KV parked in the host store
         self._fingerprint: Optional[str] = None
         self.last_seed: Optional[int] = None  # the seed of the last turn's random draw (None: greedy)
         self.last_finish_reason: Optional[str] = None  # "stop" (end of generation), "length", "cancelled"
@@ -526,13 +542,11 @@ class Engine:
         self._live()
         if chat_id == self._chat_id:
             return self.save(path)
-        blob = self._parked.get(chat_id)
-        if blob is None:
-            raise EngineError(f"no conversation {chat_id}; this Engine holds {self.chat_ids()}")
-        header, sections = sessions.decode(blob, verify=False)
-        header = {k: v for k, v in header.items() if k != "sections"}  # encode() writes the section table again
-        header["compat"] = {**header.get("compat", {}), **self._compat(model=True)}
-        data = sessions.encode(header, {name: sections[name] for name in ("kv", "table")}, digest=True)
+        with self._exclusive("save_chat()"):
+            parked = self._parked.get(chat_id)
+            if parked is None:
+                raise EngineError(f"no conversation {chat_id}; this Engine holds {self.chat_ids()}")
+            data = self._snapshot(digest=True, parked=(chat_id, parked))
         sessions.write_file(os.fspath(path), data)
         return len(data)
 
@@ -575,31 +589,30 @@ class Engine:
         """Park the current conversation in host memory and start an empty one; returns its id (current from now
         on). A turn in progress ends first (as on reset())."""
         with self._exclusive("new_chat()"):
-            blob = self._snapshot(digest=False)
+            parked = self._park()
             self._clear()
             self.controller.stats = ControllerStats()
-            self._parked[self._chat_id] = blob
+            self._parked[self._chat_id] = parked
             self._chat_id, self._next_chat_id = self._next_chat_id, self._next_chat_id + 1
             return self._chat_id
 
     def switch(self, chat_id: int) -> None:
-        """Make an idle conversation current: the current one is parked in host memory (an in-memory session
-        blob) and the other's KV is restored from its blob, not prefilled again. A turn in progress ends first."""
+        """Make an idle conversation current: the current one is parked in host memory (its resident K/V rows
+        copied to the host store, its offloaded ones left where they are) and the other's resident rows go back
+        into their cells, checked; nothing is prefilled again. A turn in progress ends first."""
         self._live()
         if chat_id == self._chat_id:
             return
         if chat_id not in self._parked:
             raise EngineError(f"no conversation {chat_id}; this Engine holds {self.chat_ids()}")
         with self._exclusive("switch()"):
-            prepared = self._prepare(self._parked[chat_id], verify=False)
-            blob = self._snapshot(digest=False)
+            mine = self._park()
             try:
-                self._apply(prepared)
+                self._unpark(chat_id, self._parked[chat_id])
             except BaseException:
-                if self.controller.table.n == 0 and blob:  # the native load got past its checks: put ours back
-                    self._apply(self._prepare(blob, verify=False))
+                self._restore_after_failed_switch(chat_id, mine)
                 raise
-            self._parked[self._chat_id] = blob
+            self._parked[self._chat_id] = mine
             del self._parked[chat_id]
             self._chat_id = chat_id
 
@@ -607,19 +620,67 @@ class Engine:
         """Forget an idle conversation and free its host memory (the current one: use reset())."""
         if chat_id == self._chat_id:
             raise EngineError("that is the current conversation: switch to another one first, or reset() it")
-        if self._parked.pop(chat_id, None) is None:
-            raise EngineError(f"no conversation {chat_id}; this Engine holds {self.chat_ids()}")
+        with self._exclusive("drop_chat()"):
+            if self._parked.pop(chat_id, None) is None:
+                raise EngineError(f"no conversation {chat_id}; this Engine holds {self.chat_ids()}")
+            self.kv.drop_parked(chat_id)
 
     def chat_memory(self) -> Dict[int, dict]:
         """Per conversation: device_bytes, the K/V bytes of its resident cells (0 for an idle one: it holds no
         cells; the context's device cache, stats()["kv"]["device_kv_bytes"], is shared), and host_bytes, its
-        offloaded rows (current) or its whole session blob (idle)."""
+        offloaded rows (current) or all of its rows (idle: parked in the host store)."""
         self._live()
         info = self.kv.info()
-        cur = {"device_bytes": info.n_cells_used * info.kv_bytes_per_token, "host_bytes": info.host_bytes_used,
+        tb = info.kv_bytes_per_token
+        out = {cid: {"device_bytes": 0, "host_bytes": p.n_tokens * tb, "tokens": p.n_tokens}
+               for cid, p in self._parked.items()}
+        cur = {"device_bytes": info.n_cells_used * tb,
+               "host_bytes": info.host_bytes_used - sum(m["host_bytes"] for m in out.values()),
                "tokens": self.controller.table.n}
-        out = {cid: {"device_bytes": 0, "host_bytes": len(blob), "tokens": None} for cid, blob in self._parked.items()}
         return {**out, self._chat_id: cur}
+
+    def _park(self) -> "_ParkedChat":
+        """The current conversation into the host store under its chat id (kv.park), its Python state into the
+        returned record; the sequence is empty afterwards (the caller clears or unparks). The caller holds the
+        step lock."""
+        c = self.controller
+        try:
+            self.kv.park(self._chat_id, c.seq_id)
+        except AsrkfError as err:
+            if err.code == -5:  # iSWA: the window layers' K/V are not in the managed cache
+                raise EngineError(f"this model's conversations cannot be saved or parked: {err.message}") from None
+            raise
+        return _ParkedChat(table=c.table, step=c.step, n_queries=c._n_queries, scoring=c._scoring,
+                           entropy=c.entropy, stats=c.stats, messages=self.messages, raw=self._raw,
+                           tokens=self._cached, n_tokens=c.table.n)
+
+    def _restore_after_failed_switch(self, chat_id: int, mine: "_ParkedChat") -> None:
+        """A switch to chat_id failed after the current chat was parked: chat_id goes back to the host store if it
+        left it (unpark refuses before it changes anything, so only a later failure gets here) and the current chat
+        comes back. Should that fail too, it stays parked (nothing is lost) and an empty chat becomes current."""
+        c = self.controller
+        try:
+            try:
+                self.kv.parked_tokens(chat_id)
+            except AsrkfError:  # unparked into the sequence: park it back as it is
+                self.kv.park(chat_id, c.seq_id)
+            self._unpark(self._chat_id, mine)
+        except BaseException:
+            self._clear()
+            self.controller.stats = ControllerStats()
+            self._parked[self._chat_id] = mine
+            self._chat_id, self._next_chat_id = self._next_chat_id, self._next_chat_id + 1
+
+    def _unpark(self, chat_id: int, p: "_ParkedChat") -> None:
+        """A parked conversation back into the (empty) current sequence, with its Python state."""
+        c = self.controller
+        self.kv.unpark(chat_id, c.seq_id)
+        c.table, c.step, c._n_queries = p.table, p.step, p.n_queries
+        c.entropy, c.stats = p.entropy, p.stats
+        if c.policy.uses_importance:
+            c._set_scoring(p.scoring)
+        self.messages, self._raw, self._cached = p.messages, p.raw, p.tokens
+        c.table.check(self.kv, c.seq_id)
 
     @contextmanager
     def _exclusive(self, what: str):
@@ -651,15 +712,19 @@ class Engine:
                        model_size=os.path.getsize(self.model_path))
         return out
 
-    def _snapshot(self, *, digest: bool) -> np.ndarray:
-        """The current conversation as a session (a file's bytes with digest, else an in-memory blob)."""
+    def _snapshot(self, *, digest: bool, parked: Optional[tuple] = None) -> np.ndarray:
+        """The current conversation, or a parked one (parked=(chat_id, _ParkedChat)), as a session (a file's bytes
+        with digest, else an in-memory blob)."""
         import llama_cpp
 
         from . import __version__
 
         c = self.controller
+        p = parked[1] if parked is not None else _ParkedChat(
+            table=c.table, step=c.step, n_queries=c._n_queries, scoring=c._scoring, entropy=c.entropy,
+            stats=c.stats, messages=self.messages, raw=self._raw, tokens=self._cached, n_tokens=c.table.n)
         try:
-            n_kv = self.kv.session_size(c.seq_id)
+            n_kv = self.kv.parked_size(parked[0]) if parked is not None else self.kv.session_size(c.seq_id)
         except AsrkfError as err:
             if err.code == -5:  # iSWA: the window layers' K/V are not in the managed cache
                 raise EngineError(f"this model's conversations cannot be saved or parked: {err.message}") from None
@@ -669,15 +734,18 @@ class Engine:
                         "llama_cpp_commit": sessions.LLAMA_CPP_COMMIT},
             "fingerprint_method": sessions.FINGERPRINT_METHOD,
             "compat": self._compat(model=digest),
-            "chat": {"messages": self.messages, "raw": self._raw, "tokens": list(self._cached)},
-            "controller": {"step": c.step, "n_queries": c._n_queries, "scoring": c._scoring,
-                           "entropy": dataclasses.asdict(c.entropy), "stats": dataclasses.asdict(c.stats)},
+            "chat": {"messages": p.messages, "raw": p.raw, "tokens": list(p.tokens)},
+            "controller": {"step": p.step, "n_queries": p.n_queries, "scoring": p.scoring,
+                           "entropy": dataclasses.asdict(p.entropy), "stats": dataclasses.asdict(p.stats)},
         }
-        table = sessions.pack_arrays(c.table.arrays())
+        table = sessions.pack_arrays(p.table.arrays())
 
         def fill(name: str, view: memoryview) -> None:
             if name == "kv":  # written in place: the K/V section is GBs for a long chat of a large model
-                self.kv.session_save_into(view, c.seq_id)
+                if parked is not None:
+                    self.kv.parked_save_into(view, parked[0])
+                else:
+                    self.kv.session_save_into(view, c.seq_id)
             else:
                 view[:] = table
 

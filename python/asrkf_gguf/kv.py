@@ -372,9 +372,47 @@ class KVCache:
         buf = ffi.from_buffer(data)
         _check("session_load", lib.asrkf_kv_session_load(self._h(), seq_id, buf, len(buf), check_only))
 
+    def park(self, park_id: int, seq_id: int = 0) -> None:
+        """Move every position of seq_id into the host store under park_id and empty the sequence (the resident
+        rows are copied, the offloaded ones change owner); unpark() restores it into an empty sequence."""
+        _check("park", lib.asrkf_kv_park(self._h(), seq_id, park_id))
+
+    def unpark(self, park_id: int, seq_id: int = 0) -> None:
+        """Restore a parked sequence into seq_id (which must be empty): the resident rows back into their cells,
+        checked first; the offloaded ones stay on the host."""
+        _check("unpark", lib.asrkf_kv_unpark(self._h(), park_id, seq_id))
+
+    def drop_parked(self, park_id: int) -> None:
+        """Release a parked sequence's host memory."""
+        _check("drop_parked", lib.asrkf_kv_drop_parked(self._h(), park_id))
+
+    def parked_tokens(self, park_id: int) -> int:
+        """Positions parked under park_id."""
+        n = ffi.new("int32_t *")
+        _check("parked_tokens", lib.asrkf_kv_parked_tokens(self._h(), park_id, n))
+        return int(n[0])
+
+    def parked_size(self, park_id: int) -> int:
+        """Bytes parked_save_into(park_id) writes."""
+        n = ffi.new("size_t *")
+        _check("parked_save", lib.asrkf_kv_parked_save(self._h(), park_id, ffi.NULL, 0, n))
+        return int(n[0])
+
+    def parked_save_into(self, out, park_id: int) -> int:
+        """A parked sequence as session_save wrote it before it was parked, into a writable buffer of at least
+        parked_size() bytes; returns the bytes written. Every host copy is checked first."""
+        buf = ffi.from_buffer(out, require_writable=True)
+        n = ffi.new("size_t *")
+        _check("parked_save", lib.asrkf_kv_parked_save(self._h(), park_id, buf, len(buf), n))
+        return int(n[0])
+
     def check(self) -> None:
         _check("check", lib.asrkf_kv_check(self._h()))
 
     def debug_corrupt(self, pos: int, byte: int = 0, seq_id: int = 0) -> None:
         """Testing only: flip one byte of an offloaded position's host copy."""
         _check("debug_corrupt", lib.asrkf_kv_debug_corrupt(self._h(), seq_id, pos, byte))
+
+    def debug_corrupt_parked(self, park_id: int, pos: int, byte: int = 0) -> None:
+        """Testing only: flip one byte of the host copy of a position parked under park_id."""
+        _check("debug_corrupt", lib.asrkf_kv_debug_corrupt_parked(self._h(), park_id, pos, byte))
