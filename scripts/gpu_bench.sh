@@ -2,11 +2,16 @@
 # One command for a CUDA machine with no network: build the project with CUDA, run the test suite on the GPU,
 # write the benchmark model and run every benchmark (scripts/gpu_bench.py), printing a table and writing JSON.
 #
-#   bash scripts/gpu_bench.sh [build] [test] [bench] [user] [sessions]  # no argument: build test bench user
+#   bash scripts/gpu_bench.sh [build] [test] [bench] [user] [sessions] [eval]  # no argument: build test bench user
 #
 # test: the suite on the GPU (GPU_TEST_ARGS: other pytest arguments than `tests`, e.g. one file).
 # sessions: scripts/bench_sessions.py on the model with a vocabulary, 8k and 30k tokens, full cache and 25%:
 # switching back to a parked chat vs prefilling it again.
+# eval: the quality evaluation (python -m asrkf_gguf eval) on the GPU with a real model that the caller put there
+# (GPU_EVAL_MODEL: a GGUF path, e.g. Qwen2.5-Coder-0.5B-Instruct Q4_K_M; the essays, if a task needs them, in
+# $ASRKF_GPU_WORK/cache/paul_graham_essays), every layer on the GPU; GPU_EVAL_ARGS: the grid (tasks, ctx, budgets,
+# depths, seeds, policies, --time-limit); results in $ASRKF_GPU_WORK/eval (resumed when it holds results.json),
+# copied to $OUT/eval_results.json and $OUT/eval_report.md.
 # user: the user's path (scripts/gpu_user_path.py): `run --json` with the full cache and at a 25% budget on the
 # benchmark model written with a real vocabulary and chat template (.device/vocab-qwen2.json.gz, from
 # prepare_device_carry.sh), a 30k-token prompt, 3 interleaved rounds; GPU_USER_ARGS adds arguments.
@@ -123,4 +128,15 @@ if [[ " $phases " == *" sessions "* ]]; then
                 "$OUT/sessions_${n}_${budget}.json" "$n" "$budget"
         done
     done
+fi
+
+if [[ " $phases " == *" eval "* ]]; then
+    [ -f "${GPU_EVAL_MODEL:-}" ] || { echo "eval: GPU_EVAL_MODEL must name a GGUF file"; exit 1; }
+    # the cases and plots stay on the machine ($ASRKF_GPU_WORK/eval, resumed by a later call): only the results
+    # and the report come back
+    python3 -m asrkf_gguf eval --model "$GPU_EVAL_MODEL" --n-gpu-layers 99 --out "$work/eval" ${GPU_EVAL_ARGS:-} \
+        > "$work/eval.log" 2>&1 || { tail -30 "$work/eval.log"; exit 1; }
+    tail -25 "$work/eval.log"
+    cp "$work/eval/results.json" "$OUT/eval_results.json"
+    [ -f "$work/eval/report.md" ] && cp "$work/eval/report.md" "$OUT/eval_report.md"
 fi

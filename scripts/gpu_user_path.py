@@ -32,6 +32,11 @@ SETTINGS = {
     "asrkf-25%-pageable": ["--kv-budget", "0.25", "--host-memory", "pageable"],  # the GPU default since 2026-11-30
     "asrkf-25%-pinned": ["--kv-budget", "0.25", "--host-memory", "pinned"],
     "asrkf-25%-host-recall": ["--kv-budget", "0.25", "--recall-scoring", "host"],  # numpy, the GPU default until 2026-11-30
+    # what scoring costs a decode step: every 4th step scored, and none after the prompt (the step's graph then
+    # has no importance nodes; switching them on and off changes the graph)
+    "asrkf-25%-score4": ["--kv-budget", "0.25", "--score-every", "4"],
+    "asrkf-25%-noscore": ["--kv-budget", "0.25", "--score-every", "100000"],
+    "asrkf-25%-layers8": ["--kv-budget", "0.25", "--importance-every", "8"],
 }
 
 
