@@ -194,3 +194,48 @@ def test_an_idle_chat_is_written_as_save_writes_it_when_current(reference, tmp_p
     finally:
         if b in e.chat_ids() and b != e.chat_id:
             e.drop_chat(b)
+
+
+def test_the_disk_budget_deletes_the_least_recently_used_files_first(tmp_path):
+    # trim_disk touches files and records only: conversations with files of known sizes, used in a known order
+    from asrkf_gguf.server.pool import Conversation, ConversationPool
+
+    pool = ConversationPool(engine=None, cache_dir=str(tmp_path), disk_budget=2500)
+    convs = []
+    for i, (size, in_memory) in enumerate([(1000, False), (1000, True), (1000, False), (1000, False)]):
+        path = tmp_path / f"c{i}{SESSION_SUFFIX}"
+        path.write_bytes(b"x" * size)
+        conv = Conversation(id=i, tokens=[1, 2, 3], last_used=float(i), path=str(path), file_current=True,
+                            chat=i if in_memory else None)
+        convs.append(conv)
+    pool.conversations = list(convs)
+    (tmp_path / "not-ours.bin").write_bytes(b"y" * 10_000)  # other files are neither counted nor deleted
+    assert pool.trim_disk() == 2  # 4000 bytes -> 2000: the two least recently used files go
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"c2{SESSION_SUFFIX}", f"c3{SESSION_SUFFIX}", "not-ours.bin"]
+    # the one only on disk is forgotten; the one in memory keeps its record and KV, without a file
+    assert pool.conversations == convs[1:]
+    assert convs[1].path is None and not convs[1].file_current and convs[1].chat == 1
+    assert pool.trim_disk() == 0 and pool.snapshot()["trimmed_files"] == 2
+    pool.disk_budget = 0
+    assert pool.trim_disk() == 2 and pool.conversations == [convs[1]]
+
+
+def test_a_server_with_a_tiny_disk_budget_forgets_what_it_cannot_keep(real_demo_model_path, reference, tmp_path):
+    # one conversation in memory and room for no file: the idle one is written, then deleted, and forgotten; its
+    # next turn is prefilled from scratch (no cached tokens) and still answered
+    r = subprocess.run([sys.executable, "-m", "asrkf_gguf", "serve", "--disk-budget", "1M"], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, ASRKF_GGUF_LIB_DIR=str(_lib.lib_dir())))
+    assert r.returncode == 2 and r.stderr == "error: --disk-budget needs --cache-dir\n", r.stderr
+    proc, url = serve(real_demo_model_path, tmp_path, "--max-conversations", "1", "--disk-budget", "1")
+    try:
+        client = client_of(url)
+        ha, hb = [], []
+        converse(client, A, ha, stream=False)
+        converse(client, B, hb, stream=False)  # A leaves memory: written, then over the budget
+        h = health(url, requests=2)
+        assert h["written_to_disk"] == 1 and h["trimmed_files"] == 1 and h["on_disk"] == 0
+        assert h["conversations"] == 1 and session_files(tmp_path) == []
+        text, r = converse(client, A, ha, stream=False)
+        assert text and r.usage.prompt_tokens_details.cached_tokens == 0
+    finally:
+        stop_server(proc)

@@ -144,6 +144,10 @@ def add_serve_parser(sub) -> None:
                         "--host-budget (parked conversations plus offloaded K/V), the least recently used go to "
                         "DIR; at shutdown the conversations in memory are written there too, and a restart on "
                         "the same DIR continues them without prefilling them again (default: none, nothing on disk)")
+    r.add_argument("--disk-budget", metavar="SIZE",
+                   help="with --cache-dir: the most its session files may take, e.g. 20G; past it the least "
+                        "recently used conversations' files are deleted (those only on disk are forgotten and "
+                        "prefilled again if they come back) (default: no limit)")
     add_engine_options(r)
     add_verbose_flag(r)
 

@@ -16,7 +16,7 @@ import socket
 import uvicorn
 
 from ..cli import UsageError, check_engine_args, check_gguf, make_engine
-from ..engine import size_bytes
+from ..engine import EngineError, size_bytes
 from .app import create_app
 from .pool import ConversationPool
 from .worker import ModelWorker
@@ -40,6 +40,14 @@ def serve(args) -> int:
         check_gguf(args.model)
     if args.cache_dir is not None:
         _check_cache_dir(args.cache_dir)
+    disk_budget = None
+    if args.disk_budget is not None:
+        if args.cache_dir is None:
+            raise UsageError("--disk-budget needs --cache-dir")
+        try:
+            disk_budget = size_bytes(args.disk_budget)
+        except EngineError as err:
+            raise UsageError(f"--disk-budget: {err}") from None
     sock = _listen(args.host, args.port)  # before loading the model: a port in use fails at once, in one line
     try:
         engine = make_engine(args)
@@ -51,7 +59,8 @@ def serve(args) -> int:
             raise UsageError("--cache-dir: this model's conversations cannot be saved (sliding-window layers, iSWA, "
                              "e.g. Gemma-3)")
         pool = ConversationPool(engine, max_conversations=args.max_conversations, cache_dir=args.cache_dir,
-                                host_budget=size_bytes(args.host_budget) if args.host_budget is not None else None)
+                                host_budget=size_bytes(args.host_budget) if args.host_budget is not None else None,
+                                disk_budget=disk_budget)
         n_found = pool.index()  # the conversations a previous run left on disk, before the first request
     except BaseException:
         engine.close()

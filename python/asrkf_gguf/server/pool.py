@@ -5,22 +5,24 @@ keeps one record per conversation (the token ids its KV holds) and gives a reque
 share the longest prefix with the request's rendered prompt; that conversation's cache then decodes only the rest.
 
 Switching (issue 14, item 3): every conversation is one of the Engine's chats (Engine.new_chat / switch /
-drop_chat). The active one's KV is in the cache; an idle one is parked in host memory as an in-memory session
-blob (its cells, host tier and controller table), and switching back restores it instead of prefilling it again,
-so a conversation replies exactly as it would alone, whatever other clients asked in between. Requests that
-continue the active conversation decode only the new tokens, from the first one that differs (the Engine's
-prefix match).
+drop_chat). The active one's KV is in the cache; an idle one is parked in the host store (its resident rows copied
+there, its offloaded ones left where they are, its controller table kept), and switching back restores it instead
+of prefilling it again, so a conversation replies exactly as it would alone, whatever other clients asked in
+between. Requests that continue the active conversation decode only the new tokens, from the first one that
+differs (the Engine's prefix match).
 
-On disk (cache_dir, `serve --cache-dir`): past `max_conversations` in memory, or when the parked blobs plus the
-current chat's offloaded rows pass `host_budget`, tidy() writes the least recently used parked conversations to
+On disk (cache_dir, `serve --cache-dir`): past `max_conversations` in memory, or when the parked conversations' K/V
+plus the current chat's offloaded rows pass `host_budget`, tidy() writes the least recently used parked conversations to
 session files (Engine.save_chat: atomic, checksummed, with the model's fingerprint) and drops them from memory; a
 request that continues one loads it back (Engine.load, which verifies the whole file first) instead of prefilling
 it. A file that load refuses (damaged: checksum, KV checks) is logged and deleted, and its conversation is prefilled
 from scratch. index() makes records of the files a previous run left, from their headers only (token ids; a file
 of another model or other cache settings is skipped with a log line and left alone); persist() writes the
 conversations in memory at shutdown, most recently used first, within a time limit. Without a
-cache_dir, `max_conversations` bounds the conversations and the least recently used one is forgotten. Not done:
-a bound on the cache directory's size (files stay until a conversation is written again over them).
+cache_dir, `max_conversations` bounds the conversations and the least recently used one is forgotten. With
+disk_budget (`--disk-budget`), the session files of the least recently used conversations are deleted whenever
+the files pass it (trim_disk): a conversation that was only on disk is then forgotten (prefilled again if it comes
+back), one in memory only loses its file.
 
 Every method runs on the model thread (the server's one worker), or before it starts (index) or after it stopped
 (persist), so the pool takes no lock.
@@ -70,13 +72,16 @@ class ConversationPool:
     `tidy` moves idle ones to disk past the limits (with a cache_dir)."""
 
     def __init__(self, engine, *, max_conversations: int = 16, similarity: float = 0.5,
-                 cache_dir: Optional[str] = None, host_budget: Optional[int] = None):
+                 cache_dir: Optional[str] = None, host_budget: Optional[int] = None,
+                 disk_budget: Optional[int] = None):
         """similarity: a request continues a conversation when the prefix they share covers at least this fraction
         of the conversation's tokens (llama-server's --slot-prompt-similarity, 0.5 there too); otherwise it
         starts a new conversation, so that an unrelated chat does not take over another's KV.
         cache_dir: where idle conversations go past max_conversations in memory or host_budget bytes (parked
-        blobs plus the current chat's offloaded rows); None: nothing goes to disk, and past max_conversations the
-        least recently used conversation is forgotten."""
+        conversations' K/V plus the current chat's offloaded rows); None: nothing goes to disk, and past max_conversations the
+        least recently used conversation is forgotten.
+        disk_budget: bytes of this pool's session files in cache_dir (None: no limit; other files there are not
+        counted); past it the least recently used conversations' files are deleted (trim_disk)."""
         if max_conversations < 1:
             raise ValueError(f"max_conversations must be positive, got {max_conversations}")
         if not 0 <= similarity <= 1:
@@ -86,6 +91,9 @@ class ConversationPool:
         self.similarity = similarity
         self.cache_dir = cache_dir
         self.host_budget = host_budget
+        if disk_budget is not None and disk_budget < 0:
+            raise ValueError(f"disk_budget cannot be negative, got {disk_budget}")
+        self.disk_budget = disk_budget
         self.conversations: List[Conversation] = []
         # the conversation whose KV the Engine's current chat holds; None: the current chat belongs to none (empty,
         # or a raw prompt's)
@@ -94,6 +102,7 @@ class ConversationPool:
         self.n_written = 0   # conversations written to disk (tidy, persist)
         self.n_loaded = 0    # conversations loaded back from disk instead of prefilled
         self.n_refused = 0   # files load refused: those conversations were prefilled from scratch
+        self.n_trimmed = 0   # files deleted to stay within disk_budget
         self._ids = itertools.count(1)
 
     # ---- choice (no Engine involved)
@@ -145,7 +154,7 @@ class ConversationPool:
 
     def _switch(self, conv: Conversation) -> None:
         """Make `conv`'s KV the Engine's current chat: the active conversation's is parked in host memory, and
-        `conv`'s is restored from its parked blob or its file (or a new, empty chat for a new conversation)."""
+        `conv`'s is restored from the host store or its file (or a new, empty chat for a new conversation)."""
         e = self.engine
         if conv.chat is None:  # new or on disk: the current chat if nobody owns it, else a fresh one
             on_disk = conv.on_disk
@@ -196,7 +205,7 @@ class ConversationPool:
     # ---- disk (a cache directory)
 
     def tidy(self) -> None:
-        """Between requests: while more than max_conversations are in memory, or the parked blobs plus the current
+        """Between requests: while more than max_conversations are in memory, or the parked K/V plus the current
         chat's offloaded rows pass host_budget, write the least recently used parked conversation to its file and
         drop it from memory. Nothing without a cache directory. A write that fails (a full disk) is logged and the
         conversation stays in memory."""
@@ -205,16 +214,51 @@ class ConversationPool:
         while True:
             parked = [c for c in self.conversations if c.chat is not None and c is not self.active]
             if not parked:
-                return
+                break
             in_memory = len(parked) + (self.active is not None)
             over_budget = False
             if self.host_budget is not None:
                 memory = self.engine.chat_memory()
                 over_budget = sum(m["host_bytes"] for m in memory.values()) > self.host_budget
             if in_memory <= self.max_conversations and not over_budget:
-                return
+                break
             if not self._write(min(parked, key=lambda c: c.last_used), drop=True):
-                return
+                break
+        self.trim_disk()
+
+    def trim_disk(self) -> int:
+        """While this pool's session files pass disk_budget, delete the file of the least recently used
+        conversation that has one: a conversation that was only on disk is forgotten (prefilled from scratch if a
+        request continues it), one in memory keeps its KV and is written again when it leaves memory. Returns the
+        number of files deleted. Nothing without a cache directory or a disk budget."""
+        if self.cache_dir is None or self.disk_budget is None:
+            return 0
+        files = []
+        for conv in self.conversations:
+            if conv.path is not None:
+                try:
+                    files.append((conv, os.path.getsize(conv.path)))
+                except OSError:  # not written yet, or deleted by someone else
+                    pass
+        total, n = sum(size for _, size in files), 0
+        for conv, size in sorted(files, key=lambda t: t[0].last_used):
+            if total <= self.disk_budget:
+                break
+            try:
+                os.unlink(conv.path)
+            except OSError as err:
+                log.warning("conversation %d: its session file %s could not be deleted (%s)", conv.id, conv.path, err)
+                continue
+            total -= size
+            n += 1
+            if conv.chat is None:  # nothing of it is left in memory
+                log.info("conversation %d forgotten: its session file was the least recently used past the disk "
+                         "budget", conv.id)
+                self.conversations.remove(conv)
+            else:
+                conv.path, conv.file_current = None, False
+        self.n_trimmed += n
+        return n
 
     def _write(self, conv: Conversation, *, drop: bool) -> bool:
         """Write conv's chat to its file (a new name the first time); drop: free its memory after. False (logged)
@@ -260,6 +304,7 @@ class ConversationPool:
         for mtime, path, tokens in sorted(found):
             self.conversations.append(Conversation(id=next(self._ids), tokens=tokens, path=path, file_current=True,
                                                    last_used=now - (now_wall - mtime)))
+        self.trim_disk()  # a smaller budget than the last run's
         return len(found)
 
     def persist(self, seconds: float) -> int:
@@ -278,6 +323,7 @@ class ConversationPool:
                             len(todo) - i, self.cache_dir, seconds)
                 break
             done += self._write(conv, drop=False)
+        self.trim_disk()
         return done
 
     def snapshot(self) -> dict:
@@ -287,5 +333,5 @@ class ConversationPool:
         if self.cache_dir is not None:
             out.update(on_disk=sum(c.chat is None and c.path is not None for c in self.conversations),
                        written_to_disk=self.n_written, loaded_from_disk=self.n_loaded,
-                       refused_files=self.n_refused)
+                       refused_files=self.n_refused, trimmed_files=self.n_trimmed)
         return out
