@@ -65,6 +65,7 @@ void llama_kv_freeze::finish_copies() {
         }
     }
     scatter_rows.clear();
+    copies_in_flight.clear();
 }
 
 std::vector<std::pair<uint32_t, bool>> llama_kv_freeze::copy_host_runs(uint32_t strm, const std::vector<uint32_t> & cell,
@@ -260,6 +261,7 @@ static ggml_tensor * kvf_pass_ids(llama_kv_freeze_rows & plan, ggml_context * ct
 struct kvf_events {
     ggml_backend_t                    backend = nullptr;
     std::vector<ggml_backend_event_t> ev; // nullptr where the device has no events: wait for everything there
+    bool                              sync_at_end = true; // false: what was queued may still run after us
 
     explicit kvf_events(ggml_backend_t backend) : backend(backend) {}
 
@@ -280,7 +282,9 @@ struct kvf_events {
     }
 
     ~kvf_events() {
-        ggml_backend_synchronize(backend);
+        if (sync_at_end) {
+            ggml_backend_synchronize(backend);
+        }
         for (auto * e : ev) {
             if (e) {
                 ggml_backend_event_free(e);
@@ -326,10 +330,10 @@ std::vector<std::vector<size_t>> llama_kv_freeze::by_backend(const std::vector<g
 
 bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows,
         const std::vector<kvf_run> & runs, const std::function<uint8_t *(size_t, size_t)> & dst,
-        const std::function<void(size_t, size_t)> & landed) {
+        const std::function<void(size_t, size_t)> & landed, bool leave_copies) {
     const auto groups = by_backend(tensors);
     if (groups.size() <= 1) {
-        return gather_on(tensors, rows, runs, dst, landed);
+        return gather_on(tensors, rows, runs, dst, landed, leave_copies);
     }
     // the devices one after the other (each waits for its copies); the rows have landed once all have. A device
     // that cannot gather leaves the whole move to the per-run copies, which rewrite what the others gathered
@@ -338,7 +342,7 @@ bool llama_kv_freeze::gather(const std::vector<ggml_tensor *> & tensors, const s
         for (const size_t i : g) {
             sub.push_back(tensors[i]);
         }
-        if (!gather_on(sub, rows, runs, [&](size_t j, size_t a) { return dst(g[j], a); }, nullptr)) {
+        if (!gather_on(sub, rows, runs, [&](size_t j, size_t a) { return dst(g[j], a); }, nullptr, leave_copies && !landed)) {
             return false;
         }
     }
@@ -370,7 +374,7 @@ bool llama_kv_freeze::scatter(const std::vector<ggml_tensor *> & tensors, const 
 
 bool llama_kv_freeze::gather_on(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows,
         const std::vector<kvf_run> & runs, const std::function<uint8_t *(size_t, size_t)> & dst,
-        const std::function<void(size_t, size_t)> & landed) {
+        const std::function<void(size_t, size_t)> & landed, bool leave_copies) {
     if (tensors.empty() || rows.empty()) {
         return true;
     }
@@ -381,6 +385,7 @@ bool llama_kv_freeze::gather_on(const std::vector<ggml_tensor *> & tensors, cons
     if (!backend) {
         return false;
     }
+    leave_copies = leave_copies && !landed;
 
     llama_kv_freeze_rows plan;
     if (!kvf_plan_rows(plan, backend, tensors, rows, n_pass, GGML_TYPE_I32,
@@ -392,6 +397,9 @@ bool llama_kv_freeze::gather_on(const std::vector<ggml_tensor *> & tensors, cons
     // every pass is queued before any is hashed (the passes reuse one scratch in stream order), with an event
     // after each: the caller hashes pass after pass while the device copies the rest
     kvf_events landed_ev(backend);
+    // leave_copies: an event after the last pass's rows are read (the passes before it, copies included, are done
+    // then, in stream order); its copy to the host goes on while the caller decodes the next tokens
+    ggml_backend_event_t rows_read = nullptr;
 
     const size_t n_passes = (n_rows + n_pass - 1)/n_pass;
     for (size_t p = 0; p < n_passes; ++p) {
@@ -411,6 +419,12 @@ bool llama_kv_freeze::gather_on(const std::vector<ggml_tensor *> & tensors, cons
             throw llama_kv_freeze_error(ASRKF_EBACKEND, "offload: the gather graph failed on the device");
         }
         n_gathers++;
+        if (leave_copies && p + 1 == n_passes) {
+            rows_read = ggml_backend_event_new(ggml_backend_get_device(backend));
+            if (rows_read) {
+                ggml_backend_event_record(rows_read, backend);
+            }
+        }
         for (size_t ig = 0; ig < plan.groups.size(); ++ig) {
             const auto & g = plan.groups[ig];
             for (size_t i = g.first; i < g.first + g.count; ++i) {
@@ -429,7 +443,14 @@ bool llama_kv_freeze::gather_on(const std::vector<ggml_tensor *> & tensors, cons
         landed_ev.wait(p);
         landed(p*n_pass, std::min(n_pass, n_rows - p*n_pass));
     }
-    ggml_backend_synchronize(backend);
+    if (rows_read) {
+        ggml_backend_event_synchronize(rows_read);
+        ggml_backend_event_free(rows_read);
+        copies_in_flight.push_back(backend);
+        landed_ev.sync_at_end = false;
+    } else {
+        ggml_backend_synchronize(backend); // no events on this device: wait for the copies too
+    }
 
     return true;
 }
@@ -592,16 +613,25 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
             const std::vector<kvf_run> one_run = { { 0, (uint32_t) m } };
             auto stage_dst = [&](size_t i, size_t a) { return stage + off[i] + a*gather_t[i]->nb[1]; };
             if (defer && hash_landed && q0 + m == n) {
-                // the last round: once its rows are in the staging, the device is done; copying them into the
-                // slots and hashing them is left to the caller's background thread
-                ok = gather(gather_t, rows_round, one_run, stage_dst, nullptr);
+                // the last round: once the device has read its rows, the cells may be written again; its copies
+                // into the staging (still running when gather returns), then copying them into the slots and
+                // hashing them, are left to the caller's background thread, which waits for the copies first
+                copies_in_flight.clear();
+                ok = gather(gather_t, rows_round, one_run, stage_dst, nullptr, /*leave_copies =*/ true);
+                if (!ok) {
+                    finish_copies(); // a device that gathered before another failed: its copies land first
+                }
                 if (ok) {
                     std::vector<size_t> rb(gather_t.size());
                     for (size_t i = 0; i < gather_t.size(); ++i) {
                         rb[i] = gather_t[i]->nb[1];
                     }
                     std::vector<llama_kv_host_slot> slots(slot.begin() + q0, slot.begin() + q0 + m);
-                    *defer = [this, stage, off, rb, what = gather_what, slots = std::move(slots), out = sums + q0, n_layer]() {
+                    *defer = [this, stage, off, rb, what = gather_what, slots = std::move(slots), out = sums + q0, n_layer,
+                              in_flight = std::move(copies_in_flight)]() {
+                        for (ggml_backend_t b : in_flight) {
+                            ggml_backend_synchronize(b);
+                        }
                         const size_t cnt = slots.size(), per_item = 32;
                         store.parallel_for((cnt + per_item - 1)/per_item, [&](size_t item) {
                             const size_t j1 = std::min(cnt, (item + 1)*per_item);

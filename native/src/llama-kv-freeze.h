@@ -236,12 +236,17 @@ private:
     // is where row a of tensor i and the rest of its run live on the host (one device copy per run and tensor)
     // tensors on several devices (layers split over GPUs, or over a GPU and the CPU with force_gather): one gather /
     // scatter per device, each over its own tensors (gather_on / scatter_on: the tensors of one device)
+    // leave_copies: return once the device has read the rows (the cells may be written again), with the copies to
+    // the host still running: the backends are in copies_in_flight, and whoever reads dst synchronizes them first
     bool gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<kvf_run> & runs,
-                const std::function<uint8_t *(size_t, size_t)> & dst, const std::function<void(size_t, size_t)> & landed);
+                const std::function<uint8_t *(size_t, size_t)> & dst, const std::function<void(size_t, size_t)> & landed,
+                bool leave_copies = false);
     bool scatter(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<kvf_run> & runs,
                  const std::function<const uint8_t *(size_t, size_t)> & src);
     bool gather_on(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<kvf_run> & runs,
-                   const std::function<uint8_t *(size_t, size_t)> & dst, const std::function<void(size_t, size_t)> & landed);
+                   const std::function<uint8_t *(size_t, size_t)> & dst, const std::function<void(size_t, size_t)> & landed,
+                   bool leave_copies = false);
+    std::vector<ggml_backend_t> copies_in_flight; // gathers left with their device-to-host copies running
     bool scatter_on(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<kvf_run> & runs,
                     const std::function<const uint8_t *(size_t, size_t)> & src);
     // indices of tensors grouped by the backend that holds them, in order of first appearance; empty when one has
