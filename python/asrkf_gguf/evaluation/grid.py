@@ -271,26 +271,36 @@ def _machine() -> dict:
 def estimate_wall(records: Sequence[dict], task: str, ctx: int, n_gpu_layers: int,
                   prefer: Sequence[str] = ()) -> Optional[float]:
     """Seconds the next run of (task, ctx) will likely take: the median wall time of finished runs of the same
-    task and context (this call's, the keys in prefer, over earlier calls'); else of the same context, any task;
-    else of the same task at the largest smaller context, scaled by the context; None when nothing is known.
-    Only runs with the same n_gpu_layers count."""
+    task and context (this call's, the keys in prefer, over earlier calls'). Else a guess on the long side: the
+    largest per-task median at that context; else, scaled by the context, the larger of that from the largest
+    smaller context and the same task's median at its largest smaller context. None when nothing ran. Only runs
+    with the same n_gpu_layers count."""
     prefer = set(prefer)
     rs = [r for r in records if r.get("n_gpu_layers", 0) == n_gpu_layers and r.get("timing", {}).get("wall_s")]
 
-    def med(sel: List[dict]) -> Optional[float]:
+    def med(sel: List[dict]) -> float:
         mine = [r for r in sel if r.get("key") in prefer]
-        use = mine or sel
-        return statistics.median(r["timing"]["wall_s"] for r in use) if use else None
+        return statistics.median(r["timing"]["wall_s"] for r in (mine or sel))
 
-    for sel in ([r for r in rs if r["task"] == task and r["ctx"] == ctx], [r for r in rs if r["ctx"] == ctx]):
-        m = med(sel)
-        if m is not None:
-            return m
-    smaller = [r for r in rs if r["task"] == task and r["ctx"] < ctx]
-    if smaller:
-        c = max(r["ctx"] for r in smaller)
-        return med([r for r in smaller if r["ctx"] == c]) * ctx / c
-    return None
+    def longest(sel: List[dict]) -> float:
+        return max(med([r for r in sel if r["task"] == t]) for t in {r["task"] for r in sel})
+
+    same = [r for r in rs if r["task"] == task and r["ctx"] == ctx]
+    if same:
+        return med(same)
+    at_ctx = [r for r in rs if r["ctx"] == ctx]
+    if at_ctx:
+        return longest(at_ctx)
+    smaller = [r for r in rs if r["ctx"] < ctx]
+    if not smaller:
+        return None
+    c = max(r["ctx"] for r in smaller)
+    guesses = [longest([r for r in smaller if r["ctx"] == c]) * ctx / c]
+    mine = [r for r in smaller if r["task"] == task]
+    if mine:
+        c = max(r["ctx"] for r in mine)
+        guesses.append(med([r for r in mine if r["ctx"] == c]) * ctx / c)
+    return max(guesses)
 
 
 # ---- the loop
