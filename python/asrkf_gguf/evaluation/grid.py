@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from .runner import KL_TOP_K, SETTINGS, Setting, load_reference, run_case, save_reference
+from .runner import KL_TOP_K, SETTINGS, Setting, engine_gpu_layers, load_reference, run_case, save_reference
 from .tasks import DEPTHLESS, KL_TASKS, NEEDS_ESSAYS, TASKS, Case, make_case
 
 RESULTS = "results.json"
@@ -314,13 +314,14 @@ def _progress(i: int, n: int, text: str, t_start: float, done_new: int) -> None:
 
 
 def run_grid(model: str, spec: GridSpec, out_dir: str, *, n_threads: Optional[int] = None,
-             n_gpu_layers: int = 0, time_limit: Optional[float] = None, started: Optional[float] = None,
+             n_gpu_layers: Optional[int] = None, time_limit: Optional[float] = None, started: Optional[float] = None,
              clock: Callable[[], float] = time.monotonic,
              log: Callable[[int, int, str, float, int], None] = _progress, cases_only: bool = False) -> ResultsFile:
     """Run every (case, setting, budget) of spec not yet in out_dir/results.json. Returns the results file.
     Every case run is also written to out_dir/cases/ (peers run the same text from there); cases_only writes every
-    case of the grid and runs nothing. n_gpu_layers goes to every Engine. time_limit: seconds since `started`
-    (clock()'s reading when the command started; default: now) after which no run starts (see the module's text);
+    case of the grid and runs nothing. n_gpu_layers goes to every Engine (None: the Engine's default, 0).
+    time_limit: seconds since `started` (clock()'s reading when the command started; default: now) after which no
+    run starts (see the module's text);
     results.meta["plan"]["stopped"] says why the call stopped early, None when it ran everything."""
     if started is None:
         started = clock()
@@ -328,10 +329,11 @@ def run_grid(model: str, spec: GridSpec, out_dir: str, *, n_threads: Optional[in
         raise GridError("--time-limit must be a positive number of seconds")
     out = Path(out_dir)
     path, name, sha = resolve_model(model, hash_cache=out / "model-sha256.json")
+    n_gpu_layers_run = engine_gpu_layers(n_gpu_layers)  # as recorded in every run
     meta = {"model": name, "model_path": path, "model_sha256": sha, "git_commit": git_commit(),
             "seed": spec.seeds[0], "seeds": sorted(spec.seeds),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": _machine(), "n_threads": n_threads,
-            "n_gpu_layers": n_gpu_layers, "kl_top_k": KL_TOP_K}
+            "n_gpu_layers": n_gpu_layers_run, "kl_top_k": KL_TOP_K}
     call_started = meta["started"]
     results = ResultsFile(out, meta)  # a resumed file keeps its first start in meta["started"]
     essays = []
@@ -364,7 +366,7 @@ def run_grid(model: str, spec: GridSpec, out_dir: str, *, n_threads: Optional[in
                 continue
             if time_limit is not None and not cases_only:
                 elapsed = clock() - started
-                est = estimate_wall(results.records.values(), task, ctx, n_gpu_layers, ran_keys)
+                est = estimate_wall(results.records.values(), task, ctx, n_gpu_layers_run, ran_keys)
                 if elapsed >= time_limit or (est is not None and elapsed + est > time_limit):
                     left = [j for j in pending if j >= i]
                     plan["stopped"] = (f"time limit {time_limit:g} s: {elapsed:.0f} s passed" +
@@ -419,7 +421,7 @@ def save_case(out_dir: Path, case: Case) -> Path:
 
 
 def _run_one(path: str, case: Case, setting: Setting, budget: float, tok: Tokenizer, results: ResultsFile,
-             n_threads: Optional[int], n_gpu_layers: int = 0) -> dict:
+             n_threads: Optional[int], n_gpu_layers: Optional[int] = None) -> dict:
     dev = {"n_threads": n_threads, "n_gpu_layers": n_gpu_layers}
     if case.task not in KL_TASKS:
         return run_case(path, case, setting, budget, **dev)

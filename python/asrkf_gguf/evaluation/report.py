@@ -72,7 +72,10 @@ def accuracy_tables(records: Sequence[dict]) -> str:
     for task, ctx, rs in _chat_groups(records):
         budgets = _budget_columns(rs)
         depths = sorted({r["depth"] for r in rs if r["depth"] is not None})
-        out.append(f"**{task}, {ctx} tokens** (depths {', '.join(f'{d:g}' for d in depths)})\n")
+        seeds = sorted({r["seed"] for r in rs})
+        where = [f"depths {', '.join(f'{d:g}' for d in depths)}"] if depths else []
+        where.append(f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
+        out.append(f"**{task}, {ctx} tokens** ({'; '.join(where)})\n")
         out.append("| policy | " + " | ".join(["full cache"] + [f"budget {_pct(b)}" for b in budgets]) + " |")
         out.append("|---" * (len(budgets) + 2) + "|")
         for s in _settings(rs):
