@@ -392,7 +392,8 @@ def add_eval_parsers(sub) -> None:
     e.add_argument("--model", default="qwen", help="qwen | demo | gemma | a GGUF path")
     e.add_argument("--tasks", default="passkey,passkey-mt",
                    help="comma list of passkey, passkey-mt, niah, niah-mt, multikey, vartrack, kl (essays), kl-code, "
-                        "kl-docs, needle-code, needle-docs, needle-prose (and -mt)")
+                        "kl-docs, needle-code, needle-docs, needle-prose (and -mt); RULER-style: niah-multivalue, "
+                        "niah-multiquery (and -code, -docs), cwe, fwe (evaluation/tasks.py)")
     e.add_argument("--ctx", default="2048,4096,8192", help="contexts in tokens (whole case, comma list)")
     e.add_argument("--budgets", default="0.5,0.33,0.25,0.125", help="device budgets, fractions of the context")
     e.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths, fractions of the document")
@@ -404,8 +405,18 @@ def add_eval_parsers(sub) -> None:
                         "asrkf-l4 (every 4th layer scored)")
     e.add_argument("--kl-tokens", type=int, default=512, help="teacher-forced continuation of the kl task")
     e.add_argument("--seed", type=int, default=0, help="seed of the generated cases")
+    e.add_argument("--seeds", help="comma list of seeds (instead of --seed): cases per task and context = depths x "
+                                   "seeds (seeds alone for kl*, cwe, fwe)")
+    e.add_argument("--n-gpu-layers", type=int, default=0,
+                   help="model layers on the GPU for every run (0: none; -1: all); the Engine then picks its GPU "
+                        "controller defaults (docs/gpu.md)")
+    e.add_argument("--time-limit", type=float,
+                   help="seconds: start no run after this many seconds from the start of the command, nor one that "
+                        "would likely not end before (the median wall time of the same task and context); exit 0, "
+                        "the same command continues")
     e.add_argument("--threads", type=int, help="CPU threads (default: all)")
-    e.add_argument("--redo", default="", help="settings whose finished runs are run again")
+    e.add_argument("--redo", default="", help="settings whose finished runs are run again (every call: do not "
+                                              "combine with --time-limit over several calls)")
     e.add_argument("--out", required=True, help="results directory (resumed when it holds results.json)")
     e.add_argument("--no-report", action="store_true", help="do not write OUT/report.md at the end")
     e.add_argument("--cases-only", action="store_true",
@@ -419,6 +430,9 @@ def add_eval_parsers(sub) -> None:
 
 
 def run_eval(args) -> int:
+    import time
+
+    started = time.monotonic()
     from .evaluation.grid import GridError, GridSpec, parse_list, run_grid
     from .evaluation.report import write_report
 
@@ -429,10 +443,18 @@ def run_eval(args) -> int:
                         depths=parse_list(args.depths, float, "--depths"),
                         settings=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
                         seed=args.seed, kl_tokens=args.kl_tokens,
+                        seeds=parse_list(args.seeds, int, "--seeds") if args.seeds is not None else (),
                         redo=tuple(p.strip() for p in args.redo.split(",") if p.strip()))
         if args.threads is not None and args.threads < 1:
             raise GridError("--threads must be positive")
-        results = run_grid(args.model, spec, args.out, n_threads=args.threads, cases_only=args.cases_only)
+        if args.n_gpu_layers < -1:
+            raise GridError("--n-gpu-layers is 0 or more, or -1 (all)")
+        results = run_grid(args.model, spec, args.out, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                           time_limit=args.time_limit, started=started, cases_only=args.cases_only)
+        plan = results.meta.get("plan", {})
+        if plan.get("stopped"):
+            sys.stderr.write(f"stopped early ({plan['stopped']}): {plan['not_run']} of {plan['planned']} planned "
+                             "runs not run; the same command continues\n")
         if args.cases_only:
             print(results.dir / "cases")
         elif not args.no_report:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -14,13 +15,15 @@ import numpy as np
 
 from .grid import RESULTS, GridError
 from .runner import SETTINGS
-from .tasks import KL_TASKS, MULTI_TURN
+from .tasks import KL_TASKS, MULTI_TURN, TASKS
 
 ORDER = list(SETTINGS)  # full, full-q8_0, full-q4_0, window, h2o, asrkf-norec, asrkf
 TASK_ORDER = ["passkey", "passkey-mt", "niah", "niah-mt", "multikey", "vartrack", "kl", "kl-code", "kl-docs"]
+TASK_ORDER += [t for t in TASKS if t not in TASK_ORDER]  # the needle-* and RULER-style tasks
 COLORS = {"full": "black", "full-q8_0": "gray", "full-q4_0": "silver", "window": "tab:orange", "h2o": "tab:red",
           "asrkf-norec": "tab:cyan", "asrkf": "tab:blue", "asrkf-nopool": "tab:purple",
-          "asrkf-l4": "tab:olive"}
+          "asrkf-l4": "tab:olive", "asrkf-paper": "tab:green", "asrkf-fresh": "tab:brown",
+          "asrkf-fresh-all": "tab:pink"}
 
 
 def load(out_dir) -> Tuple[dict, List[dict]]:
@@ -69,7 +72,10 @@ def accuracy_tables(records: Sequence[dict]) -> str:
     for task, ctx, rs in _chat_groups(records):
         budgets = _budget_columns(rs)
         depths = sorted({r["depth"] for r in rs if r["depth"] is not None})
-        out.append(f"**{task}, {ctx} tokens** (depths {', '.join(f'{d:g}' for d in depths)})\n")
+        seeds = sorted({r["seed"] for r in rs})
+        where = [f"depths {', '.join(f'{d:g}' for d in depths)}"] if depths else []
+        where.append(f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}")
+        out.append(f"**{task}, {ctx} tokens** ({'; '.join(where)})\n")
         out.append("| policy | " + " | ".join(["full cache"] + [f"budget {_pct(b)}" for b in budgets]) + " |")
         out.append("|---" * (len(budgets) + 2) + "|")
         for s in _settings(rs):
@@ -84,20 +90,68 @@ def accuracy_tables(records: Sequence[dict]) -> str:
 
 
 def depth_tables(records: Sequence[dict]) -> str:
-    """Per case: pass (+) or fail (-) for every setting and budget, one column per depth."""
+    """Per case: pass (+) or fail (-) for every setting and budget, one column per depth, one sign per seed
+    (seeds in increasing order; a blank where that seed did not run). Depthless tasks: one column."""
     out = []
     for task, ctx, rs in _chat_groups(records):
-        depths = sorted({r["depth"] for r in rs})
-        out.append(f"**{task}, {ctx} tokens**\n")
-        out.append("| policy | budget | " + " | ".join(f"depth {d:g}" for d in depths) + " |")
+        depths = sorted({r["depth"] for r in rs}, key=lambda d: -1 if d is None else d)
+        seeds = sorted({r["seed"] for r in rs})
+        out.append(f"**{task}, {ctx} tokens**" + (f" (seeds {', '.join(map(str, seeds))})" if len(seeds) > 1
+                                                  else "") + "\n")
+        out.append("| policy | budget | " + " | ".join("cases" if d is None else f"depth {d:g}" for d in depths)
+                   + " |")
         out.append("|---|---|" + "---|" * len(depths))
         for s in _settings(rs):
             for b in sorted({r["budget"] for r in rs if r["setting"] == s}, reverse=True):
-                got = {r["depth"]: r["passed"] for r in rs if r["setting"] == s and r["budget"] == b}
-                cells = ["" if d not in got else ("+" if got[d] else "-") for d in depths]
+                got = {(r["depth"], r["seed"]): r["passed"] for r in rs if r["setting"] == s and r["budget"] == b}
+                cells = ["".join(" " if (d, sd) not in got else "+" if got[(d, sd)] else "-" for sd in seeds).rstrip()
+                         for d in depths]
                 out.append(f"| {s} | {_pct(b) if SETTINGS[s].budgeted else '-'} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> Tuple[float, float]:
+    """95% Wilson score interval of k successes in n (reads sensibly at 0/n and n/n, unlike k/n +- 2 SE)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def interval_table(records: Sequence[dict]) -> str:
+    """Per task x context x policy x budget: passed / cases, the 95% Wilson interval of the pass rate and, for
+    tasks with several answers (partial credit: niah-multivalue/-multiquery, cwe, fwe, vartrack), the mean
+    score (fraction of the answers found)."""
+    out = ["| task | context | policy | budget | passed / cases | 95% Wilson interval | mean score |",
+           "|---|---|---|---|---|---|---|"]
+    for task, ctx, rs in _chat_groups(records):
+        partial = any(len(r["expected"]) > 1 for r in rs)
+        for s in _settings(rs):
+            for b in sorted({r["budget"] for r in rs if r["setting"] == s}, reverse=True):
+                sel = [r for r in rs if r["setting"] == s and r["budget"] == b]
+                k, n = sum(bool(r["passed"]) for r in sel), len(sel)
+                lo, hi = wilson(k, n)
+                score = f"{np.mean([r['score'] for r in sel]):.3f}" if partial else "-"
+                out.append(f"| {task} | {ctx} | {s} | {_pct(b) if SETTINGS[s].budgeted else '-'} | {k} / {n} | "
+                           f"{100 * lo:.0f}-{100 * hi:.0f}% | {score} |")
+    return "\n".join(out) if len(out) > 2 else "(no chat runs)"
+
+
+def plan_lines(meta: dict, records: Sequence[dict]) -> List[str]:
+    """What the last `eval` call planned and did not run (a time limit), per task and context."""
+    plan = meta.get("plan")
+    if not plan:
+        return []
+    lines = [f"- last call ({plan['started']}): {plan['planned']} planned runs, {plan['done_before']} done before, "
+             f"{plan['ran']} ran, **{plan['not_run']} did not run**" +
+             (f" (stopped: {plan['stopped']})" if plan.get("stopped") else "")]
+    if plan["not_run"]:
+        cells = ", ".join(f"{c}: {k}" for c, k in plan.get("not_run_by_cell", {}).items())
+        lines.append(f"- not run, per task and context: {cells}")
+    return lines
 
 
 def _logical(trace: dict) -> np.ndarray:
@@ -241,9 +295,9 @@ def plot_accuracy(records: Sequence[dict], path: Path) -> Optional[Path]:
             if SETTINGS[s].budgeted:
                 bs = sorted({r["budget"] for r in sel})
                 acc = [np.mean([r["passed"] for r in sel if r["budget"] == b]) for b in bs]
-                ax.plot([100 * b for b in bs], acc, "o-", color=COLORS[s], label=s)
+                ax.plot([100 * b for b in bs], acc, "o-", color=COLORS.get(s), label=s)
             else:
-                ax.axhline(np.mean([r["passed"] for r in sel]), color=COLORS[s], ls="--", lw=1, label=s)
+                ax.axhline(np.mean([r["passed"] for r in sel]), color=COLORS.get(s), ls="--", lw=1, label=s)
         ax.set_title(f"{task}, {ctx} tok", fontsize=9)
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlabel("device budget (% of context)", fontsize=8)
@@ -282,9 +336,9 @@ def plot_active(records: Sequence[dict], budget: float, path: Path) -> Optional[
     fig, ax = plt.subplots(figsize=(7, 3.2))
     for s, r in runs.items():
         x, t = _steps(r["trace"])
-        ax.plot(x, t["active"], color=COLORS[s], lw=1, label=f"{s}: active (attended) cells")
+        ax.plot(x, t["active"], color=COLORS.get(s), lw=1, label=f"{s}: active (attended) cells")
         if s == "asrkf":
-            ax.plot(x, t["active"] + t["frozen"], color=COLORS[s], lw=0.8, ls=":",
+            ax.plot(x, t["active"] + t["frozen"], color=COLORS.get(s), lw=0.8, ls=":",
                     label="asrkf: resident cells (active + frozen)")
     ax.axhline(ref["budget_cells"], color="gray", lw=0.6, ls="--", label=f"budget {ref['budget_cells']} cells")
     ax.set_xlabel("logical tokens (prompt chunks, then one token per step)")
@@ -347,10 +401,14 @@ def write_report(out_dir, budget: float = 0.25) -> Path:
     parts = [
         f"# Evaluation report: {meta['model']}",
         "",
-        f"- model sha256 `{meta['model_sha256']}`, commit `{meta['git_commit']}`, seed {meta['seed']}",
+        f"- model sha256 `{meta['model_sha256']}`, commit `{meta['git_commit']}`, seeds "
+        f"{', '.join(map(str, meta.get('seeds', [meta.get('seed', 0)])))}",
         f"- machine: {meta['machine']['processor']}, {meta['machine']['cpu_count']} CPUs, "
         f"{meta['machine']['platform']}",
-        f"- {len(records)} runs, {wall / 60:.0f} min of run time",
+        f"- {len(records)} runs, {wall / 60:.0f} min of run time" +
+        ("; n_gpu_layers " + ", ".join(map(str, sorted({r.get("n_gpu_layers", 0) for r in records})))
+         if records else ""),
+        *plan_lines(meta, records),
         "",
         "## Targets (issue 4)",
         "",
@@ -359,7 +417,11 @@ def write_report(out_dir, budget: float = 0.25) -> Path:
         "## Accuracy",
         "",
         accuracy_tables(records),
-        "## Per depth (+ pass, - fail)",
+        "## Pass rates with 95% intervals (and the mean score of the partial-credit tasks)",
+        "",
+        interval_table(records),
+        "",
+        "## Per depth (+ pass, - fail; one sign per seed)",
         "",
         depth_tables(records),
         "## Device KV",

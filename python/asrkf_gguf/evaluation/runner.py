@@ -69,11 +69,21 @@ class Tracer:
             self.cols[f].append(round(v, 4) if isinstance(v, float) else v)
 
 
-def engine_for(model_path: str, case: Case, setting: Setting, budget: float, n_threads: Optional[int]) -> Engine:
+def engine_for(model_path: str, case: Case, setting: Setting, budget: float, n_threads: Optional[int],
+               n_gpu_layers: Optional[int] = None) -> Engine:
+    """n_gpu_layers: layers on the GPU (0: none, -1 or more than the model has: all; None: the Engine's default);
+    the Engine then picks its own GPU defaults for the controller (engine.device_defaults: every 4th layer scored
+    unless the setting chose, recall on the device)."""
     cells = max(1, int(round(budget * case.ctx))) if setting.budgeted else None
+    gpu = {} if n_gpu_layers is None else {"n_gpu_layers": n_gpu_layers}
     return Engine(model_path, ctx=case.ctx, kv_budget=cells, policy=setting.policy, kv_type=setting.kv_type,
                   flash_attn="on",  # quantized V needs it; the same attention path for every setting
-                  n_threads=n_threads, controller_params=controller_params(setting))
+                  n_threads=n_threads, controller_params=controller_params(setting), **gpu)
+
+
+def engine_gpu_layers(n_gpu_layers: Optional[int]) -> int:
+    """What an Engine made with n_gpu_layers (None: not given) puts on the GPU."""
+    return Engine.__init__.__kwdefaults__["n_gpu_layers"] if n_gpu_layers is None else n_gpu_layers
 
 
 def controller_params(setting: Setting) -> dict:
@@ -196,12 +206,17 @@ def spikes_by_step(trace: Dict[str, list], n_prompt: int, n_continuation: int) -
 
 
 def run_case(model_path: str, case: Case, setting: Setting, budget: float, *, n_threads: Optional[int] = None,
-             kl_tokens: Optional[List[int]] = None, kl_ref: Optional[dict] = None) -> dict:
+             n_gpu_layers: Optional[int] = None, kl_tokens: Optional[List[int]] = None,
+             kl_ref: Optional[dict] = None) -> dict:
     """One case, one setting, one budget (fraction of case.ctx; ignored by the full-cache settings)."""
     t0 = time.perf_counter()
     tracer = Tracer()
-    with engine_for(model_path, case, setting, budget, n_threads) as engine:
+    with engine_for(model_path, case, setting, budget, n_threads, n_gpu_layers) as engine:
         engine.controller.on_step = tracer
+        config = engine.controller.config
+        # what the controller ran with where the Engine chose by device (importance_every 4 and recall on the
+        # device with layers on a GPU): the setting's name alone does not say
+        chosen = {"importance_every": config.importance_every, "recall_native": config.recall_native}
         if case.task in KL_TASKS:
             outcome = run_kl(engine, case, kl_tokens, kl_ref)
         else:
@@ -212,6 +227,7 @@ def run_case(model_path: str, case: Case, setting: Setting, budget: float, *, n_
     return {
         "case": case.key, "task": case.task, "ctx": case.ctx, "depth": case.depth, "seed": case.seed,
         "setting": setting.name, "setting_detail": asdict(setting),
+        "n_gpu_layers": engine_gpu_layers(n_gpu_layers), "controller_chosen": chosen,
         "budget": budget if setting.budgeted else 1.0, "budget_cells": kv["budget_cells"],
         **outcome,
         "kv": {**kv, "resident_fraction_peak": kv["resident_cells_peak"] / logical,

@@ -14,6 +14,19 @@ document, at a sentence boundary.
               3-8 digits, an alphanumeric code, a person's name or a three-word phrase, said once) in ordinary text:
               Python's standard library source, Python's own reference documentation (pydoc_data), essays; the
               question in the same message (single-turn) or in a later turn (-mt)
+  niah-multivalue   RULER's niah multivalue: one word with 4 special magic numbers said in 4 places of the essays; the
+              first at `depth`, the others at seeded depths; all 4 asked (score: the fraction found, passed when all)
+  niah-multiquery   RULER's niah multiquery: 4 words with a magic number each (the first asked at `depth`), all 4 asked
+              in one question (score and pass as multivalue)
+  niah-multivalue-code / -docs, niah-multiquery-code / -docs: the same in Python's standard library source (the
+              needles as `#` comment lines) / Python's reference documentation
+  cwe         RULER's common words extraction: a numbered list of words from the essays, 10 of them repeated many
+              times (30 from 4k tokens on; fewer in a short context), the others a few times; the 10 most common asked
+              (score: the fraction of the 10 found as whole words; passed when all). Depthless: one case per seed
+  fwe         RULER's frequent words extraction: coded (random 6-letter) words drawn from a Zipf distribution
+              (alpha 2, the most frequent one replaced by "..."); the 3 most frequent asked (score as cwe). Depthless
+  (no qa: RULER's question answering needs SQuAD / HotpotQA, and no PyPI package ships either corpus: squaddata,
+  aviary-hotpotqa and natural-questions ship code only. A QA task made from our own text would not be RULER's.)
   kl          a long prose prompt and its real continuation, decoded token by token (teacher forcing): KL and
               top-1 agreement of each next-token distribution against the full cache's
   kl-code / kl-docs: the same on Python's standard library source / Python's reference documentation (the
@@ -22,6 +35,7 @@ document, at a sentence boundary.
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -51,6 +65,9 @@ class Case:
     # kl: raw text (no chat template) whose first ctx tokens are prompt + forced continuation
     text: str = field(default="", repr=False)
     n_continuation: int = 0
+    # "substring": an answer counts when it occurs in the reply as written (numbers, codes, names); "word": as a
+    # whole word, any case (cwe / fwe: "rain" is not found in "training")
+    match: str = "substring"
 
     @property
     def key(self) -> str:
@@ -58,11 +75,16 @@ class Case:
         extra = f"|cont={self.n_continuation}" if self.task in KL_TASKS else ""
         return f"{self.task}|ctx={self.ctx}|depth={depth}|seed={self.seed}{extra}"
 
+    def found(self, answer: str, reply: str) -> bool:
+        if self.match == "word":
+            return re.search(rf"(?<![A-Za-z0-9]){re.escape(answer)}(?![A-Za-z0-9])", reply, re.IGNORECASE) is not None
+        return answer in reply
+
     def score(self, reply: str) -> float:
-        """Fraction of the expected answers found in the reply."""
+        """Fraction of the expected answers found in the reply (RULER's string_match_all); passed when 1."""
         if not self.answers:
             return 0.0
-        return sum(a in reply for a in self.answers) / len(self.answers)
+        return sum(self.found(a, reply) for a in self.answers) / len(self.answers)
 
 
 def _rng(task: str, ctx: int, depth: Optional[float], seed: int) -> np.random.Generator:
@@ -109,8 +131,11 @@ def insert_group(parts: List[str], depth: float, needle: str) -> List[str]:
 # ---- tasks
 
 
+_extra_slack = 0  # make_case's retry of a case that came out too long (see make_case)
+
+
 def _doc_tokens(ctx: int, count: Count, questions: Sequence[str], max_tokens: Sequence[int]) -> int:
-    return ctx - TEMPLATE_RESERVE - sum(count(q) for q in questions) - sum(max_tokens) - 16
+    return ctx - TEMPLATE_RESERVE - sum(count(q) for q in questions) - sum(max_tokens) - 16 - _extra_slack
 
 
 def _chat(task: str, doc: str, question: str, answer: Sequence[str], multi_turn: bool, unrelated: str,
@@ -223,6 +248,14 @@ def _cut_to_tokens(text: str, n_tokens: int, count: Count, sep: str) -> str:
         if abs(n - n_tokens) <= max(8, n_tokens // 200):
             break
         cut = int(cut * n_tokens / n)
+    else:
+        # text whose density varies (source with long data literals) can make the estimate swing between too long
+        # and too short: bisect to the longest cut within n_tokens (cuts that converged above stay as they were)
+        lo, hi = 0, len(text)
+        while hi - lo > 16:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if count(text[:mid]) <= n_tokens else (lo, mid)
+        cut = lo
     end = text.rfind(sep, 0, cut)
     return text[: end + len(sep) if end > 0 else cut]
 
@@ -299,6 +332,158 @@ def natural(kind: str, ctx: int, depth: float, seed: int, count: Count, essays: 
                  ctx=ctx, depth=depth, seed=seed)
 
 
+# ---- RULER-style tasks (arXiv 2404.06654): niah multivalue / multiquery, common and frequent words extraction
+
+
+def _other_depths(rng: np.random.Generator, depth: float, n: int) -> List[float]:
+    """n seeded depths in [0.05, 0.95], each at least 0.1 away from `depth` (the asked needle's), as multikey's."""
+    return [float(d) for d in rng.uniform(0.05, 0.95, size=8 * n + 8) if abs(d - depth) >= 0.1][:n]
+
+
+def _distinct_numbers(rng: np.random.Generator, n: int) -> List[str]:
+    out: List[str] = []
+    while len(out) < n:
+        x = str(int(rng.integers(1_000_000, 10_000_000)))
+        if x not in out:
+            out.append(x)
+    return out
+
+
+def _place(doc: str, kind: str, needles: Sequence[Tuple[float, str]]) -> str:
+    """Insert (depth, sentence) needles, deepest first so that earlier depths keep their meaning; in source code
+    as `#` comment lines."""
+    for d, sentence in sorted(needles, key=lambda t: -t[0]):
+        doc = insert_at(doc, d, f"# {sentence}", "\n") if kind == "code" else insert_at(doc, d, sentence)
+    return doc
+
+
+def _and_list(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + ", and " + items[-1]
+
+
+def niah_multi(mode: str, ctx: int, depth: float, seed: int, count: Count, essays: Sequence[str],
+               kind: str = "prose", n: int = 4, **_) -> Case:
+    """RULER's niah multivalue (one word, n numbers said in n places) or multiquery (n words, a number each, all
+    asked at once) in a natural haystack (essays by default). The first value / the first asked word sits at
+    `depth`, the others at seeded depths at least 0.1 away. Every number must be in the reply."""
+    task = f"niah-{mode}" + ("" if kind == "prose" else f"-{kind}")
+    rng = _rng(task, ctx, depth, seed)
+    words = [WORDS[i] for i in rng.choice(len(WORDS), size=1 if mode == "multivalue" else n, replace=False)]
+    numbers = _distinct_numbers(rng, n)
+    keys = words * n if mode == "multivalue" else words
+    asked = words[0] if mode == "multivalue" else _and_list(words)
+    question = (f"What are all the special magic numbers for {asked} mentioned in the provided text? "
+                "Answer with the numbers only, separated by commas.")
+    max_answer = 96
+    n_doc = _doc_tokens(ctx, count, [question], [max_answer])
+    doc = natural_haystack(kind, n_doc - 24 * n, count, essays, rng)
+    depths = [depth, *_other_depths(rng, depth, n - 1)]
+    doc = _place(doc, kind, [(d, _needle(k, x)) for d, k, x in zip(depths, keys, numbers)])
+    return _chat(task, doc, question, numbers, False, "", max_answer, ctx=ctx, depth=depth, seed=seed)
+
+
+_WORD_POOLS: dict = {}
+
+
+def essay_words(essays: Sequence[str]) -> List[str]:
+    """The distinct lowercase words of 4-10 letters in the essays, sorted (cwe's vocabulary: ordinary English)."""
+    key = (len(essays), sum(len(e) for e in essays), essays[0][:200] if essays else "")
+    if key not in _WORD_POOLS:
+        words = set()
+        for e in essays:
+            words.update(re.findall(r"(?<![A-Za-z'\-])[a-z]{4,10}(?![A-Za-z'\-])", e))
+        _WORD_POOLS[key] = sorted(words)
+    return _WORD_POOLS[key]
+
+
+def _fit(build: Callable[[int], str], n_tokens: int, count: Count, guess: int) -> Tuple[str, int]:
+    """The largest size (within a few percent) whose build(size) holds at most n_tokens tokens; size >= 1."""
+    size = max(1, guess)
+    for _ in range(6):  # refine from the measured tokens per unit
+        got = count(build(size))
+        if got <= n_tokens and got >= 0.97 * n_tokens:
+            break
+        size = max(1, int(size * n_tokens / max(1, got) * (0.99 if got > n_tokens else 1.0)))
+    while size > 1 and count(build(size)) > n_tokens:
+        size = max(1, int(size * 0.97))
+    return build(size), size
+
+
+CWE_INTRO = ("Below is a numbered list of words. In these words, some appear more often than others. "
+             "Memorize the ones that appear most often.\n")
+
+
+def cwe(ctx: int, seed: int, count: Count, essays: Sequence[str], n_common: int = 10, **_) -> Case:
+    """RULER's common words extraction: n_common words repeated c times and other words u times, shuffled and
+    numbered. RULER's c = 30, u = 3; a short context holds fewer entries, so c = entries // 20 clipped to 2..30 and
+    u = 3, 2 or 1 (always fewer than c). The list is sized to the context; the answers are the common words."""
+    rng = _rng("cwe", ctx, None, seed)
+    pool = essay_words(essays)
+    picked = [pool[i] for i in rng.permutation(len(pool))]
+    common, others = picked[:n_common], picked[n_common:]
+    question = (f"What are the {n_common} most common words in the list above? "
+                f"Answer with the {n_common} words only, separated by commas.")
+    max_answer = 120
+    n_doc = _doc_tokens(ctx, count, [CWE_INTRO, question], [max_answer])
+    per_entry = count(" ".join(f"{i + 101}. {w}" for i, w in enumerate(picked[:200]))) / 200
+    entries = int(n_doc / per_entry)
+    c = int(np.clip(entries // 20, 2, 30))
+    u = 3 if c >= 10 else 2 if c >= 4 else 1
+    seed_order = [seed, ctx, zlib.crc32(b"cwe-order")]
+
+    def build(n_others: int) -> str:
+        if n_others > len(others):
+            raise ValueError(f"cwe: the essays give {len(pool)} distinct words, too few for ctx {ctx}")
+        items = common * c + others[:n_others] * u
+        np.random.default_rng(seed_order).shuffle(items)
+        return CWE_INTRO + " ".join(f"{i + 1}. {w}" for i, w in enumerate(items))
+
+    doc, _ = _fit(build, n_doc, count, max(1, (entries - n_common * c) // u))
+    return Case("cwe", ctx=ctx, depth=None, seed=seed, turns=(doc + "\n\n" + question,), max_tokens=(max_answer,),
+                answers=tuple(common), match="word")
+
+
+FWE_INTRO = ("Read the following coded text and track the frequency of each coded word. Find the three most "
+             "frequently appeared coded words.\n")
+
+
+def fwe(ctx: int, seed: int, count: Count, alpha: float = 2.0, vocab_size: int = 2000, word_len: int = 6,
+        **_) -> Case:
+    """RULER's frequent words extraction: a vocabulary of coded words (random lowercase letters) in a seeded rank
+    order, the word of rank k said int(N * k**-alpha / zeta(alpha)) times, shuffled; the top-ranked word is "..."
+    (noise, as RULER); the answers are ranks 2-4, the three most frequent coded words. N is sized to the context."""
+    rng = _rng("fwe", ctx, None, seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    vocab: List[str] = []
+    seen = set()
+    while len(vocab) < vocab_size:
+        w = "".join(rng.choice(letters, size=word_len))
+        if w not in seen:
+            seen.add(w)
+            vocab.append(w)
+    vocab[0] = "..."
+    k = np.arange(1, vocab_size + 1, dtype=np.float64)
+    zeta = float(np.sum(np.arange(1, 1_000_000, dtype=np.float64) ** -alpha))
+    question = ("Do not provide any explanation. Please ignore the dots '....'. What are the three most frequently "
+                "appeared words in the above coded text? Answer with the three words only, separated by commas.")
+    max_answer = 50
+    n_doc = _doc_tokens(ctx, count, [FWE_INTRO, question], [max_answer])
+    seed_order = [seed, ctx, zlib.crc32(b"fwe-order")]
+
+    def build(n_words: int) -> str:
+        counts = (n_words * k ** -alpha / zeta).astype(int)
+        words = [w for w, c in zip(vocab, counts) for _ in range(c)]
+        np.random.default_rng(seed_order).shuffle(words)
+        return FWE_INTRO + " ".join(words)
+
+    doc, n_words = _fit(build, n_doc, count, n_doc // 3)
+    counts = (n_words * k ** -alpha / zeta).astype(int)
+    if not counts[1] > counts[2] > counts[3] > counts[4]:
+        raise ValueError(f"fwe: ctx {ctx} is too short for three distinct most frequent words")
+    return Case("fwe", ctx=ctx, depth=None, seed=seed, turns=(doc + "\n\n" + question,), max_tokens=(max_answer,),
+                answers=tuple(vocab[1:4]), match="word")
+
+
 TASKS = {
     "passkey": lambda **kw: passkey(multi_turn=False, **kw),
     "passkey-mt": lambda **kw: passkey(multi_turn=True, **kw),
@@ -311,11 +496,17 @@ TASKS = {
     "kl-docs": lambda **kw: kl(kind="docs", **kw),
     **{f"needle-{k}{mt}": (lambda k=k, mt=mt: lambda **kw: natural(k, multi_turn=bool(mt), **kw))()
        for k in ("code", "docs", "prose") for mt in ("", "-mt")},
+    **{f"niah-{m}{'' if k == 'prose' else '-' + k}": (lambda m=m, k=k: lambda **kw: niah_multi(m, kind=k, **kw))()
+       for m in ("multivalue", "multiquery") for k in ("prose", "code", "docs")},
+    "cwe": cwe,
+    "fwe": fwe,
 }
 MULTI_TURN = {"passkey-mt", "niah-mt", "needle-code-mt", "needle-docs-mt", "needle-prose-mt"}
-NEEDS_ESSAYS = {"niah", "niah-mt", "multikey", "kl", "needle-prose", "needle-prose-mt"}
+NEEDS_ESSAYS = {"niah", "niah-mt", "multikey", "kl", "needle-prose", "needle-prose-mt", "niah-multivalue",
+                "niah-multiquery", "cwe"}
 KL_TASKS = {"kl", "kl-code", "kl-docs"}  # teacher-forced continuations, scored by KL against the full cache
-DEPTHLESS = set(KL_TASKS)
+DEPTHLESS = set(KL_TASKS) | {"cwe", "fwe"}  # one case per seed
+RULER_TASKS = ("niah", "multikey", "niah-multivalue", "niah-multiquery", "vartrack", "cwe", "fwe")
 
 
 def make_case(task: str, ctx: int, depth: Optional[float], seed: int, count: Count,
@@ -324,5 +515,23 @@ def make_case(task: str, ctx: int, depth: Optional[float], seed: int, count: Cou
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     if task in NEEDS_ESSAYS and not essays:
         raise ValueError(f"task {task} needs the essays (fetch_haystack_essays)")
-    return TASKS[task](ctx=ctx, depth=None if task in DEPTHLESS else depth, seed=seed, count=count,
-                       essays=essays, n_continuation=n_continuation)
+    global _extra_slack
+    try:
+        for _ in range(4):
+            case = TASKS[task](ctx=ctx, depth=None if task in DEPTHLESS else depth, seed=seed, count=count,
+                               essays=essays, n_continuation=n_continuation)
+            over = 0 if task in KL_TASKS else fit_excess(case, count)
+            if over <= 0:
+                return case
+            # a haystack cut a little long (the cut's tolerance is 0.5% of the text: 80 tokens at 16k) or needles
+            # longer than their reserve: the same case again with that much less haystack. Cases that fit are
+            # made exactly as before
+            _extra_slack += over + 8
+        raise ValueError(f"{task} at ctx {ctx} does not fit its context")
+    finally:
+        _extra_slack = 0
+
+
+def fit_excess(case: Case, count: Count) -> int:
+    """Tokens by which a chat case's messages and answers exceed ctx - TEMPLATE_RESERVE (<= 0: it fits)."""
+    return count("".join(case.turns)) + sum(case.max_tokens) - (case.ctx - TEMPLATE_RESERVE)
