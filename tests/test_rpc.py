@@ -285,7 +285,7 @@ def test_engine_on_rpc_and_its_errors(demo_model_path, servers):
         with pytest.raises(EngineError, match=words):
             Engine(demo_model_path, ctx=1024, n_gpu_layers=99, rpc=bad)
     with pytest.raises(EngineError, match="n_gpu_layers"):
-        Engine(demo_model_path, ctx=1024, rpc=servers)
+        Engine(demo_model_path, ctx=1024, rpc=servers, n_gpu_layers=0)
     with pytest.raises(EngineError, match="cannot reach the RPC server"):
         Engine(demo_model_path, ctx=1024, n_gpu_layers=99, rpc=f"127.0.0.1:{free_port()}")
 
