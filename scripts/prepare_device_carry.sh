@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fill .device/ (ignored by git) with what scripts/gpu_bench.sh needs on a GPU machine that cannot download:
-# the unpatched llama.cpp source of llama-cpp-python 0.3.36, trimmed to the CPU and CUDA backends (~22 MB), and
+# the unpatched llama.cpp source of llama-cpp-python 0.3.36, trimmed to the CPU, CUDA and RPC backends and the RPC server (~22 MB), and
 # the wheels missing from that machine's Python 3.12 image. Run from the repository root, with network access.
 set -euo pipefail
 cache=${ASRKF_GGUF_CACHE:-$HOME/.cache/asrkf-gguf}/src
@@ -15,7 +15,11 @@ tar -xzf "$sdist" -C "$tmp" llama_cpp_python-0.3.36/vendor/llama.cpp
 src=$tmp/llama_cpp_python-0.3.36/vendor/llama.cpp
 mkdir -p .device/llama.cpp
 for x in CMakeLists.txt LICENSE cmake include src ggml vendor common; do cp -r "$src/$x" .device/llama.cpp/; done
-find .device/llama.cpp/ggml/src -maxdepth 1 -type d -name 'ggml-*' ! -name ggml-cpu ! -name ggml-cuda -exec rm -rf {} +
+# the RPC server's source (the build's ggml-rpc-server, tests/test_rpc.py)
+mkdir -p .device/llama.cpp/tools
+cp -r "$src/tools/rpc" .device/llama.cpp/tools/
+find .device/llama.cpp/ggml/src -maxdepth 1 -type d -name 'ggml-*' ! -name ggml-cpu ! -name ggml-cuda ! -name ggml-rpc \
+    -exec rm -rf {} +
 rm -rf "$tmp"
 
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

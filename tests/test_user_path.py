@@ -50,16 +50,19 @@ def test_a_written_model_with_a_real_vocabulary_runs_through_the_cli(vocab_model
 def test_controller_settings_follow_where_the_kv_lives(demo_model_path):
     import llama_cpp
 
+    from asrkf_gguf.rpc import has_local_gpu
+
     with Engine(demo_model_path, ctx=1024, kv_budget=256, n_gpu_layers=99, n_threads=2) as e:
         layers = e.controller.layers
         all_layers = e.kv.layers().tolist()
         native_recall = e.controller.config.recall_native
-    if llama_cpp.llama_supports_gpu_offload():
+    # (llama_supports_gpu_offload is true for the RPC backend alone: a local GPU is what counts)
+    if llama_cpp.llama_supports_gpu_offload() and has_local_gpu():
         # every 4th layer scored, recall scored on the device; a caller's layers are kept, recall still native
         assert device_defaults(99) == {"importance_every": 4, "recall_native": True}
         assert layers == all_layers[::-1][::4][::-1] and native_recall
         assert device_defaults(99, {"importance_every": 1}) == {"recall_native": True}
-    else:  # a CPU build: the KV stays on the CPU whatever n_gpu_layers says, every layer scored, recall in numpy
+    else:  # a CPU build (with or without RPC): the KV stays on the CPU whatever n_gpu_layers says, every layer scored, recall in numpy
         assert device_defaults(99) == {} and layers == all_layers and not native_recall
     assert device_defaults(0) == {}
 

@@ -24,8 +24,14 @@ SDIST_REQ = "llama-cpp-python==0.3.36"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 VENDOR = "vendor/llama.cpp"
 
-# what libllama + libggml need; tools, tests and examples stay out of the build tree
-NEEDED = ["CMakeLists.txt", "LICENSE", "cmake", "include", "src", "ggml", "vendor", "common"]
+# what libllama + libggml need, and the source of llama.cpp's RPC server; other tools, tests and examples stay out
+# of the build tree
+NEEDED = ["CMakeLists.txt", "LICENSE", "cmake", "include", "src", "ggml", "vendor", "common", "tools/rpc"]
+
+
+def needed(rel: str) -> bool:
+    """Whether a path of the llama.cpp tree (relative, '/'-separated) is one NEEDED names or inside one."""
+    return any(rel == name or rel.startswith(name + "/") for name in NEEDED)
 
 
 class PrepareError(RuntimeError):
@@ -90,7 +96,7 @@ def extract(source: Path, dest: Path) -> None:
             if not member.name.startswith(prefix):
                 continue
             rel = member.name[len(prefix):]
-            if not rel or rel.split("/")[0] not in NEEDED:
+            if not rel or not needed(rel):
                 continue
             target = dest / rel
             if member.isdir():
@@ -148,7 +154,7 @@ def main() -> int:
     dest = Path(args.dest)
     stamp = dest / ".asrkf-prepared"
     patches = [Path(p) for p in sorted(args.patch)]
-    key = "\n".join([args.source] + [sha256_of(p) for p in patches])
+    key = "\n".join([args.source, ",".join(NEEDED)] + [sha256_of(p) for p in patches])
     if stamp.exists() and stamp.read_text() == key:
         return 0
 

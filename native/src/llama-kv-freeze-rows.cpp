@@ -9,6 +9,7 @@
 #include "ggml-cpp.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 // row copies between the device cache and host memory: per run of cells, or gathered / scattered on the device in
@@ -164,6 +165,13 @@ ggml_backend_t llama_kv_freeze::rows_backend(const std::vector<ggml_tensor *> & 
     return backend;
 }
 
+// ggml's RPC backend: its wire format (rpc_tensor) has 32-bit ne[] and nb[]
+static bool kvf_is_rpc(ggml_backend_t backend) {
+    ggml_backend_dev_t dev = ggml_backend_get_device(backend);
+    ggml_backend_reg_t reg = dev ? ggml_backend_dev_backend_reg(dev) : nullptr;
+    return reg && strncmp(ggml_backend_reg_name(reg), "RPC", 3) == 0;
+}
+
 static bool kvf_plan_rows(llama_kv_freeze_rows & plan, ggml_backend_t backend, const std::vector<ggml_tensor *> & tensors,
         const std::vector<int32_t> & rows, size_t n_pass, ggml_type word_type,
         const std::function<ggml_backend_buffer_t(int, size_t)> & device_buffer) {
@@ -181,10 +189,24 @@ static bool kvf_plan_rows(llama_kv_freeze_rows & plan, ggml_backend_t backend, c
                   (const uint8_t *) t->data == (const uint8_t *) t0->data + i*stride;
     }
 
+    // the RPC backend sends a tensor's sizes and strides as 32-bit numbers: an alias spanning 4 GiB or more would
+    // reach the server truncated, so those tensors are aliased one by one, and one that is itself that large is
+    // left to the per-run copies (offsets there are 64-bit)
+    const bool rpc = kvf_is_rpc(backend);
+    const size_t rpc_max = UINT32_MAX;
+    if (rpc && uniform && (n_t - 1)*stride + ggml_nbytes(t0) > rpc_max) {
+        uniform = false;
+    }
+
     auto make_alias = [&](const ggml_tensor * t, size_t count) -> ggml_tensor * {
         const int64_t words = (int64_t) (t->nb[1]/4);
         const int64_t n_row = (int64_t) (ggml_nbytes(t)/t->nb[1]);
         const size_t  span  = (count - 1)*stride + ggml_nbytes(t);
+        if (rpc && span > rpc_max) {
+            LLAMA_LOG_WARN("%s: %s is 4 GiB or more, more than the RPC backend can alias: copying per run of cells\n",
+                    __func__, t->name);
+            return nullptr;
+        }
         ggml_tensor * flat = ggml_new_tensor_1d(plan.ctx.get(), word_type, (int64_t) (span/4));
         if (ggml_backend_tensor_alloc(t->buffer, flat, t->data) != GGML_STATUS_SUCCESS) {
             LLAMA_LOG_WARN("%s: cannot alias %s: copying per run of cells\n", __func__, t->name);
@@ -497,7 +519,11 @@ bool llama_kv_freeze::scatter_on(const std::vector<ggml_tensor *> & tensors, con
                     n_copies++;
                 });
             }
-            ggml_build_forward_expand(gf, ggml_set_rows(ctx, g.alias, in, kvf_pass_ids(plan, ctx, r0, n, g.count)));
+            ggml_tensor * out = ggml_set_rows(ctx, g.alias, in, kvf_pass_ids(plan, ctx, r0, n, g.count));
+            // the node is a view of the cache: give it the cache's buffer as a graph allocator does for views (the
+            // RPC backend sends a node without a buffer as a null pointer, and the server's set_rows wrote there)
+            ggml_backend_view_init(out);
+            ggml_build_forward_expand(gf, out);
         }
         if (ggml_backend_graph_compute_async(backend, gf) != GGML_STATUS_SUCCESS) {
             // nothing was recorded as thawed yet: the caller reports the failure and the host copies stay

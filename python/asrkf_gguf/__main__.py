@@ -14,8 +14,8 @@ import traceback
 
 import numpy as np
 
-from .cli import (HelpFormatter, UsageError, add_eval_parsers, add_run_parser, add_serve_parser, add_verbose_flag, run,
-                  run_eval, run_eval_report)
+from .cli import (HelpFormatter, UsageError, add_eval_parsers, add_rpc_server_parser, add_run_parser, add_serve_parser,
+                  add_verbose_flag, rpc_server, run, run_eval, run_eval_report)
 
 # exit codes: 0 done, 1 a runtime failure, 2 bad input or usage, 130 interrupted (Ctrl-C)
 EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -114,8 +114,12 @@ def main(argv=None) -> int:
     add_run_parser(sub)
     add_serve_parser(sub)
     add_eval_parsers(sub)
+    add_rpc_server_parser(sub)
     verbose = False
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["rpc-server"]:
+            return rpc_server(argv[1:])
         args = ap.parse_args(argv)
         verbose = args.verbose
         _setup_logging(verbose)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import cffi
 
-from ._lib import libllama_path
+from ._lib import libggml_path, libllama_path
 
 CDEF = """
 struct llama_context;
@@ -82,3 +82,28 @@ int32_t asrkf_kv_debug_corrupt_parked(asrkf_kv_t kv, int64_t park_id, int32_t po
 ffi = cffi.FFI()
 ffi.cdef(CDEF)
 lib = ffi.dlopen(str(libllama_path()))
+
+# ggml's device registry (ggml/include/ggml-backend.h at llama.cpp 0c1e570): the devices a model is placed on, and
+# the RPC backend's servers (asrkf_gguf.rpc). libggml is the one libllama loaded (same folder, same handle)
+GGML_CDEF = """
+typedef struct ggml_backend_device * ggml_backend_dev_t;
+typedef struct ggml_backend_reg * ggml_backend_reg_t;
+
+size_t             ggml_backend_dev_count(void);
+ggml_backend_dev_t ggml_backend_dev_get(size_t index);
+const char *       ggml_backend_dev_name(ggml_backend_dev_t device);
+const char *       ggml_backend_dev_description(ggml_backend_dev_t device);
+void               ggml_backend_dev_memory(ggml_backend_dev_t device, size_t * free, size_t * total);
+int                ggml_backend_dev_type(ggml_backend_dev_t device);
+ggml_backend_reg_t ggml_backend_dev_backend_reg(ggml_backend_dev_t device);
+
+const char *       ggml_backend_reg_name(ggml_backend_reg_t reg);
+size_t             ggml_backend_reg_dev_count(ggml_backend_reg_t reg);
+ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index);
+void *             ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char * name);
+ggml_backend_reg_t ggml_backend_reg_by_name(const char * name);
+"""
+
+ggml_ffi = cffi.FFI()
+ggml_ffi.cdef(GGML_CDEF)
+ggml = ggml_ffi.dlopen(str(libggml_path()))

@@ -33,6 +33,18 @@ def libllama_path() -> Path:
     return path
 
 
+def libggml_path() -> Path:
+    """libggml next to libllama (the one libllama loads: its device registry and backends)."""
+    path = libllama_path()
+    return path.with_name(path.name.replace("llama", "ggml"))
+
+
+def rpc_server_path() -> Path:
+    """llama.cpp's RPC server (ggml-rpc-server), built from the same source as the libraries and installed next to
+    them; missing when the build had no RPC backend (-DASRKF_RPC=OFF)."""
+    return lib_dir() / ("ggml-rpc-server.exe" if sys.platform == "win32" else "ggml-rpc-server")
+
+
 def ensure_llama_cpp_uses_our_library() -> None:
     """Point llama-cpp-python at our libllama, or fail if it already loaded another one."""
     path = libllama_path()

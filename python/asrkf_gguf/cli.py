@@ -62,7 +62,12 @@ def add_engine_options(r) -> None:
                         "(eviction baselines)")
     k.add_argument("--kv-type", choices=["f16", "q8_0", "q4_0"], default="f16", help="K and V cache type")
     k.add_argument("-fa", "--flash-attn", choices=["auto", "on", "off"], default="auto", help="flash attention")
-    k.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU (a GPU build)")
+    k.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
+                   help="layers on the GPU (a GPU build) or the --rpc servers")
+    k.add_argument("--rpc", metavar="SERVERS",
+                   help="comma-separated list of llama.cpp RPC servers (HOST:PORT, each a ggml-rpc-server: python -m "
+                        "asrkf_gguf rpc-server): the --n-gpu-layers layers and their KV cache go to their devices "
+                        "(and the local GPUs), split by free memory as llama.cpp does")
     k.add_argument("-t", "--threads", type=int, help="CPU threads for generation (default: the physical cores, as "
                                                      "llama.cpp)")
     k.add_argument("-tb", "--threads-batch", type=int, help="CPU threads for prompt batches (default: --threads)")
@@ -241,6 +246,16 @@ def check_engine_args(args) -> None:
     for flag, value in (("--threads", args.threads), ("--threads-batch", args.threads_batch)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be a positive number of threads, got {value}")
+    if args.rpc is not None:
+        from .rpc import RpcError, parse_servers
+
+        try:
+            parse_servers(args.rpc)
+        except RpcError as err:
+            raise UsageError(f"--rpc: {err}") from None
+        if args.n_gpu_layers == 0:
+            raise UsageError("--rpc puts the layers that --n-gpu-layers offloads on the RPC servers: give "
+                             "--n-gpu-layers (99: every layer)")
 
 
 def make_engine(args, model: Optional[str] = None, *, system_prompt: Optional[str] = None):
@@ -259,7 +274,7 @@ def make_engine(args, model: Optional[str] = None, *, system_prompt: Optional[st
                                          **({} if args.recall_scoring == "auto"
                                             else {"recall_native": args.recall_scoring == "device"})},
                       chat_template=args.chat_template, system_prompt=system_prompt, host_budget=args.host_budget,
-                      host_memory=args.host_memory, verbose=args.verbose)
+                      host_memory=args.host_memory, rpc=args.rpc, verbose=args.verbose)
     except EngineError as err:
         raise UsageError(str(err)) from None
 
@@ -384,6 +399,31 @@ class PrefillProgress:
 
 
 # ---- eval
+
+
+def add_rpc_server_parser(sub) -> None:
+    # only for --help: main() runs `rpc-server ARGS...` before argparse sees ARGS (they are llama.cpp's flags)
+    sub.add_parser("rpc-server", add_help=False,
+                   help="llama.cpp's RPC server (ggml-rpc-server, built with this package) with llama.cpp's flags: "
+                        "-H/--host, -p/--port, -t/--threads, -d/--device, -c/--cache (rpc-server --help)")
+
+
+def rpc_server(argv: List[str]) -> int:
+    """python -m asrkf_gguf rpc-server ARGS: this package's ggml-rpc-server with llama.cpp's flags (replaces this
+    process on POSIX, so that signals reach the server)."""
+    import subprocess
+
+    from .rpc import RpcError, server_command
+
+    try:
+        cmd = server_command(argv)
+    except RpcError as err:
+        raise UsageError(str(err)) from None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.name == "posix":
+        os.execv(cmd[0], cmd)
+    return subprocess.call(cmd)
 
 
 def add_eval_parsers(sub) -> None:

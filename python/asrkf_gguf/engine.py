@@ -98,7 +98,11 @@ def device_defaults(n_gpu_layers: int, given: Optional[dict] = None) -> dict:
     is a small part of a step: every layer. Recall scores on the GPU too (recall_native)."""
     import llama_cpp
 
-    on_gpu = n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
+    from .rpc import has_local_gpu
+
+    # a local GPU (llama_supports_gpu_offload is also true for a build with the RPC backend alone: layers on RPC
+    # servers keep the CPU's settings, recall on the host reads K over the network once instead of twice)
+    on_gpu = n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload()) and has_local_gpu()
     if not on_gpu:
         return {}
     # recall's products and softmax on the device that holds K (30k tokens: ~1 s of numpy on the host)
@@ -131,7 +135,8 @@ class Engine:
                  n_threads_batch: Optional[int] = None,
                  policy_params: Optional[dict] = None, controller_params: Optional[dict] = None,
                  chat_template: Optional[str] = None, system_prompt: Optional[str] = None,
-                 host_budget: Union[int, str, None] = None, host_memory: str = "auto", verbose: bool = False):
+                 host_budget: Union[int, str, None] = None, host_memory: str = "auto",
+                 rpc: Union[str, Sequence[str], None] = None, verbose: bool = False):
         """policy_params go to the policy (e.g. n_sinks, recent, k, period, low_quantile for asrkf);
         controller_params to ControllerConfig (ema, n_q, importance_layers, wr_window, rr_tokens, recovery).
         chat_template replaces the GGUF's: a Jinja template or a llama.cpp built-in name ("gemma", "llama3").
@@ -144,7 +149,10 @@ class Engine:
         slow to allocate) or "pageable" (allocated ahead on a background thread while a prompt decodes, every move
         staged through one pinned buffer); "auto": pageable when layers run on a GPU (n_gpu_layers != 0; on the
         H200 a 30k prompt's first token came 1.3 s sooner, docs/gpu.md), else pinned (on a CPU both are plain
-        memory, and nothing is reserved on a background thread)."""
+        memory, and nothing is reserved on a background thread).
+        rpc: llama.cpp's RPC servers, "HOST:PORT[,HOST:PORT]" or a list (each a ggml-rpc-server: python -m asrkf_gguf
+        rpc-server): the n_gpu_layers layers llama.cpp offloads, and their KV cache, go to their devices (and the
+        local GPUs), split by free memory as llama.cpp does (docs/placement.md)."""
         from .models import fetch_demo_model
 
         if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt.strip()):
@@ -177,9 +185,20 @@ class Engine:
             raise EngineError(f"host_memory must be 'auto', 'pinned' or 'pageable', got {host_memory!r}")
         if host_memory == "auto":
             host_memory = "pageable" if n_gpu_layers != 0 else "pinned"
+        rpc_servers: tuple = ()
+        if rpc is not None:
+            from .rpc import RpcError, parse_servers
+
+            try:
+                rpc_servers = tuple(parse_servers(rpc))
+            except RpcError as err:
+                raise EngineError(str(err)) from None
+            if n_gpu_layers == 0:
+                raise EngineError("rpc puts the layers that n_gpu_layers offloads on the RPC servers: with "
+                                  "n_gpu_layers=0 nothing would go there (-1 or 99: every layer)")
         try:
             options = ContextOptions(n_ctx=budget, kv_type=kv_type, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers,
-                                     n_threads=n_threads, n_threads_batch=n_threads_batch)
+                                     n_threads=n_threads, n_threads_batch=n_threads_batch, rpc=rpc_servers)
         except ValueError as err:
             raise EngineError(str(err)) from None
         self._stack = ExitStack()
@@ -189,6 +208,9 @@ class Engine:
             self._stack.close()
             raise EngineError(f"cannot load {self.model_path}: {err} (truncated file or unsupported architecture?)") \
                 from None
+        except ValueError as err:  # rpc.RpcError: a server that cannot be used, checked before anything loads
+            self._stack.close()
+            raise EngineError(str(err)) from None
         except ContextCreateError:
             self._stack.close()  # the message says how large a KV cache was asked for: a RuntimeError, not bad input
             raise

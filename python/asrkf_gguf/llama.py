@@ -11,7 +11,7 @@ import logging
 import os
 from contextlib import ExitStack, closing
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -88,6 +88,9 @@ class ContextOptions:
     n_threads_batch: Optional[int] = None  # prompt batches; None: n_threads, as llama.cpp
     n_gpu_layers: int = 0
     n_seq_max: int = 1
+    # llama.cpp's RPC servers ("HOST:PORT", asrkf_gguf.rpc): the layers n_gpu_layers offloads, and their KV, go to
+    # their devices (and the local GPUs) by llama.cpp's rules
+    rpc: Tuple[str, ...] = ()
 
     def __post_init__(self):
         for t in (self.kv_type, self.kv_type_v or self.kv_type):
@@ -101,6 +104,8 @@ class ContextOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive number of threads, got {value!r}")
+        if isinstance(self.rpc, str) or not all(isinstance(e, str) for e in self.rpc):
+            raise ValueError(f"rpc must be a tuple of 'HOST:PORT' strings, got {self.rpc!r}")
 
 
 def physical_cores() -> int:
@@ -132,6 +137,12 @@ class LlamaSession:
 
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = options.n_gpu_layers
+        self.devices = None
+        if options.rpc:
+            from .rpc import ModelDevices
+
+            self.devices = ModelDevices(options.rpc)  # RpcError (a ValueError) before anything loads
+            mparams.devices = self.devices.pointer
         try:
             self.model = self._stack.enter_context(closing(
                 _internals.LlamaModel(path_model=model_path, params=mparams, verbose=verbose)))
