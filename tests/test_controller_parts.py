@@ -134,3 +134,26 @@ def test_running_score_is_per_query_and_the_total_is_not():
     assert t.mass[0] == 32.0 and t.mass[1] == 1.0                       # H2O's total counts every query
     with pytest.raises(ValueError, match="n_queries"):
         t.observe(np.array([0]), np.array([1.0]), ema=1.0, n_queries=0)
+
+
+def test_span_select_keeps_whole_spans_best_first_and_fills_with_smaller_ones():
+    from asrkf_gguf.controller import span_select
+
+    # spans (ends marked): [0..3] [4..9] [10..11] [12..19]; position 15 is not movable (a sink, say)
+    ends = np.zeros(20, bool)
+    ends[[3, 9, 11, 19]] = True
+    pos = np.array([p for p in range(20) if p != 15])
+    score = np.zeros(pos.size)
+    score[pos == 5] = 9.0    # span [4..9] (6 movable) is the best
+    score[pos == 13] = 5.0   # span [12..19] (7 movable) next
+    score[pos == 1] = 3.0    # span [0..3] (4)
+    score[pos == 10] = 1.0   # span [10..11] (2)
+    keep = span_select(pos, score, 11, ends, max_len=48)
+    # 6 fit, the next (7) does not: passed over for the 4 of [0..3]; 1 cell left, too few for [10..11]
+    assert keep.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert span_select(pos, score, 13, ends, max_len=48).tolist() == [4, 5, 6, 7, 8, 9, 12, 13, 14, 16, 17, 18, 19]
+    assert span_select(pos, score, 0, ends, max_len=48).size == 0
+    # a span longer than max_len is cut in pieces: 4 positions of one sentence, pieces of 2
+    assert span_select(np.arange(4), np.array([0.0, 0.0, 0.0, 1.0]), 2, np.zeros(4, bool), max_len=2).tolist() == [2, 3]
+    # positions past span_ends are spans of their own
+    assert span_select(np.array([0, 1, 25, 26]), np.array([0.0, 0.0, 2.0, 1.0]), 1, ends, max_len=48).tolist() == [25]

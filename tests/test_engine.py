@@ -290,3 +290,25 @@ def test_close_inside_a_callback_is_refused_not_a_deadlock(engine):
     assert len(engine.messages) == n_msgs + 2  # the turn ran to its end
     assert len(refused) >= 2 and all("inside a callback" in r for r in refused)
     assert "".join(engine.chat("Hello", max_tokens=2))  # still open and usable
+
+
+def test_recall_is_given_where_sentences_and_lines_end(demo_model_path):
+    # the Engine tells recall which tokens end a sentence or a line, so that it keeps or leaves them whole: every
+    # position of the prompt, True exactly where the token's text holds a newline or ends with . ! ?
+    seen = []
+    with Engine(demo_model_path, ctx=2048, kv_budget=256, n_threads=2) as e:
+        recall = e.controller.recall
+
+        def spy(span_ends=None):
+            seen.append(span_ends)
+            return recall(span_ends)
+
+        e.controller.recall = spy
+        text = "The keeper is Ada. She keeps bees!\nThe hive is old? Yes.\n" * 30
+        "".join(e.chat(text + "Who is the keeper?", max_tokens=2))
+        tokens = e.cached_tokens()
+        ends = seen[-1]
+        assert ends is not None and ends.dtype == bool and ends.size >= len(tokens) - 2
+        pieces = [e.session.piece(t).decode("utf-8", "ignore") for t in tokens[: ends.size]]
+        want = ["\n" in p or p.rstrip(" ").endswith((".", "!", "?")) for p in pieces]
+        assert ends[: len(pieces)].tolist() == want and 60 <= sum(want) < len(want) // 2

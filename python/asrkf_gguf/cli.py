@@ -442,7 +442,8 @@ def add_eval_parsers(sub) -> None:
                         "asrkf-norec (no entropy recovery), asrkf, asrkf-paper / asrkf-fresh / asrkf-fresh-all "
                         "(recovery acting under a binding budget: the paper's restore rule / ours), asrkf-nopool "
                         "(recall without pooling), "
-                        "asrkf-l4 (every 4th layer scored)")
+                        "asrkf-l4 (every 4th layer scored), asrkf-tokens (recall ranks token by token, not whole "
+                        "sentences or lines)")
     e.add_argument("--kl-tokens", type=int, default=512, help="teacher-forced continuation of the kl task")
     e.add_argument("--seed", type=int, default=0, help="seed of the generated cases")
     e.add_argument("--seeds", help="comma list of seeds (instead of --seed): cases per task and context = depths x "

@@ -33,6 +33,13 @@ class ControllerConfig:
     # attends to the start of a number or name, not to each of its tokens, and a half-recalled number reads wrong.
     # 8 measured better than 3 on ordinary text (docs/evaluation.md): a fact is a phrase, not a token
     recall_pool: int = 8
+    # recall keeps or leaves whole spans (a sentence, a line of code: the tokens up to one that ends with ". ! ?" or
+    # holds a newline, at most recall_span_max tokens) when the caller gives where spans end (generate_tokens'
+    # span_ends, from the token texts; the Engine does): a span ranks by its best pooled token, and the budget's
+    # cut never falls inside one. Ranked token by token, the cut split a needle whose value came after its key
+    # ("... is: 56108|28", "Oluwaseun| Fairweather") and the model read half of it (docs/evaluation.md, round 7)
+    recall_spans: bool = True
+    recall_span_max: int = 48
     # recall's scoring in native code on the backend that holds K (KVCache.recall_mass: the GPU's products and
     # softmax, no K rows copied into numpy); False: numpy on the host (recall.recall_mass). The Engine turns it on
     # when the cache is on a GPU (engine.device_defaults)
@@ -81,10 +88,11 @@ class ControllerConfig:
 
     def __post_init__(self):
         if self.budget_cells < 1 or not 0 < self.ema <= 1 or self.n_q < 1 or self.wr_window < 1 or self.rr_tokens < 0 \
-                or self.recall_pool < 0 or self.recall_redecode < 1 or self.offload_batch < 0 or self.host_budget_bytes < 0 or self.score_every < 1 or self.importance_every < 1:
+                or self.recall_pool < 0 or self.recall_redecode < 1 or self.offload_batch < 0 or self.host_budget_bytes < 0 or self.score_every < 1 or self.importance_every < 1 \
+                or self.recall_span_max < 1:
             raise ValueError("ControllerConfig: budget_cells >= 1, 0 < ema <= 1, n_q >= 1, wr_window >= 1, "
                              "rr_tokens >= 0, recall_pool >= 0, recall_redecode >= 1, offload_batch >= 0, host_budget_bytes >= 0, score_every >= 1, "
-                             "importance_every >= 1 are required")
+                             "importance_every >= 1, recall_span_max >= 1 are required")
         if self.recovery_restore not in ("score", "fresh", "fresh-all"):
             raise ValueError("ControllerConfig: recovery_restore is 'score', 'fresh' or 'fresh-all', not "
                              f"{self.recovery_restore!r}")
@@ -117,6 +125,42 @@ class ControllerStats:
     recall_score_seconds: float = 0.0
     # recall's scoring by part, seconds summed over its threads (recall.recall_mass)
     recall_parts: Dict[str, float] = field(default_factory=dict)
+
+
+def span_select(pos: np.ndarray, score: np.ndarray, n_keep: int, span_ends: np.ndarray, max_len: int) -> np.ndarray:
+    """The positions (of pos, ascending) to keep: whole spans, best span score first, as many as fit n_keep; a span
+    that does not fit is passed over for later, smaller ones. A span ends at a position whose span_ends is True (or
+    after max_len positions); its score is the best of its positions in pos. Positions past span_ends' length each
+    form their own span."""
+    if n_keep <= 0 or pos.size == 0:
+        return pos[:0]
+    n = int(pos.max()) + 1
+    ends = np.zeros(n, bool)
+    m = min(n, span_ends.size)
+    ends[:m] = span_ends[:m]
+    ends[m:] = True
+    idx = np.arange(n)
+    starts = np.ones(n, bool)
+    starts[1:] = ends[:-1]
+    start_of = np.maximum.accumulate(np.where(starts, idx, 0))
+    # span number: spans counted from the start, each cut in pieces of max_len
+    sid = (np.cumsum(starts) - 1) * (n // max(1, max_len) + 1) + (idx - start_of) // max(1, max_len)
+    spans, inv, sizes = np.unique(sid[pos], return_inverse=True, return_counts=True)
+    best = np.full(spans.size, -np.inf, score.dtype if score.dtype.kind == "f" else np.float64)
+    np.maximum.at(best, inv, score)
+    order = np.argsort(-best, kind="stable")  # ties: the earlier span first
+    take = np.zeros(spans.size, bool)
+    total = np.cumsum(sizes[order])
+    k = int(np.searchsorted(total, n_keep, side="right"))  # the leading spans that fit all together
+    take[order[:k]] = True
+    room = n_keep - (int(total[k - 1]) if k else 0)
+    for j in order[k:]:  # then smaller ones into what is left
+        if room <= 0:
+            break
+        if sizes[j] <= room:
+            take[j] = True
+            room -= int(sizes[j])
+    return pos[take[inv]]
 
 
 def pooled_max(pos: np.ndarray, value: np.ndarray, half: int, n: int) -> np.ndarray:
@@ -270,9 +314,10 @@ class Controller:
         t = self.table
         return sum(self.policy.candidates(t, st).size for st in (CellState.ACTIVE, CellState.FROZEN))
 
-    def recall(self) -> int:
+    def recall(self, span_ends: Optional[np.ndarray] = None) -> int:
         """After a prompt (a new turn): score every movable token, resident or offloaded, with the newest queries
-        and give the movable device cells to the best. Returns how many tokens were brought back."""
+        and give the movable device cells to the best: whole spans when span_ends (per position: a span ends there)
+        is given and ControllerConfig.recall_spans is on. Returns how many tokens were brought back."""
         # without scoring on the last decode (score_every > 1 and a one-token prompt) there are no queries to rank by
         if not (self.policy.uses_importance and self.policy.reversible and self._scoring):
             return 0
@@ -293,7 +338,10 @@ class Controller:
         mass = pooled_max(movable, mass, self.config.recall_pool, t.n)
         t.score[movable] = mass / self._n_queries  # the new question's view replaces the running score, per query
         n_resident = int(np.count_nonzero(t.state[movable] != CellState.OFFLOADED))
-        keep = movable[np.argsort(-mass, kind="stable")[:n_resident]]
+        if span_ends is not None and self.config.recall_spans:
+            keep = span_select(movable, mass, n_resident, span_ends, self.config.recall_span_max)
+        else:
+            keep = movable[np.argsort(-mass, kind="stable")[:n_resident]]
         resident = movable[t.state[movable] != CellState.OFFLOADED]
         out = np.setdiff1d(resident, keep)
         back = np.intersect1d(off, keep)

@@ -8,8 +8,8 @@
 One chat session at a time per Engine, its KV persisting across turns; the chat template comes from the GGUF (its
 Jinja template, or chat_template=). save(path) / load(path) write and restore the current conversation (KV cells,
 host tier, controller table, tokens) as one file; new_chat() / switch(chat_id) keep several conversations over one
-model, the idle ones parked in host memory as session blobs (asrkf_gguf.sessions), so that switching back restores
-the KV instead of prefilling. Tokens are drawn by llama.cpp's sampler chain (asrkf_gguf.sampling);
+model, the idle ones parked in the host store (KVCache.park: their resident rows copied there, their offloaded
+ones left in place), so that switching back restores the KV instead of prefilling. Tokens are drawn by llama.cpp's sampler chain (asrkf_gguf.sampling);
 create_chat_completion() takes and returns what llama_cpp.Llama's does. Use one Engine per thread; `cancel()` may be
 called from any thread and stops the running generation between two tokens, and close() from another thread cancels
 and waits for the token step in progress. A turn whose iterator is not exhausted is taken back out of the cache when
@@ -230,6 +230,7 @@ class Engine:
         self.chat_template = chat_template
         self._template: Optional[ChatTemplate] = None  # made at the first chat turn
         self._cached: List[int] = []  # the token ids at positions 0.. of the cache, as decoded
+        self._span_end_of: Dict[int, bool] = {}  # token id -> a sentence or line ends with it (_span_ends)
         self._raw = False    # the sequence holds a raw prompt, not a chat
         # held while a turn computes (one next() of its iterator), never across a yield: close() and reset() from
         # another thread wait for the token step in progress; a consumer that stops between pieces blocks nothing
@@ -493,7 +494,8 @@ class Engine:
                 on_prefill(done, total)
 
         it = generate_tokens(s, self.controller, tokens[keep:], max_tokens, pick=pick, stop_at_eog=True,
-                             on_prefill=prefill_step, recall=self.policy.reversible, cancel=self._cancel)
+                             on_prefill=prefill_step, recall=self.policy.reversible, cancel=self._cancel,
+                             span_ends=self._span_ends(tokens) if self.policy.reversible else None)
         pieces: List[bytes] = []
         decoder = text_decoder()
         try:
@@ -536,6 +538,18 @@ class Engine:
         self.last_prompt_phase_ms = res.prompt_phase_ms
         self.last_decode_phase_ms = res.decode_phase_ms
 
+    def _span_ends(self, tokens: Sequence[int]) -> np.ndarray:
+        """Per token: does a sentence or line end with it (its text holds a newline or ends with . ! ? or their
+        full-width forms)? Recall keeps or leaves such spans whole. Looked up once per token id."""
+        ids = np.asarray(tokens, np.int64)
+        uniq, inv = np.unique(ids, return_inverse=True)
+        known = self._span_end_of
+        for t in uniq.tolist():
+            if t not in known:
+                text = self.session.piece(t).decode("utf-8", "ignore")
+                known[t] = "\n" in text or text.rstrip(" ").endswith((".", "!", "?", "\u3002", "\uff01", "\uff1f"))
+        return np.array([known[t] for t in uniq.tolist()], bool)[inv]
+
     # ---- sessions: save / load one conversation, several conversations in one Engine
 
     def save(self, path: Union[str, os.PathLike]) -> int:
@@ -558,8 +572,8 @@ class Engine:
 
     def save_chat(self, chat_id: int, path: Union[str, os.PathLike]) -> int:
         """Write one conversation, the current one (as save()) or an idle one, to a session file; returns its size.
-        An idle one's in-memory blob is written as the file save() would have written while it was current (the
-        model's fingerprint and a sha256 added); nothing changes in the Engine. A server moves idle
+        An idle one is written as the file save() wrote while it was current (KVCache.parked_save_into); nothing
+        changes in the Engine. A server moves idle
         conversations to disk with this, then drop_chat()."""
         self._live()
         if chat_id == self._chat_id:
@@ -735,8 +749,8 @@ class Engine:
         return out
 
     def _snapshot(self, *, digest: bool, parked: Optional[tuple] = None) -> np.ndarray:
-        """The current conversation, or a parked one (parked=(chat_id, _ParkedChat)), as a session (a file's bytes
-        with digest, else an in-memory blob)."""
+        """The current conversation, or a parked one (parked=(chat_id, _ParkedChat)), as a session: a file's bytes
+        with digest (save, save_chat), else without the sha256."""
         import llama_cpp
 
         from . import __version__

@@ -79,7 +79,8 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
                     pick: Callable[[np.ndarray], int] = greedy, stop_at_eog: bool = False,
                     on_prefill: Optional[Callable[[int, int], None]] = None,
                     recall: bool = False, cancel: Optional[threading.Event] = None,
-                    check_every_step: bool = False, keep_logits: bool = False
+                    check_every_step: bool = False, keep_logits: bool = False,
+                    span_ends: Optional[np.ndarray] = None
                     ) -> Generator[int, None, GenerationResult]:
     """Decode `prompt` at the next positions of the sequence, then generate up to max_tokens tokens.
 
@@ -90,6 +91,9 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
     pick(logits) -> token chooses each token. A pick with state (asrkf_gguf.sampling.Sampler: penalties, grammar)
     also has accept(token), called for every token it chose, and take_back(n), called when a rewalk takes the last
     n tokens back.
+
+    span_ends (per position of the sequence, at least up to the prompt's end: a sentence or line ends there) makes
+    recall keep or leave whole spans (ControllerConfig.recall_spans).
     """
     if not prompt:
         raise ValueError("the prompt is empty")
@@ -121,7 +125,7 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
             on_prefill(start + len(part), len(prompt))
         if check_every_step:
             controller.table.check(controller.kv, controller.seq_id)
-    if recall and controller.recall() > 0:
+    if recall and controller.recall(span_ends) > 0:
         # the question must see what it brought back: its keys and values were computed while the answer was on
         # the host, so decode the prompt's last tokens again. They and the token before them are in the recent
         # window (never moved): llama.cpp continues a sequence only right after its last resident position

@@ -44,6 +44,8 @@ SETTINGS: Dict[str, Setting] = {s.name: s for s in (
     Setting("asrkf", "asrkf"),
     Setting("asrkf-nopool", "asrkf", recall_pool=0),  # ablation: recall ranks tokens one by one (the first version)
     Setting("asrkf-l4", "asrkf", importance_every=4),  # the GPU setting: every 4th layer scored (docs/gpu.md)
+    # recall ranking token by token, as before whole spans (ControllerConfig.recall_spans; docs/evaluation.md round 7)
+    Setting("asrkf-tokens", "asrkf", params=(("recall_spans", False),)),
     # recovery acting under a binding budget (the default does not, issue 16), by restore rule: the paper's (best
     # running scores) and the two measured against it in round 5 (docs/evaluation.md)
     Setting("asrkf-paper", "asrkf", params=(("recovery_under_budget", True), ("recovery_restore", "score"))),
