@@ -372,3 +372,20 @@ def test_a_model_with_window_layers_is_refused_clearly(gemma3_path, tmp_path):
             with pytest.raises(EngineError, match="sliding-window"):
                 call()
         assert e.cached_tokens() == before and e.chat_ids() == [0] and not (tmp_path / "g.session").exists()
+
+
+def test_saving_or_dropping_an_idle_chat_leaves_the_current_turn_running(demo_model_path, tmp_path):
+    with Engine(demo_model_path, **KW) as e:
+        "".join(e.chat(A[0], max_tokens=MAX))
+        first = e.chat_id
+        e.new_chat()
+        want = "".join(e.chat(B[0], max_tokens=MAX))
+        e.reset()
+        it = e.chat(B[0], max_tokens=MAX)
+        got = next(it)
+        assert e.save_chat(first, tmp_path / "idle.session") > 0  # while the turn is suspended
+        e.drop_chat(first)
+        got += "".join(it)
+        assert got == want and e.chat_ids() == [e.chat_id]
+        assert e.kv.info().host_bytes_used == e.chat_memory()[e.chat_id]["host_bytes"]
+        e.kv.check()

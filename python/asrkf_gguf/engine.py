@@ -578,11 +578,12 @@ class Engine:
         self._live()
         if chat_id == self._chat_id:
             return self.save(path)
-        with self._exclusive("save_chat()"):
-            parked = self._parked.get(chat_id)
-            if parked is None:
-                raise EngineError(f"no conversation {chat_id}; this Engine holds {self.chat_ids()}")
-            data = self._snapshot(digest=True, parked=(chat_id, parked))
+        parked = self._parked.get(chat_id)
+        if parked is None:
+            raise EngineError(f"no conversation {chat_id}; this Engine holds {self.chat_ids()}")
+        # the current chat's turn, if one is in progress, goes on: the parked rows are not its cells, and the
+        # handle's own lock orders the native calls
+        data = self._snapshot(digest=True, parked=(chat_id, parked))
         sessions.write_file(os.fspath(path), data)
         return len(data)
 
@@ -656,10 +657,10 @@ class Engine:
         """Forget an idle conversation and free its host memory (the current one: use reset())."""
         if chat_id == self._chat_id:
             raise EngineError("that is the current conversation: switch to another one first, or reset() it")
-        with self._exclusive("drop_chat()"):
-            if self._parked.pop(chat_id, None) is None:
-                raise EngineError(f"no conversation {chat_id}; this Engine holds {self.chat_ids()}")
-            self.kv.drop_parked(chat_id)
+        self._live()
+        if self._parked.pop(chat_id, None) is None:
+            raise EngineError(f"no conversation {chat_id}; this Engine holds {self.chat_ids()}")
+        self.kv.drop_parked(chat_id)  # the current chat's turn, if any, goes on (as in save_chat)
 
     def chat_memory(self) -> Dict[int, dict]:
         """Per conversation: device_bytes, the K/V bytes of its resident cells (0 for an idle one: it holds no
