@@ -125,7 +125,7 @@ class _ParkedChat:
     messages: List[Dict[str, str]]
     raw: bool
     tokens: List[int]
-    n_tokens: int
+    n_tokens: int  # positions parked (resident and offloaded; an eviction policy's dropped ones are gone)
 
 
 class Engine:
@@ -689,7 +689,7 @@ class Engine:
             raise
         return _ParkedChat(table=c.table, step=c.step, n_queries=c._n_queries, scoring=c._scoring,
                            entropy=c.entropy, stats=c.stats, messages=self.messages, raw=self._raw,
-                           tokens=self._cached, n_tokens=c.table.n)
+                           tokens=self._cached, n_tokens=self.kv.parked_tokens(self._chat_id))
 
     def _restore_after_failed_switch(self, chat_id: int, mine: "_ParkedChat") -> None:
         """A switch to chat_id failed after the current chat was parked: chat_id goes back to the host store if it
