@@ -90,9 +90,9 @@ def test_recall_decodes_the_question_again_with_what_it_brought_back(tiny_path):
         seen = {}
         recall = ctl.recall
 
-        def spy():
+        def spy(span_ends=None):
             seen["before"] = kv.k_rows(layer, np.arange(n - 16, n))
-            return recall()
+            return recall(span_ends)
 
         ctl.recall = spy
         generate(s, ctl, prompt, 0, recall=True)
