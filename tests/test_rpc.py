@@ -293,35 +293,10 @@ def test_engine_on_rpc_and_its_errors(demo_model_path, servers):
 def test_switching_chats_with_kv_on_rpc_gives_each_chat_its_own_replies(demo_model_path, servers):
     # an idle chat is parked in host memory (its rows read from the servers) and restored into their cells: the
     # replies of each chat alone, and no earlier turn decoded again
-    from asrkf_gguf.engine import Engine
+    from test_sessions import switch_between_two_chats
 
-    kw = dict(ctx=1024, kv_budget=96, n_threads=1, n_gpu_layers=99, rpc=servers)
-    story = "The hive stands at the end of the orchard, under the old pear tree, and every morning the bees " * 3
-    c1 = ["My name is Ada and I keep bees. " + story + "Say hello.", "What do I keep?"]
-    c2 = ["Write a short poem about the sea. " + story, "Now one about the mountains."]
-
-    def replies(e, turns):
-        return ["".join(e.chat(t, max_tokens=24)) for t in turns]
-
-    with Engine(demo_model_path, **kw) as e:
-        alone1 = replies(e, c1)
-        prompt1 = e.n_prompt_tokens
-    with Engine(demo_model_path, **kw) as e:
-        alone2 = replies(e, c2)
-        prompt2 = e.n_prompt_tokens
-    with Engine(demo_model_path, **kw) as e:
-        first = e.chat_id
-        got1 = replies(e, c1[:1])
-        assert e.controller.table.counts()["offloaded"] > 0  # parked with its host tier
-        second = e.new_chat()
-        got2 = replies(e, c2[:1])
-        e.switch(first)
-        got1 += replies(e, c1[1:])
-        e.switch(second)
-        got2 += replies(e, c2[1:])
-        e.controller.table.check(e.kv)
-        assert e.n_prompt_tokens == prompt1 + prompt2
-    assert got1 == alone1 and got2 == alone2
+    switch_between_two_chats(demo_model_path, dict(ctx=1024, kv_budget=96, n_threads=1, n_gpu_layers=99, rpc=servers),
+                             max_tokens=24)
 
 
 def test_cli_refuses_a_bad_server_list_in_one_line(tmp_path):

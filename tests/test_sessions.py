@@ -317,43 +317,59 @@ def test_cli_save_then_load_gives_the_replies_of_one_run(real_demo_model_path, r
     assert r5.returncode == 2 and "device budget" in r5.stderr
 
 
-def test_switching_chats_gives_each_chat_its_own_replies(demo_model_path, tmp_path):
-    story = "The hive stands at the end of the orchard, under the old pear tree, and every morning the bees " * 4
-    c1 = ["My name is Ada and I keep bees. " + story + "Say hello.", "What do I keep?"]
-    c2 = ["Write a short poem about the sea. " + story, "Now one about the mountains."]
-    with Engine(demo_model_path, **KW) as e:
-        alone1 = replies(e, c1)
-        prompt1 = e.n_prompt_tokens
-    with Engine(demo_model_path, **KW) as e:
-        alone2 = replies(e, c2)
-        prompt2 = e.n_prompt_tokens
-    with Engine(demo_model_path, **KW) as e:
+STORY = "The hive stands at the end of the orchard, under the old pear tree, and every morning the bees "
+C1 = ["My name is Ada and I keep bees. " + STORY * 4 + "Say hello.", "What do I keep?"]
+C2 = ["Write a short poem about the sea. " + STORY * 4, "Now one about the mountains."]
+
+
+def switch_between_two_chats(path, kw, max_tokens=MAX, while_parked=None):
+    """Each chat alone in its own Engine, then both in one Engine: C1's first turn, new_chat, C2's first turn
+    (while_parked(engine, first, second) runs here), switch back for C1's second turn, then to C2 for its second.
+    Asserts that the interleaved replies are the replies alone and that no earlier turn was decoded again."""
+    def run(e, turns):
+        return ["".join(e.chat(t, max_tokens=max_tokens)) for t in turns]
+
+    with Engine(path, **kw) as e:
+        alone1, prompt1 = run(e, C1), e.n_prompt_tokens
+    with Engine(path, **kw) as e:
+        alone2, prompt2 = run(e, C2), e.n_prompt_tokens
+    with Engine(path, **kw) as e:
         first = e.chat_id
-        got1 = replies(e, c1[:1])
+        got1 = run(e, C1[:1])
         assert e.controller.table.counts()["offloaded"] > 0  # parked with its host tier
-        current_file = e.save(tmp_path / "current.session")
         second = e.new_chat()
-        # a parked chat is written as it would have been while current (its resident rows are host copies now)
-        assert e.save_chat(first, tmp_path / "parked.session") == current_file
-        assert (tmp_path / "parked.session").read_bytes() == (tmp_path / "current.session").read_bytes()
         assert e.cached_tokens() == [] and e.chat_ids() == [first, second]
-        got2 = replies(e, c2[:1])
-        mem = e.chat_memory()
-        tb = e.kv.info().kv_bytes_per_token
-        # parked: host memory only, every position of it
-        assert mem[first]["device_bytes"] == 0 and mem[first]["host_bytes"] == mem[first]["tokens"] * tb > 0
-        assert e.kv.info().host_bytes_used == mem[first]["host_bytes"] + mem[second]["host_bytes"]
-        assert mem[second]["device_bytes"] > 0
+        got2 = run(e, C2[:1])
+        if while_parked:
+            while_parked(e, first, second)
         e.switch(first)
-        got1 += replies(e, c1[1:])
+        got1 += run(e, C1[1:])
         e.switch(second)
-        got2 += replies(e, c2[1:])
+        got2 += run(e, C2[1:])
         e.controller.table.check(e.kv)
         # switching restored the KV: no token of an earlier turn was decoded again
         assert e.n_prompt_tokens == prompt1 + prompt2
         e.drop_chat(first)
         assert e.chat_ids() == [second]
     assert got1 == alone1 and got2 == alone2
+
+
+def test_switching_chats_gives_each_chat_its_own_replies(demo_model_path, tmp_path):
+    def while_parked(e, first, second):
+        # a parked chat is written as save() wrote it while current (its resident rows are host copies now)
+        e.switch(first)
+        size = e.save(tmp_path / "current.session")
+        e.switch(second)
+        assert e.save_chat(first, tmp_path / "parked.session") == size
+        assert (tmp_path / "parked.session").read_bytes() == (tmp_path / "current.session").read_bytes()
+        mem = e.chat_memory()
+        tb = e.kv.info().kv_bytes_per_token
+        # parked: host memory only, every position of it
+        assert mem[first]["device_bytes"] == 0 and mem[first]["host_bytes"] == mem[first]["tokens"] * tb > 0
+        assert e.kv.info().host_bytes_used == mem[first]["host_bytes"] + mem[second]["host_bytes"]
+        assert mem[second]["device_bytes"] > 0
+
+    switch_between_two_chats(demo_model_path, KW, while_parked=while_parked)
 
 
 @pytest.fixture(scope="module")
