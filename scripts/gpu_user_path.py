@@ -37,6 +37,12 @@ SETTINGS = {
     "asrkf-25%-score4": ["--kv-budget", "0.25", "--score-every", "4"],
     "asrkf-25%-noscore": ["--kv-budget", "0.25", "--score-every", "100000"],
     "asrkf-25%-layers8": ["--kv-budget", "0.25", "--importance-every", "8"],
+    # what the prompt phase costs without asrkf's work: eviction at the same budget attends the same number of cells
+    # (window: no scoring, no moves; h2o: scoring, no moves), so the difference to asrkf is the moves and recall
+    "window-25%": ["--policy", "window", "--kv-budget", "0.25"],
+    "h2o-25%": ["--policy", "h2o", "--kv-budget", "0.25"],
+    # the staged offload's gather in passes of at most 64 MiB, as before one pass could take up to 256 MiB
+    "asrkf-25%-scratch64": ["--kv-budget", "0.25", "ENV:ASRKF_DEFERRED_SCRATCH_MB=64"],
 }
 
 
@@ -87,12 +93,14 @@ def move_trace(stderr: str) -> dict:
 
 
 def run_once(model: str, prompt_file: str, args, extra) -> dict:
+    env = {k: v for k, v in (e[4:].split("=", 1) for e in extra if e.startswith("ENV:"))}
+    extra = [e for e in extra if not e.startswith("ENV:")]
     cmd = [sys.executable, "-m", "asrkf_gguf", "run", model, "--prompt-file", prompt_file, "--ctx", str(args.ctx),
            "--max-tokens", str(args.max_tokens), "--temperature", "0", "--ignore-eos", "--n-gpu-layers", str(args.n_gpu_layers),
            "--json", *(["--threads", str(args.threads)] if args.threads else []), *extra]
     t0 = time.perf_counter()
     # the trace costs one line per move (a few hundred in a run): on in every run, so that each carries its breakdown
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ASRKF_TRACE_MOVES": "1"})
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ASRKF_TRACE_MOVES": "1", **env})
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-2000:]}")

@@ -165,6 +165,32 @@ def test_pageable_store_stages_every_move_and_is_exact(tiny_paths, kv_type, fa):
         assert np.array_equal(expected, s.decode(tokens[-1:], len(tokens) - 1))
 
 
+def test_staged_offload_gathers_in_one_pass_up_to_four_scratches(tiny_paths):
+    # a staged offload returns while its last pass still copies to the host: its gather takes one pass where the
+    # rows fit 4 x scratch_bytes (earlier passes' copies would be waited for), and a thaw keeps scratch-sized passes
+    path = tiny_paths["llama-hd128"]
+    tokens = random_tokens(100, seed=41)
+    with session(path, **OPTS) as ref:
+        ref.decode(tokens[:-1], 0)
+        expected = ref.decode(tokens[-1:], len(tokens) - 1)
+    with session(path, **OPTS) as s:
+        probe = KVCache(ctx=s.context)
+        per_token = probe.info().kv_bytes_per_token
+        probe.close()
+        with KVCache(ctx=s.context, pinned_host=False, force_gather=True, scratch_bytes=4 * per_token) as kv:
+            s.decode(tokens[:-1], 0)
+            before = kv.info().n_gathers
+            kv.offload(np.arange(10, 50, 3))  # 14 tokens: 4 passes of the scratch, one of 4 scratches
+            assert kv.info().n_gathers - before == 1
+            before = kv.info().n_gathers
+            kv.offload(np.arange(51, 85))  # 34 tokens: more than 4 scratches hold, passes of 16 tokens
+            assert kv.info().n_gathers - before == 3
+            kv.thaw(np.arange(10, 50, 3))
+            kv.thaw(np.arange(51, 85))
+            kv.check()
+            assert np.array_equal(expected, s.decode(tokens[-1:], len(tokens) - 1))
+
+
 def test_engine_with_pageable_host_memory_reserves_ahead_and_answers_the_same(demo_model_path):
     # host_memory="pageable" reaches the native store and the controller (which then reserves a prompt's host
     # memory ahead: test_reserved_host_memory_... checks the reservation), and greedy replies are those of pinned

@@ -9,8 +9,11 @@
 #include "ggml-cpp.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
+
+using kvf_clock = std::chrono::steady_clock;
 
 // row copies between the device cache and host memory: per run of cells, or gathered / scattered on the device in
 // passes through a bounded scratch buffer
@@ -146,7 +149,7 @@ bool llama_kv_freeze::can_gather(const ggml_tensor * t) const {
 
 // the one backend that runs the gather/scatter graph of these tensors, and how many rows go in one pass (the
 // device scratch is bounded to scratch_bytes); nullptr: copy per run of cells instead
-ggml_backend_t llama_kv_freeze::rows_backend(const std::vector<ggml_tensor *> & tensors, size_t n_rows, size_t & n_pass) {
+ggml_backend_t llama_kv_freeze::rows_backend(const std::vector<ggml_tensor *> & tensors, size_t n_rows, size_t & n_pass, size_t scratch) {
     ggml_backend_t backend = backend_for(tensors[0]);
     if (!backend) {
         LLAMA_LOG_WARN("%s: no backend for the device of %s: copying per run of cells\n", __func__, tensors[0]->name);
@@ -161,7 +164,10 @@ ggml_backend_t llama_kv_freeze::rows_backend(const std::vector<ggml_tensor *> & 
         bytes_per_row += t->nb[1];
     }
     // few large passes: every pass costs device calls (the first is the only one nothing else overlaps)
-    n_pass = std::min(n_rows, std::max<size_t>(1, scratch_bytes / bytes_per_row));
+    if (scratch == 0) {
+        scratch = scratch_bytes;
+    }
+    n_pass = std::min(n_rows, std::max<size_t>(1, scratch / bytes_per_row));
     return backend;
 }
 
@@ -401,13 +407,16 @@ bool llama_kv_freeze::gather_on(const std::vector<ggml_tensor *> & tensors, cons
         return true;
     }
 
+    const auto t_start = kvf_clock::now();
     const size_t n_rows = rows.size();
+    leave_copies = leave_copies && !landed;
     size_t n_pass = 0;
-    ggml_backend_t backend = rows_backend(tensors, n_rows, n_pass);
+    // left copies: one pass if the scratch may grow to it, so that the whole copy runs behind the next decode
+    ggml_backend_t backend = rows_backend(tensors, n_rows, n_pass,
+            leave_copies ? std::max(scratch_bytes, deferred_scratch_bytes) : 0);
     if (!backend) {
         return false;
     }
-    leave_copies = leave_copies && !landed;
 
     llama_kv_freeze_rows plan;
     if (!kvf_plan_rows(plan, backend, tensors, rows, n_pass, GGML_TYPE_I32,
@@ -415,6 +424,7 @@ bool llama_kv_freeze::gather_on(const std::vector<ggml_tensor *> & tensors, cons
         return false;
     }
     uint8_t * scratch_base = (uint8_t *) ggml_backend_buffer_get_base(plan.scratch);
+    const auto t_planned = kvf_clock::now();
 
     // every pass is queued before any is hashed (the passes reuse one scratch in stream order), with an event
     // after each: the caller hashes pass after pass while the device copies the rest
@@ -461,6 +471,7 @@ bool llama_kv_freeze::gather_on(const std::vector<ggml_tensor *> & tensors, cons
             landed_ev.record();
         }
     }
+    const auto t_queued = kvf_clock::now();
     for (size_t p = 0; landed && p < n_passes; ++p) {
         landed_ev.wait(p);
         landed(p*n_pass, std::min(n_pass, n_rows - p*n_pass));
@@ -473,6 +484,11 @@ bool llama_kv_freeze::gather_on(const std::vector<ggml_tensor *> & tensors, cons
     } else {
         ggml_backend_synchronize(backend); // no events on this device: wait for the copies too
     }
+    const auto t_end = kvf_clock::now();
+    gather_plan_s  += std::chrono::duration<double>(t_planned - t_start).count();
+    gather_queue_s += std::chrono::duration<double>(t_queued - t_planned).count();
+    gather_wait_s  += std::chrono::duration<double>(t_end - t_queued).count();
+    gather_passes  += n_passes;
 
     return true;
 }

@@ -142,6 +142,10 @@ llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_
 
     const char * trace = getenv("ASRKF_TRACE_MOVES");
     trace_moves = trace && *trace && strcmp(trace, "0") != 0;
+    deferred_scratch_bytes = 4*scratch_bytes;
+    if (const char * mb = getenv("ASRKF_DEFERRED_SCRATCH_MB")) {
+        deferred_scratch_bytes = (size_t) strtoull(mb, nullptr, 10) << 20;
+    }
 
     g_kvf_by_ctx[lctx] = this;
 

@@ -93,6 +93,11 @@ struct llama_kv_freeze {
 
     // device scratch of one gather/scatter pass
     size_t scratch_bytes = 64u << 20;
+    // a gather that leaves its copies running (a staged offload: gather's leave_copies) takes one pass up to this
+    // size, 4 x scratch_bytes: only the last pass's copy runs while the next tokens decode, the earlier ones are
+    // waited for, and a prompt chunk of an 8B model offloads ~80 MB, two passes of 64 MiB
+    // (ASRKF_DEFERRED_SCRATCH_MB overrides it; at most scratch_bytes: passes as in every other move)
+    size_t deferred_scratch_bytes = 256u << 20;
 
     //
     // operations (validate everything first, then change; throw llama_kv_freeze_error)
@@ -230,7 +235,8 @@ private:
 
     // rows (global row ids) of each tensor into dst[i] (n rows back to back): one get_rows per tensor on the
     // device holding it, one copy back per tensor; false when the tensors' rows cannot be gathered that way
-    ggml_backend_t rows_backend(const std::vector<ggml_tensor *> & tensors, size_t n_rows, size_t & n_pass);
+    // (scratch: the bytes one pass may take; 0: scratch_bytes)
+    ggml_backend_t rows_backend(const std::vector<ggml_tensor *> & tensors, size_t n_rows, size_t & n_pass, size_t scratch = 0);
     // landed(r0, n): rows r0..r0+n-1 of every tensor are on the host (called in order, while later rows copy)
     // runs: the rows in runs (ascending, covering every row) whose host rows are back to back: dst(i, a) / src(i, a)
     // is where row a of tensor i and the rest of its run live on the host (one device copy per run and tensor)
@@ -267,6 +273,10 @@ private:
 
     // ASRKF_TRACE_MOVES=1: one line per offload and thaw on stderr (sizes, runs, path, time of each part)
     bool trace_moves = false;
+    // gather_on's parts in seconds, summed (the offload trace prints the difference over one offload): planning
+    // (graph context, row ids, scratch), queueing the passes and their copies, and waiting for the device
+    double gather_plan_s = 0.0, gather_queue_s = 0.0, gather_wait_s = 0.0;
+    uint64_t gather_passes = 0;
     bool can_gather(const ggml_tensor * t) const;
     // the K and V tensors a gather / scatter moves (V stored transposed is not), appended with their (layer, is_v);
     // returns their bytes per token
