@@ -43,6 +43,11 @@ SETTINGS = {
     "h2o-25%": ["--policy", "h2o", "--kv-budget", "0.25"],
     # the staged offload's gather in passes of at most 64 MiB, as before one pass could take up to 256 MiB
     "asrkf-25%-scratch64": ["--kv-budget", "0.25", "ENV:ASRKF_DEFERRED_SCRATCH_MB=64"],
+    # prompt calls of 2048 tokens (llama.cpp's default -b), graphs of 512 or of 2048
+    "full-b2048": ["--policy", "full", "-b", "2048"],
+    "asrkf-25%-b2048": ["--kv-budget", "0.25", "-b", "2048"],
+    "full-ub2048": ["--policy", "full", "-b", "2048", "-ub", "2048"],
+    "asrkf-25%-ub2048": ["--kv-budget", "0.25", "-b", "2048", "-ub", "2048"],
 }
 
 

@@ -110,6 +110,8 @@ def one_error_line(r):
     (lambda d: ["DEMO", "--system", "  "], "system prompt is empty"),
     (lambda d: ["DEMO", "--threads", "0"], "--threads must be a positive"),
     (lambda d: ["DEMO", "--threads-batch", "-2"], "--threads-batch must be a positive"),
+    (lambda d: ["DEMO", "--batch-size", "0"], "--batch-size must be a positive"),
+    (lambda d: ["DEMO", "-ub", "-1"], "--ubatch-size must be a positive"),
     (lambda d: ["DEMO", "--hf-file", "x.gguf"], "--hf-file needs --hf-repo"),
     (lambda d: ["DEMO", "--hf-repo", "org/name"], "not both"),
     (lambda d: ["--hf-repo", "no-slash"], "ORG/NAME"),

@@ -2,6 +2,8 @@
 
 import threading
 
+import numpy as np
+
 import pytest
 
 from asrkf_gguf.engine import Engine, EngineError, budget_cells, common_prefix, text_decoder
@@ -312,3 +314,34 @@ def test_recall_is_given_where_sentences_and_lines_end(demo_model_path):
         pieces = [e.session.piece(t).decode("utf-8", "ignore") for t in tokens[: ends.size]]
         want = ["\n" in p or p.rstrip(" ").endswith((".", "!", "?")) for p in pieces]
         assert ends[: len(pieces)].tolist() == want and 60 <= sum(want) < len(want) // 2
+
+
+def test_batch_sizes_reach_llama_cpp_and_split_the_prompt_alike(demo_model_path):
+    # n_batch / n_ubatch (run's -b / -ub) are the context's: a prompt decoded in calls of 64 tokens gives the
+    # logits of calls of 512 when both run graphs of 64 (the same ubatches); n_ubatch defaults to 512 as in
+    # llama.cpp, is clamped to n_batch, and bounds the queries the importance node scores
+    import llama_cpp
+    from asrkf_gguf.engine import EngineError
+
+    prompt = "Count with me: " + ", ".join(str(i) for i in range(150)) + "."
+    logits = {}
+    for n_batch in (64, 512):
+        with Engine(demo_model_path, ctx=1024, policy="full", n_threads=2, n_batch=n_batch, n_ubatch=64) as e:
+            assert llama_cpp.llama_n_batch(e.session.context.ctx) == n_batch
+            assert llama_cpp.llama_n_ubatch(e.session.context.ctx) == 64
+            ids = e.session.tokenize(prompt, add_special=True)
+            assert len(ids) > 256
+            logits[n_batch] = e.session.decode(ids, 0)
+    assert np.array_equal(logits[64], logits[512])
+    with Engine(demo_model_path, ctx=1024, kv_budget=256, n_threads=2, n_batch=200) as e:
+        assert llama_cpp.llama_n_ubatch(e.session.context.ctx) == 200
+    with Engine(demo_model_path, ctx=1024, policy="full", n_threads=2, n_batch=1024) as e:
+        assert llama_cpp.llama_n_ubatch(e.session.context.ctx) == 512
+    with Engine(demo_model_path, ctx=1024, kv_budget=256, n_threads=2, n_batch=100, n_ubatch=16) as e:
+        assert llama_cpp.llama_n_ubatch(e.session.context.ctx) == 16
+        assert e.controller.config.n_q == 16  # 32 would be refused by the importance node
+        assert "".join(e.generate(prompt, max_tokens=4, temperature=0))
+    with Engine(demo_model_path, ctx=1024, n_threads=2, n_batch=64, n_ubatch=256) as e:
+        assert llama_cpp.llama_n_ubatch(e.session.context.ctx) == 64
+    with pytest.raises(EngineError, match="n_batch must be a positive"):
+        Engine(demo_model_path, ctx=1024, n_batch=0)

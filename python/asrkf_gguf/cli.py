@@ -71,6 +71,10 @@ def add_engine_options(r) -> None:
     k.add_argument("-t", "--threads", type=int, help="CPU threads for generation (default: the physical cores, as "
                                                      "llama.cpp)")
     k.add_argument("-tb", "--threads-batch", type=int, help="CPU threads for prompt batches (default: --threads)")
+    k.add_argument("-b", "--batch-size", type=int, default=512,
+                   help="prompt tokens decoded per call; the controller scores and moves tokens between calls")
+    k.add_argument("-ub", "--ubatch-size", type=int, default=None,
+                   help="prompt tokens per graph within a call (default: 512, at most --batch-size)")
     k.add_argument("--host-budget", help="host memory for offloaded K/V, e.g. 512M or 4G (default: no limit); past it "
                                          "the turn fails with an error and nothing is dropped")
     k.add_argument("--host-memory", choices=["auto", "pinned", "pageable"], default="auto",
@@ -246,6 +250,9 @@ def check_engine_args(args) -> None:
     for flag, value in (("--threads", args.threads), ("--threads-batch", args.threads_batch)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be a positive number of threads, got {value}")
+    for flag, value in (("--batch-size", args.batch_size), ("--ubatch-size", args.ubatch_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be a positive number of tokens, got {value}")
     if args.rpc is not None:
         from .rpc import RpcError, parse_servers
 
@@ -268,6 +275,7 @@ def make_engine(args, model: Optional[str] = None, *, system_prompt: Optional[st
         return Engine(model, ctx=args.ctx, kv_budget=args.kv_budget, policy=args.policy,
                       kv_type=args.kv_type, flash_attn=args.flash_attn, n_gpu_layers=args.n_gpu_layers,
                       n_threads=args.threads, n_threads_batch=args.threads_batch,
+                      n_batch=args.batch_size, n_ubatch=args.ubatch_size,
                       controller_params={"score_every": args.score_every,
                                          **({} if args.importance_every is None
                                             else {"importance_every": args.importance_every}),

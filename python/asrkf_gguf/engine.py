@@ -132,7 +132,7 @@ class Engine:
     def __init__(self, model_path: Optional[str] = None, *, ctx: Optional[int] = None,
                  kv_budget: Union[int, float, str, None] = None, policy: str = "asrkf", kv_type: str = "f16",
                  flash_attn: str = "auto", n_gpu_layers: int = 0, n_threads: Optional[int] = None,
-                 n_threads_batch: Optional[int] = None,
+                 n_threads_batch: Optional[int] = None, n_batch: int = 512, n_ubatch: Optional[int] = None,
                  policy_params: Optional[dict] = None, controller_params: Optional[dict] = None,
                  chat_template: Optional[str] = None, system_prompt: Optional[str] = None,
                  host_budget: Union[int, str, None] = None, host_memory: str = "auto",
@@ -143,6 +143,10 @@ class Engine:
         system_prompt: the system message every conversation of chat() starts with (reset() keeps it).
         n_threads / n_threads_batch: CPU threads for generation / prompt batches (default: as llama.cpp, the
         physical cores, and n_threads for batches).
+        n_batch / n_ubatch: tokens of a prompt decoded per call, and per graph within it (llama.cpp's -b / -ub;
+        n_ubatch defaults to 512, at most n_batch). Under a budget a call also fits the budget beside the sink
+        and recent tokens; the controller scores, offloads and recalls between calls, so a larger n_batch means
+        fewer, larger moves during a prompt, scored by its last ubatch's queries.
         host_budget: host memory for offloaded K/V (bytes, or "512M", "4G"); past it a turn fails with
         HostBudgetError and is taken back, nothing is dropped (None: no limit).
         host_memory: where offloaded K/V lives on the host: "pinned" (the device's pinned memory, moved straight;
@@ -196,9 +200,14 @@ class Engine:
             if n_gpu_layers == 0:
                 raise EngineError("rpc puts the layers that n_gpu_layers offloads on the RPC servers: with "
                                   "n_gpu_layers=0 nothing would go there (-1 or 99: every layer)")
+        for name, value in (("n_batch", n_batch), ("n_ubatch", n_ubatch)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise EngineError(f"{name} must be a positive number of tokens, got {value!r}")
+        n_ubatch = min(n_ubatch or 512, n_batch)  # llama.cpp clamps it too
         try:
             options = ContextOptions(n_ctx=budget, kv_type=kv_type, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers,
-                                     n_threads=n_threads, n_threads_batch=n_threads_batch, rpc=rpc_servers)
+                                     n_threads=n_threads, n_threads_batch=n_threads_batch, rpc=rpc_servers,
+                                     n_batch=int(n_batch), n_ubatch=int(n_ubatch))
         except ValueError as err:
             raise EngineError(str(err)) from None
         self._stack = ExitStack()
@@ -219,7 +228,9 @@ class Engine:
                                                         pinned_host=host_memory == "pinned"))
             self.controller = Controller(self.kv, self.policy, ControllerConfig(
                 budget_cells=min(budget, self.kv.info().n_cells),
+                # (n_q: the importance node scores the last n_q queries of a ubatch, at most n_ubatch of them)
                 **{**device_defaults(n_gpu_layers, controller_params), "host_budget_bytes": host_bytes,
+                   "n_q": min(ControllerConfig.n_q, n_ubatch),
                    "reserve_ahead": host_memory == "pageable", **(controller_params or {})}))
         except Exception as err:
             self._stack.close()
