@@ -283,6 +283,7 @@ def main() -> int:
         print("error: budgets are fractions between 0 and 1", file=sys.stderr)
         return 2
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported (the GGUF dequantization's bar)
     try:
         import torch
         import transformers
@@ -301,7 +302,6 @@ def main() -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype_name]
     if args.threads:
         torch.set_num_threads(args.threads)
-    os.environ.setdefault("TQDM_DISABLE", "1")
     transformers.logging.set_verbosity_error()
 
     res_path = Path(args.results) if args.results else Path(args.dirs[0]) / "kvpress-results.json"
