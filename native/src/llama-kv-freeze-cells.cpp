@@ -94,6 +94,8 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
     const auto   t_alloc0     = kvf_clock::now();
     const double hash_before  = store.hash_seconds;
     const double g_plan0 = gather_plan_s, g_queue0 = gather_queue_s, g_wait0 = gather_wait_s;
+    const double g_stage0 = staging_s, g_call0 = gather_call_s;
+    auto t_returned = kvf_clock::now(); // copy_to_host returned: then the records and the background thread
     const uint64_t g_passes0 = gather_passes;
     const auto   allocs_before = store.n_chunk_allocs;
 
@@ -111,6 +113,7 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
     std::vector<uint64_t> sums(cell.size(), 0);
     try {
         copy_to_host(stream(seq_id), cell, slot, sums.data(), staged ? &deferred : nullptr);
+        t_returned = kvf_clock::now();
 
         for (uint32_t i = 0; i < cell.size(); ++i) {
             llama_kv_freeze_record rec;
@@ -159,13 +162,15 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
         const auto t_end = kvf_clock::now();
         fprintf(stderr, "asrkf-trace offload n=%zu cell_runs=%zu slot_runs=%zu chunk_allocs=%llu MB=%.1f sync_ms=%.3f "
                 "prep_ms=%.3f alloc_ms=%.3f copy_ms=%.3f hash_ms=%.3f free_ms=%.3f total_ms=%.3f "
-                "gather_plan_ms=%.3f gather_queue_ms=%.3f gather_wait_ms=%.3f gather_passes=%llu\n",
+                "gather_plan_ms=%.3f gather_queue_ms=%.3f gather_wait_ms=%.3f gather_passes=%llu staging_ms=%.3f "
+                "gather_call_ms=%.3f copy_fn_ms=%.3f records_thread_ms=%.3f\n",
                 cell.size(), kvf_runs(cell, slot).size(), kvf_slot_runs(slot).size(),
                 (unsigned long long) (store.n_chunk_allocs - allocs_before), cell.size()*store.token_bytes()/1e6,
                 kvf_ms(t_start, t_synced), kvf_ms(t_synced, t_alloc0), kvf_ms(t_alloc0, t_alloc1), kvf_ms(t_alloc1, t_copied),
                 1e3*(store.hash_seconds - hash_before), kvf_ms(t_copied, t_end), kvf_ms(t_start, t_end),
                 1e3*(gather_plan_s - g_plan0), 1e3*(gather_queue_s - g_queue0), 1e3*(gather_wait_s - g_wait0),
-                (unsigned long long) (gather_passes - g_passes0));
+                (unsigned long long) (gather_passes - g_passes0), 1e3*(staging_s - g_stage0), 1e3*(gather_call_s - g_call0),
+                kvf_ms(t_alloc1, t_returned), kvf_ms(t_returned, t_copied));
     }
 }
 

@@ -117,6 +117,9 @@ ggml_backend_buffer_t llama_kv_freeze::device_buffer(ggml_backend_t backend, int
         return buf;
     }
     if (buf) {
+        // grown by half at least: a prompt's offloads differ by a few tokens, and each regrowth is a device free
+        // (which waits for the device) and an allocation
+        size = std::max(size, ggml_backend_buffer_get_size(buf) + ggml_backend_buffer_get_size(buf)/2);
         ggml_backend_buffer_free(buf);
     }
     buf = ggml_backend_alloc_buffer(backend, size);
@@ -623,7 +626,9 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
         const bool hash_landed = sums && gather_t.size() == 2*(size_t) n_layer;
         const size_t n = cell.size();
         const size_t n_round = std::min(n, std::max<size_t>(1, (256u << 20)/std::max<size_t>(1, row_bytes)));
+        const auto t_stage0 = kvf_clock::now();
         uint8_t * stage = gather_t.empty() ? nullptr : host_staging(n_round*row_bytes);
+        staging_s += std::chrono::duration<double>(kvf_clock::now() - t_stage0).count();
         bool ok = !gather_t.empty();
         for (size_t q0 = 0; ok && q0 < n; q0 += n_round) {
             const size_t m = std::min(n_round, n - q0);
@@ -659,7 +664,9 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
                 // into the staging (still running when gather returns), then copying them into the slots and
                 // hashing them, are left to the caller's background thread, which waits for the copies first
                 copies_in_flight.clear();
+                const auto t_g0 = kvf_clock::now();
                 ok = gather(gather_t, rows_round, one_run, stage_dst, nullptr, /*leave_copies =*/ true);
+                gather_call_s += std::chrono::duration<double>(kvf_clock::now() - t_g0).count();
                 if (!ok) {
                     finish_copies(); // a device that gathered before another failed: its copies land first
                 }

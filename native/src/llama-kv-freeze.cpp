@@ -197,6 +197,8 @@ uint8_t * llama_kv_freeze::host_staging(size_t size) {
     if (!staging_pinned && staging_plain.size() >= size) {
         return staging_plain.data();
     }
+    // grown by half at least: a prompt's offloads differ by a few tokens, and pinning memory is slow
+    size = std::max(size, (staging_pinned ? ggml_backend_buffer_get_size(staging_pinned) : staging_plain.size())*3/2);
     if (staging_pinned) {
         ggml_backend_buffer_free(staging_pinned);
         staging_pinned = nullptr;

@@ -277,6 +277,9 @@ private:
     // (graph context, row ids, scratch), queueing the passes and their copies, and waiting for the device
     double gather_plan_s = 0.0, gather_queue_s = 0.0, gather_wait_s = 0.0;
     uint64_t gather_passes = 0;
+    // and around it in a staged offload: getting the pinned staging, and gather() as a whole (grouping by device,
+    // the plan's teardown)
+    double staging_s = 0.0, gather_call_s = 0.0;
     bool can_gather(const ggml_tensor * t) const;
     // the K and V tensors a gather / scatter moves (V stored transposed is not), appended with their (layer, is_v);
     // returns their bytes per token
