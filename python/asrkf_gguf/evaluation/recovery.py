@@ -147,6 +147,7 @@ def summarize(runs: Sequence[dict]) -> dict:
                 "rewalks_per_1k": 1000 * sum(r["rewalks"] for r in sel) / n_tok,
                 "decode_s": float(np.mean([r["timing"]["decode_s"] for r in sel])),
                 "trigger": dict(trig), "trigger_acting": dict(trig_act),
+                "_shape": (sorted({r["n_continuation"] for r in sel}), sorted({r["ctx"] for r in sel})),
                 "_per_text": per_text,
             }
         out[key] = fig
@@ -159,7 +160,11 @@ def _f(x: float) -> str:
 
 def tables(summary: dict) -> str:
     keys = sorted(summary, key=lambda k: (-k[1], ORDER.index(k[0]) if k[0] in ORDER else 99))
-    lines = ["### KL against the full cache (512 teacher-forced tokens a text, ctx 2048)", "",
+    shapes = [f["_shape"] for fig in summary.values() for f in fig.values() if "_shape" in f]
+    n_cont = sorted({n for s, _ in shapes for n in s})
+    ctxs = sorted({c for _, c in shapes for c in c})
+    lines = [f"### KL against the full cache ({'/'.join(map(str, n_cont))} teacher-forced tokens a text, ctx "
+             f"{'/'.join(map(str, ctxs))})", "",
              "Median of the pooled tokens with a 95% bootstrap interval over texts; Δ vs norec: the paired difference "
              "of pooled medians (texts resampled); wins: texts whose own median is below norec's.", "",
              "| budget | setting | kind | texts | KL median [95% CI] | Δ median vs norec [95% CI] | wins | p95 | mean "
@@ -246,7 +251,9 @@ def plot(summary: dict, runs: Sequence[dict], path: str) -> None:
         ax.axhline(0, color="black", lw=0.8)
         ax.set_xticks(range(len(kinds)), [f"{KIND_NAME.get(k, k)}" for k in kinds])
         ax.set_ylabel("KL median minus asrkf-norec's (95% CI, texts resampled)")
-        ax.set_title(f"budget {100 * b:g}% of ctx 2048, 3 texts a kind")
+        shape = base.get("pooled", {}).get("_shape", ([], []))
+        n_texts = max((f2["texts"] for f2 in base.values() if "texts" in f2), default=0)
+        ax.set_title(f"budget {100 * b:g}% of ctx {'/'.join(map(str, shape[1]))}, {n_texts} texts pooled", fontsize=9)
         ax.legend(fontsize=7)
     ax = axes[-1]
     for (s, b), f in summary.items():
@@ -272,8 +279,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("dirs", nargs="+")
     ap.add_argument("--png", help="write the plot here")
     ap.add_argument("--json", help="write the summary figures here")
+    ap.add_argument("--as-norec", metavar="SETTING",
+                    help="count SETTING's runs as asrkf-norec's (the default asrkf under a binding budget, where "
+                         "recovery watches but never acts); refused if one of them acted")
     a = ap.parse_args(argv)
     runs = load_runs(a.dirs)
+    if a.as_norec:
+        mine = [r for r in runs if r["setting"] == a.as_norec]
+        if not mine or any(r["recovery_log"] for r in mine) or any(r["setting"] == "asrkf-norec" for r in runs):
+            raise SystemExit(f"--as-norec {a.as_norec}: no such runs, one of them acted on a recovery, or "
+                             "asrkf-norec ran too")
+        for r in mine:
+            r["setting"] = "asrkf-norec"
     summary = summarize(runs)
     print(tables(summary))
     if a.png:
