@@ -72,6 +72,22 @@ def demo_model_path():
     return fetched_model(fetch_demo_model)
 
 
+# an iSWA model written here (Gemma 3's layout: five window layers, then one that attends the whole context), so
+# that the iSWA tests run where nothing can be fetched (the GPU machine) as well as on the real Gemma 3 270M
+ISWA_STANDIN = TinyModelSpec(arch="gemma3", n_layer=6, n_embd=128, n_head=4, n_head_kv=2, head_dim=64, n_ff=256,
+                             sliding_window=128, seed=3)
+
+
+@pytest.fixture(scope="session", params=["written", "gemma3-270m"])
+def iswa_model(request):
+    """(path, vocabulary size) of an iSWA model: the written stand-in, and the real Gemma 3 (fetched)."""
+    if request.param == "written":
+        return str(tiny_model(ISWA_STANDIN)), ISWA_STANDIN.n_vocab
+    from asrkf_gguf.models import fetch_gemma3_model
+
+    return fetched_model(fetch_gemma3_model), 200000
+
+
 def random_tokens(n, seed=0, vocab=500):
     return np.random.default_rng(seed).integers(3, vocab, size=n).tolist()
 

@@ -64,14 +64,11 @@ def test_seq_rm_that_would_leave_an_offloaded_position_above_the_newest_is_refus
         kv.check()
 
 
-def test_refused_seq_rm_reaches_neither_cache_of_an_iswa_model():
+def test_refused_seq_rm_reaches_neither_cache_of_an_iswa_model(iswa_model):
     # Gemma 3: the window layers' cache answers seq_pos_max; a removal the full-attention cache refuses must not
     # have happened there either
-    from asrkf_gguf.models import fetch_gemma3_model
-    from conftest import fetched_model
-
-    path = fetched_model(fetch_gemma3_model)
-    tokens = random_tokens(41, seed=48, vocab=200000)
+    path, vocab = iswa_model
+    tokens = random_tokens(41, seed=48, vocab=vocab)
     with session(path, n_ctx=512, n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
         assert kv.info().iswa
         s.decode(tokens[:40], 0)

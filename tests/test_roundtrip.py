@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from asrkf_gguf import CellState, KVCache
-from conftest import KV_CASES, TINY_SPECS, fetched_model, random_tokens, session
+from conftest import KV_CASES, TINY_SPECS, random_tokens, session
 
 SCATTERED = [1, 5, 6, 7, 20, 33, 50, 51, 52, 90, 97]
 
@@ -118,21 +118,16 @@ def test_thaw_elsewhere_when_the_cells_were_reused(tiny_path):
         kv.check()
 
 
-@pytest.fixture(scope="session")
-def gemma3_path():
-    from asrkf_gguf.models import fetch_gemma3_model
-
-    return fetched_model(fetch_gemma3_model)
-
-
-def test_iswa_model_manages_the_full_attention_cache(gemma3_path):
-    # Gemma 3: window layers keep their own window; freeze/offload act on the full-attention layers' cache
-    tokens = random_tokens(200, seed=19, vocab=200000)
+def test_iswa_model_manages_the_full_attention_cache(iswa_model):
+    # Gemma 3 (and its written stand-in): window layers keep their own window; freeze/offload act on the
+    # full-attention layers' cache
+    path, vocab = iswa_model
+    tokens = random_tokens(200, seed=19, vocab=vocab)
     offload = list(range(8, 60, 3)) + list(range(100, 140))
-    expected, got = reference_and_roundtrip(gemma3_path, tokens, offload,
+    expected, got = reference_and_roundtrip(path, tokens, offload,
                                             n_ctx=512, kv_type="f16", flash_attn="on", n_batch=64, n_ubatch=64)
     assert np.array_equal(expected, got)
-    with session(gemma3_path, n_ctx=512, n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+    with session(path, n_ctx=512, n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
         info = kv.info()
         assert info.iswa and info.n_layer_kv < info.n_layer
         s.decode(tokens[:100], 0)

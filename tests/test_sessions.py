@@ -18,7 +18,7 @@ from asrkf_gguf.engine import Engine, EngineError
 from asrkf_gguf.errors import SessionError
 from asrkf_gguf.kv import AsrkfError
 
-from conftest import KV_CASES, fetched_model, random_tokens, session
+from conftest import KV_CASES, random_tokens, session
 
 N_CELLS = 128
 CHUNK = 32
@@ -372,16 +372,9 @@ def test_switching_chats_gives_each_chat_its_own_replies(demo_model_path, tmp_pa
     switch_between_two_chats(demo_model_path, KW, while_parked=while_parked)
 
 
-@pytest.fixture(scope="module")
-def gemma3_path():
-    from asrkf_gguf.models import fetch_gemma3_model
-
-    return fetched_model(fetch_gemma3_model)
-
-
-def test_a_model_with_window_layers_is_refused_clearly(gemma3_path, tmp_path):
+def test_a_model_with_window_layers_is_refused_clearly(iswa_model, tmp_path):
     # iSWA: the window layers' K/V live outside the managed cache, so a session would miss them
-    with Engine(gemma3_path, ctx=1024, kv_budget=512, n_threads=2, chat_template="gemma") as e:
+    with Engine(iswa_model[0], ctx=1024, kv_budget=512, n_threads=2, chat_template="gemma") as e:
         "".join(e.chat("Hello", max_tokens=4))
         before = e.cached_tokens()
         for call in (lambda: e.save(tmp_path / "g.session"), e.new_chat):

@@ -31,11 +31,13 @@ __all__ = ["TinyModelSpec", "write_tiny_model", "tiny_model"]
 _FORMAT_VERSION = 1
 _MAMBA_FORMAT_VERSION = 1
 
-_ATTENTION_ARCHS = ("llama", "qwen2")
+_ATTENTION_ARCHS = ("llama", "qwen2", "gemma3")
 _SSM_ARCHS = ("mamba",)
 _ARCHS = _ATTENTION_ARCHS + _SSM_ARCHS
 _DTYPES = {"f32": np.float32, "f16": np.float16}
-_RMS_EPS = {"llama": 1e-5, "qwen2": 1e-6, "mamba": 1e-5}
+_RMS_EPS = {"llama": 1e-5, "qwen2": 1e-6, "gemma3": 1e-6, "mamba": 1e-5}
+# llama.cpp's Gemma 3 with a sliding window: every 6th layer attends the whole context, the others the window
+_GEMMA3_SWA_PATTERN = 6
 # Fields only the attention archs use, and fields only mamba uses. Each kind of
 # spec leaves the other's fields out of its cache key, so adding the mamba
 # fields did not change the keys (and cached files) of llama/qwen2 specs.
@@ -82,6 +84,9 @@ class TinyModelSpec:
     ssm_dt_rank: int | None = None  # rank of the time-step projection
     # tokenizer.chat_template (a Jinja template), as converters write a model's own; None: no template
     chat_template: str | None = None
+    # gemma3 only: the window of its sliding-window layers (llama.cpp's iSWA cache: every 6th layer attends the
+    # whole context, so n_layer >= 6); None: every layer attends the whole context
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in _ARCHS:
@@ -141,6 +146,14 @@ class TinyModelSpec:
             raise ValueError(
                 f"qwen2 needs n_head * head_dim == n_embd, got {self.n_head} * {self.head_dim} != {self.n_embd}"
             )
+        if self.sliding_window is not None:
+            if self.arch != "gemma3":
+                raise ValueError(f"sliding_window is a gemma3 setting; arch={self.arch!r} does not use it")
+            if not isinstance(self.sliding_window, int) or self.sliding_window < 1:
+                raise ValueError(f"sliding_window must be a positive int, got {self.sliding_window!r}")
+            if self.n_layer < _GEMMA3_SWA_PATTERN:
+                raise ValueError(f"a gemma3 with a sliding window needs n_layer >= {_GEMMA3_SWA_PATTERN} (every "
+                                 f"{_GEMMA3_SWA_PATTERN}th layer attends the whole context), got {self.n_layer}")
         if not isinstance(self.rope_theta, (int, float)) or not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta!r}")
         # 10000 and 10000.0 are the same spec: keep cache_key the same too.
@@ -188,8 +201,9 @@ class TinyModelSpec:
             unused, version = _SSM_FIELDS, _FORMAT_VERSION
         for field in unused:
             del fields[field]
-        if fields["chat_template"] is None:
-            del fields["chat_template"]  # the models written before the field existed keep their key
+        for late in ("chat_template", "sliding_window"):
+            if fields[late] is None:
+                del fields[late]  # the models written before the field existed keep their key
         data = {"format": version, **fields}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -257,6 +271,8 @@ def _add_metadata(writer, spec: TinyModelSpec) -> None:
         writer.add_value_length(spec.head_dim)
         writer.add_rope_dimension_count(spec.head_dim)
         writer.add_rope_freq_base(float(spec.rope_theta))
+        if spec.sliding_window is not None:
+            writer.add_sliding_window(spec.sliding_window)
     writer.add_layer_norm_rms_eps(_RMS_EPS[spec.arch])
     writer.add_vocab_size(spec.n_vocab)
 
@@ -354,9 +370,15 @@ def _tensors(spec: TinyModelSpec):
             yield n(M.ATTN_K) + ".bias", vector(n_kv, 0.1)
             yield n(M.ATTN_V) + ".bias", vector(n_kv, 0.1)
         yield n(M.ATTN_OUT) + ".weight", weight(spec.n_embd, n_q)
+        if spec.arch == "gemma3":  # per-head q/k norms and norms after attention and after the FFN
+            yield n(M.ATTN_Q_NORM) + ".weight", ones(spec.head_dim)
+            yield n(M.ATTN_K_NORM) + ".weight", ones(spec.head_dim)
+            yield n(M.ATTN_POST_NORM) + ".weight", ones(spec.n_embd)
         yield n(M.FFN_NORM) + ".weight", ones(spec.n_embd)
         yield n(M.FFN_GATE) + ".weight", weight(spec.n_ff, spec.n_embd)
         yield n(M.FFN_UP) + ".weight", weight(spec.n_ff, spec.n_embd)
         yield n(M.FFN_DOWN) + ".weight", weight(spec.n_embd, spec.n_ff)
+        if spec.arch == "gemma3":
+            yield n(M.FFN_POST_NORM) + ".weight", ones(spec.n_embd)
     yield names[M.OUTPUT_NORM] + ".weight", ones(spec.n_embd)
     yield names[M.OUTPUT] + ".weight", weight(spec.n_vocab, spec.n_embd)
