@@ -123,6 +123,18 @@ def test_restore_rule_is_validated_and_the_eval_settings_pin_it():
     assert "recovery_under_budget" not in controller_params(SETTINGS["asrkf"])
 
 
+def test_a_settings_policy_params_reach_the_engines_policy(demo_model_path):
+    # asrkf-norec-q15 (issue 16: recovery against freezing less) freezes below the 15% quantile, without recovery
+    from asrkf_gguf.evaluation.runner import engine_for
+    from asrkf_gguf.evaluation.tasks import Case
+
+    case = Case(task="kl", ctx=512, depth=None, seed=0)
+    with engine_for(demo_model_path, case, SETTINGS["asrkf-norec-q15"], 1.0, n_threads=2) as e:
+        assert e.policy.low_quantile == 0.15 and e.controller.config.recovery is False
+    with engine_for(demo_model_path, case, SETTINGS["asrkf"], 1.0, n_threads=2) as e:
+        assert e.policy.low_quantile == 0.25 and e.controller.config.recovery is True
+
+
 def test_spikes_are_indexed_by_the_step_whose_distribution_spiked():
     # prompt of 10 in two chunks, then decodes; a decode leaving n tokens gave the distribution of forced n - 10.
     # A rewalk (logical count going back) measures steps again: only the first measurement counts

@@ -25,7 +25,7 @@ from .tasks import KL_TASKS
 
 KINDS = ["kl", "kl-code", "kl-docs"]
 KIND_NAME = {"kl": "essays", "kl-code": "code", "kl-docs": "docs"}
-ORDER = ["h2o", "asrkf-norec", "asrkf-paper", "asrkf-fresh", "asrkf-fresh-all", "asrkf"]
+ORDER = ["h2o", "asrkf-norec", "asrkf-norec-q15", "asrkf-paper", "asrkf-fresh", "asrkf-fresh-all", "asrkf"]
 ACTING = {"FR", "RR"}  # the levels that move anything once the budget binds (nothing is frozen then)
 
 
@@ -40,6 +40,15 @@ def load_runs(dirs: Sequence[str]) -> List[dict]:
             if r["setting"] != "full":
                 runs.append({**r, "full_spikes": full.get(r["case"])})
     return runs
+
+
+def _kv(r: dict) -> dict:
+    kv = r.get("kv") or {}
+    if isinstance(kv, str):  # older records keep it as the dict's text
+        import ast
+
+        kv = ast.literal_eval(kv)
+    return kv
 
 
 def _text(r: dict) -> tuple:
@@ -147,6 +156,8 @@ def summarize(runs: Sequence[dict]) -> dict:
                 "rewalks_per_1k": 1000 * sum(r["rewalks"] for r in sel) / n_tok,
                 "decode_s": float(np.mean([r["timing"]["decode_s"] for r in sel])),
                 "trigger": dict(trig), "trigger_acting": dict(trig_act),
+                # cells the model attended, averaged over the steps (what freezing saves, what recovery gives back)
+                "attended_mean": float(np.mean([_kv(r).get("active_cells_mean", np.nan) for r in sel])),
                 "_shape": (sorted({r["n_continuation"] for r in sel}), sorted({r["ctx"] for r in sel})),
                 "_per_text": per_text,
             }
@@ -168,7 +179,7 @@ def tables(summary: dict) -> str:
              "Median of the pooled tokens with a 95% bootstrap interval over texts; Δ vs norec: the paired difference "
              "of pooled medians (texts resampled); wins: texts whose own median is below norec's.", "",
              "| budget | setting | kind | texts | KL median [95% CI] | Δ median vs norec [95% CI] | wins | p95 | mean "
-             "| top-1 |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| top-1 | cells attended (mean) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for setting, budget in keys:
         base = summary.get(("asrkf-norec", budget), {})
         for kind, f in summary[(setting, budget)].items():
@@ -181,7 +192,7 @@ def tables(summary: dict) -> str:
                 wins = f"{w}/{len(common)}"
             lines.append(f"| {budget:g} | {setting} | {KIND_NAME.get(kind, kind)} | {f['texts']} | {_f(f['median'])} "
                          f"[{_f(f['ci'][0])}, {_f(f['ci'][1])}] | {delta} | {wins} | {_f(f['p95'])} | {_f(f['mean'])} "
-                         f"| {f['top1']:.3f} |")
+                         f"| {f['top1']:.3f} | {f['attended_mean']:.0f} |")
     lines += ["", "### Recovery events, tokens restored and their cost (pooled over texts)", "",
               "| budget | setting | events / 1k tokens | FR+RR / 1k | tokens restored / 1k | restored per FR/RR | "
               "rewalks / 1k (5 extra decodes each) | controller ms / 1k tokens in recovery | decode s (mean a run) |",
@@ -217,7 +228,7 @@ def tables(summary: dict) -> str:
     return "\n".join(lines)
 
 
-COLORS = {"h2o": "tab:red", "asrkf-norec": "tab:cyan", "asrkf-paper": "tab:blue", "asrkf-fresh": "tab:green",
+COLORS = {"h2o": "tab:red", "asrkf-norec": "tab:cyan", "asrkf-norec-q15": "tab:gray", "asrkf-paper": "tab:blue", "asrkf-fresh": "tab:green",
           "asrkf-fresh-all": "tab:olive", "asrkf": "tab:purple"}
 
 
