@@ -343,5 +343,8 @@ def test_batch_sizes_reach_llama_cpp_and_split_the_prompt_alike(demo_model_path)
         assert "".join(e.generate(prompt, max_tokens=4, temperature=0))
     with Engine(demo_model_path, ctx=1024, n_threads=2, n_batch=64, n_ubatch=256) as e:
         assert llama_cpp.llama_n_ubatch(e.session.context.ctx) == 64
-    with pytest.raises(EngineError, match="n_batch must be a positive"):
-        Engine(demo_model_path, ctx=1024, n_batch=0)
+    for bad in (0, None, 2.5):
+        with pytest.raises(EngineError, match="n_batch must be a positive"):
+            Engine(demo_model_path, ctx=1024, n_batch=bad)
+    with pytest.raises(EngineError, match="n_ubatch must be a positive"):
+        Engine(demo_model_path, ctx=1024, n_ubatch=-3)

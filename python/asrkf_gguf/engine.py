@@ -201,7 +201,8 @@ class Engine:
                 raise EngineError("rpc puts the layers that n_gpu_layers offloads on the RPC servers: with "
                                   "n_gpu_layers=0 nothing would go there (-1 or 99: every layer)")
         for name, value in (("n_batch", n_batch), ("n_ubatch", n_ubatch)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            if (value is not None or name == "n_batch") and (isinstance(value, bool) or
+                                                             not isinstance(value, numbers.Integral) or value < 1):
                 raise EngineError(f"{name} must be a positive number of tokens, got {value!r}")
         n_ubatch = min(n_ubatch or 512, n_batch)  # llama.cpp clamps it too
         try:
