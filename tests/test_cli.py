@@ -196,7 +196,10 @@ def test_ctrl_c_exits_130_without_a_traceback(demo_model_path):
                              "--prompt", "Count from one to one thousand, in words.", "--max-tokens", "900",
                              "--seed", "1", "--ignore-eos"],  # the demo answers "What?": without it the run
                             # could end before the signal arrives (exit 0; seen once on a loaded CI machine)
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            # as from a terminal: a shell's background job (`cmd &`) ignores SIGINT, its children
+                            # inherit that, and Python then installs no KeyboardInterrupt handler
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout.read(1)  # it is generating
         proc.send_signal(signal.SIGINT)
