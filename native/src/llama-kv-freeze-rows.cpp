@@ -117,9 +117,10 @@ ggml_backend_buffer_t llama_kv_freeze::device_buffer(ggml_backend_t backend, int
         return buf;
     }
     if (buf) {
-        // grown by half at least: a prompt's offloads differ by a few tokens, and each regrowth is a device free
-        // (which waits for the device) and an allocation
-        size = std::max(size, ggml_backend_buffer_get_size(buf) + ggml_backend_buffer_get_size(buf)/2);
+        // grown by half at least, up to the largest pass: a prompt's offloads differ by a few tokens, and each
+        // regrowth is a device free (which waits for the device) and an allocation
+        const size_t grown = ggml_backend_buffer_get_size(buf) + ggml_backend_buffer_get_size(buf)/2;
+        size = std::max(size, which == 1 ? std::min(grown, std::max(scratch_bytes, deferred_scratch_bytes)) : grown);
         ggml_backend_buffer_free(buf);
     }
     buf = ggml_backend_alloc_buffer(backend, size);
