@@ -42,15 +42,6 @@ def load_runs(dirs: Sequence[str]) -> List[dict]:
     return runs
 
 
-def _kv(r: dict) -> dict:
-    kv = r.get("kv") or {}
-    if isinstance(kv, str):  # older records keep it as the dict's text
-        import ast
-
-        kv = ast.literal_eval(kv)
-    return kv
-
-
 def _text(r: dict) -> tuple:
     return r["task"], r["seed"]
 
@@ -157,7 +148,7 @@ def summarize(runs: Sequence[dict]) -> dict:
                 "decode_s": float(np.mean([r["timing"]["decode_s"] for r in sel])),
                 "trigger": dict(trig), "trigger_acting": dict(trig_act),
                 # cells the model attended, averaged over the steps (what freezing saves, what recovery gives back)
-                "attended_mean": float(np.mean([_kv(r).get("active_cells_mean", np.nan) for r in sel])),
+                "attended_mean": float(np.mean([r["kv"]["active_cells_mean"] for r in sel])),
                 "_shape": (sorted({r["n_continuation"] for r in sel}), sorted({r["ctx"] for r in sel})),
                 "_per_text": per_text,
             }
