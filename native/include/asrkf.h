@@ -158,6 +158,14 @@ ASRKF_API int32_t asrkf_kv_unfreeze(asrkf_kv_t kv, int32_t seq_id, const int32_t
 // refused for the newest position of the sequence and for cells shared with another sequence
 ASRKF_API int32_t asrkf_kv_offload(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n);
 
+// copy the rows of resident positions to host memory now, leaving them resident (and attended): a later
+// asrkf_kv_offload of one of them only frees its cell. The copies made ahead for seq_id become those of pos (the
+// others are released; n = 0 releases all). Removing, shifting or loading the sequence's positions releases theirs.
+// A controller that offloads in batches copies a batch ahead and frees one cell per new token
+ASRKF_API int32_t asrkf_kv_offload_ahead(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n);
+// how many positions of seq_id (-1: of every sequence) have a copy made ahead
+ASRKF_API int32_t asrkf_kv_ahead(asrkf_kv_t kv, int32_t seq_id, int32_t * n_out);
+
 // bring offloaded positions back into free cells (a contiguous run when one exists), active or frozen
 ASRKF_API int32_t asrkf_kv_thaw(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n, bool frozen);
 

@@ -223,6 +223,26 @@ int32_t asrkf_kv_offload(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int
     return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.offload(seq_id, positions(pos, n)); });
 }
 
+int32_t asrkf_kv_offload_ahead(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.offload_ahead(seq_id, positions(pos, n)); });
+}
+
+int32_t asrkf_kv_ahead(asrkf_kv_t kv, int32_t seq_id, int32_t * n_out) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
+        kvf.sync();
+        if (seq_id >= 0) {
+            kvf.stream(seq_id); // range check
+        }
+        int32_t n = 0;
+        for (const auto & [key, rec] : kvf.ahead) {
+            n += seq_id < 0 || key.first == seq_id;
+        }
+        if (n_out) {
+            *n_out = n;
+        }
+    });
+}
+
 int32_t asrkf_kv_thaw(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n, bool frozen) {
     return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.thaw(seq_id, positions(pos, n), frozen); });
 }

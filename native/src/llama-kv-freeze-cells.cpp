@@ -12,6 +12,7 @@
 #include <cinttypes>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <set>
 
 // the cell-state operations: freeze / unfreeze (a flag), offload (rows to the host store, cells freed), thaw (rows
@@ -52,8 +53,10 @@ static double kvf_ms(kvf_clock::time_point a, kvf_clock::time_point b) {
 
 void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> & pos) {
     const auto t_start = kvf_clock::now();
-    sync();
-    const auto t_synced = kvf_clock::now();
+    if (!lctx) {
+        KVF_FAIL(ASRKF_EFREED, "the llama_context of this handle was freed");
+    }
+    finish_pending(); // the records' checksums, and the copies made ahead, are final once it is done
 
     if (pos.empty()) {
         return;
@@ -84,12 +87,28 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
     }
     std::sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) { return idx[a] < idx[b]; });
 
-    std::vector<uint32_t>  cell(order.size());
-    std::vector<llama_pos> cpos(order.size());
+    // the positions copied ahead (offload_ahead) only free their cells; the others are copied now
+    std::vector<uint32_t>  cell, cell_all(order.size());
+    std::vector<llama_pos> cpos, cpos_ahead;
+    cell.reserve(order.size());
+    cpos.reserve(order.size());
     for (uint32_t i = 0; i < order.size(); ++i) {
-        cell[i] = idx[order[i]];
-        cpos[i] = pos[order[i]];
+        cell_all[i] = idx[order[i]];
+        if (ahead.count({seq_id, pos[order[i]]})) {
+            cpos_ahead.push_back(pos[order[i]]);
+        } else {
+            cell.push_back(idx[order[i]]);
+            cpos.push_back(pos[order[i]]);
+        }
     }
+
+    // only rows copied now need the device to be done: releasing copies made ahead changes host state only (the
+    // next decode, queued behind any graph still running, is what writes the freed cells). A controller frees one
+    // cell per token that way, and a synchronize per token is what a GPU step cannot afford
+    if (!cell.empty()) {
+        sync();
+    }
+    const auto t_synced = kvf_clock::now();
 
     const auto   t_alloc0     = kvf_clock::now();
     const double hash_before  = store.hash_seconds;
@@ -101,7 +120,9 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
 
     std::vector<llama_kv_host_slot> slot;
     try {
-        slot = store.alloc((uint32_t) cell.size());
+        if (!cell.empty()) {
+            slot = store.alloc((uint32_t) cell.size());
+        }
     } catch (const std::bad_alloc &) {
         KVF_FAIL(ASRKF_EBACKEND, "offload: out of host memory for %zu tokens (%zu bytes each)", cell.size(), store.token_bytes());
     }
@@ -112,7 +133,9 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
     std::function<void()> deferred;
     std::vector<uint64_t> sums(cell.size(), 0);
     try {
-        copy_to_host(stream(seq_id), cell, slot, sums.data(), staged ? &deferred : nullptr);
+        if (!cell.empty()) {
+            copy_to_host(stream(seq_id), cell, slot, sums.data(), staged ? &deferred : nullptr);
+        }
         t_returned = kvf_clock::now();
 
         for (uint32_t i = 0; i < cell.size(); ++i) {
@@ -152,7 +175,14 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
 
     const auto t_copied = kvf_clock::now();
 
-    for (const uint32_t i : cell) {
+    // the copies made ahead become records (sync() above finished any copy of theirs still running)
+    for (const llama_pos p : cpos_ahead) {
+        auto it = ahead.find({seq_id, p});
+        records.emplace(it->first, it->second); // its cell: where it was, as offload records it
+        ahead.erase(it);
+    }
+
+    for (const uint32_t i : cell_all) {
         c.rm(i);
     }
 
@@ -160,11 +190,11 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
 
     if (trace_moves) {
         const auto t_end = kvf_clock::now();
-        fprintf(stderr, "asrkf-trace offload n=%zu cell_runs=%zu slot_runs=%zu chunk_allocs=%llu MB=%.1f sync_ms=%.3f "
+        fprintf(stderr, "asrkf-trace offload n=%zu ahead=%zu cell_runs=%zu slot_runs=%zu chunk_allocs=%llu MB=%.1f sync_ms=%.3f "
                 "prep_ms=%.3f alloc_ms=%.3f copy_ms=%.3f hash_ms=%.3f free_ms=%.3f total_ms=%.3f "
                 "gather_plan_ms=%.3f gather_queue_ms=%.3f gather_wait_ms=%.3f gather_passes=%llu staging_ms=%.3f "
                 "gather_call_ms=%.3f copy_fn_ms=%.3f records_thread_ms=%.3f\n",
-                cell.size(), kvf_runs(cell, slot).size(), kvf_slot_runs(slot).size(),
+                cell.size(), cpos_ahead.size(), kvf_runs(cell, slot).size(), kvf_slot_runs(slot).size(),
                 (unsigned long long) (store.n_chunk_allocs - allocs_before), cell.size()*store.token_bytes()/1e6,
                 kvf_ms(t_start, t_synced), kvf_ms(t_synced, t_alloc0), kvf_ms(t_alloc0, t_alloc1), kvf_ms(t_alloc1, t_copied),
                 1e3*(store.hash_seconds - hash_before), kvf_ms(t_copied, t_end), kvf_ms(t_start, t_end),
@@ -172,6 +202,103 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
                 (unsigned long long) (gather_passes - g_passes0), 1e3*(staging_s - g_stage0), 1e3*(gather_call_s - g_call0),
                 kvf_ms(t_alloc1, t_returned), kvf_ms(t_returned, t_copied));
     }
+}
+
+//
+// offload ahead
+//
+
+void llama_kv_freeze::offload_ahead(llama_seq_id seq_id, const std::vector<llama_pos> & pos) {
+    sync();
+
+    auto & c = cells(seq_id);
+
+    if (c.get_has_shift()) {
+        KVF_FAIL(ASRKF_EREFUSED, "offload_ahead: a K-shift is pending; decode once (or call llama_memory_update) first");
+    }
+
+    // the checks of offload but the newest position's: a copy made ahead is refused nothing that offload allows
+    const std::vector<uint32_t> idx = cells_of(seq_id, pos, "offload_ahead");
+    for (size_t i = 0; i < idx.size(); ++i) {
+        if (c.seq_count(idx[i]) != 1) {
+            KVF_FAIL(ASRKF_EREFUSED, "offload_ahead: the cell of position %d is shared with another sequence", pos[i]);
+        }
+    }
+
+    // copies of pos already made stay; those of other positions of seq_id are released
+    std::vector<std::pair<uint32_t, llama_pos>> todo; // (cell, pos) to copy, by cell
+    {
+        std::set<llama_pos> want(pos.begin(), pos.end());
+        for (auto it = ahead.lower_bound({seq_id, std::numeric_limits<llama_pos>::min()});
+             it != ahead.end() && it->first.first == seq_id;) {
+            if (want.count(it->first.second)) {
+                ++it;
+            } else {
+                store.release(it->second.slot);
+                it = ahead.erase(it);
+            }
+        }
+        for (size_t i = 0; i < idx.size(); ++i) {
+            if (!ahead.count({seq_id, pos[i]})) {
+                todo.emplace_back(idx[i], pos[i]);
+            }
+        }
+    }
+    if (todo.empty()) {
+        return;
+    }
+    std::sort(todo.begin(), todo.end()); // ascending cells: consecutive cells into consecutive slots
+
+    std::vector<uint32_t> cell(todo.size());
+    for (size_t i = 0; i < todo.size(); ++i) {
+        cell[i] = todo[i].first;
+    }
+
+    std::vector<llama_kv_host_slot> slot;
+    try {
+        slot = store.alloc((uint32_t) cell.size());
+    } catch (const std::bad_alloc &) {
+        KVF_FAIL(ASRKF_EBACKEND, "offload_ahead: out of host memory for %zu tokens (%zu bytes each)", cell.size(), store.token_bytes());
+    }
+
+    std::function<void()> deferred;
+    std::vector<uint64_t> sums(cell.size(), 0);
+    try {
+        copy_to_host(stream(seq_id), cell, slot, sums.data(), staged ? &deferred : nullptr);
+        for (size_t i = 0; i < cell.size(); ++i) {
+            llama_kv_freeze_record rec;
+            rec.slot     = slot[i];
+            rec.ext      = c.ext_get(cell[i]);
+            rec.checksum = sums[i];
+            rec.cell     = cell[i];
+            ahead.emplace(std::make_pair(seq_id, todo[i].second), rec);
+        }
+    } catch (...) {
+        finish_copies();
+        for (size_t i = 0; i < cell.size(); ++i) {
+            ahead.erase({seq_id, todo[i].second}); // new keys only
+            store.release(slot[i]);
+        }
+        throw;
+    }
+
+    if (deferred) {
+        auto job = std::make_unique<pending_offload>();
+        job->keys.reserve(todo.size());
+        for (const auto & [ci, p] : todo) {
+            job->keys.emplace_back(seq_id, p);
+        }
+        job->sums = std::move(sums);
+        try {
+            job->worker = std::thread(deferred);
+            pending = std::move(job);
+        } catch (const std::system_error &) {
+            deferred();
+            pending = std::move(job);
+            finish_pending();
+        }
+    }
+    // the cells are unchanged: no epoch bump, the importance of the latest decode still holds
 }
 
 //

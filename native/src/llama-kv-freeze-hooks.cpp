@@ -23,8 +23,12 @@ void llama_kv_freeze::on_clear() {
         for (const auto & [key, rec] : records) {
             store.release(rec.slot); // the parked sequences' slots are not the cache's to clear
         }
+        for (const auto & [key, rec] : ahead) {
+            store.release(rec.slot);
+        }
     }
     records.clear();
+    ahead.clear();
     epoch++;
 }
 
@@ -45,6 +49,7 @@ void llama_kv_freeze::on_seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1)
             ++it;
         }
     }
+    drop_ahead(seq_id, p0, p1);
     epoch++;
 }
 
@@ -58,7 +63,34 @@ void llama_kv_freeze::on_seq_keep(llama_seq_id seq_id) {
             ++it;
         }
     }
+    for (auto it = ahead.begin(); it != ahead.end();) {
+        if (it->first.first != seq_id) {
+            store.release(it->second.slot);
+            it = ahead.erase(it);
+        } else {
+            ++it;
+        }
+    }
     epoch++;
+}
+
+void llama_kv_freeze::drop_ahead(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    finish_pending(); // its thread may still be writing into these slots
+    if (p0 < 0) {
+        p0 = 0;
+    }
+    if (p1 < 0) {
+        p1 = std::numeric_limits<llama_pos>::max();
+    }
+    for (auto it = ahead.begin(); it != ahead.end();) {
+        const auto & [s, p] = it->first;
+        if ((seq_id < 0 || s == seq_id) && p >= p0 && p < p1) {
+            store.release(it->second.slot);
+            it = ahead.erase(it);
+        } else {
+            ++it;
+        }
+    }
 }
 
 bool llama_kv_freeze::has_offloaded(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const {
@@ -204,12 +236,21 @@ bool llama_kv_freeze_allow_seq_add(const llama_kv_freeze * kvf, llama_seq_id seq
     // the moved range and where it lands
     const llama_pos lo = std::min(std::max(p0, 0), std::max(p0, 0) + shift);
     const llama_pos hi = p1 < 0 ? -1 : std::max(p1, p1 + shift);
-    return !kvf->has_offloaded(seq_id, lo, hi) || kvf_refuse("seq_add", seq_id, lo, hi);
+    if (kvf->has_offloaded(seq_id, lo, hi)) {
+        return kvf_refuse("seq_add", seq_id, lo, hi);
+    }
+    // the shift rewrites the keys of the moved cells: copies made ahead of them would thaw the old rows
+    const_cast<llama_kv_freeze *>(kvf)->drop_ahead(seq_id);
+    return true;
 }
 
 bool llama_kv_freeze_allow_seq_div(const llama_kv_freeze * kvf, llama_seq_id seq_id, llama_pos p0, llama_pos p1, int d) {
     const llama_pos lo = d > 0 ? std::max(p0, 0) / d : 0;
-    return !kvf->has_offloaded(seq_id, lo, p1) || kvf_refuse("seq_div", seq_id, lo, p1);
+    if (kvf->has_offloaded(seq_id, lo, p1)) {
+        return kvf_refuse("seq_div", seq_id, lo, p1);
+    }
+    const_cast<llama_kv_freeze *>(kvf)->drop_ahead(seq_id); // as seq_add
+    return true;
 }
 
 bool llama_kv_freeze_allow_state(const llama_kv_freeze * kvf, const char * op, llama_seq_id seq_id) {

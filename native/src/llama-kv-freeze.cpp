@@ -260,6 +260,8 @@ void llama_kv_freeze::finish_pending() {
         auto it = records.find(pending->keys[i]);
         if (it != records.end()) {
             it->second.checksum = pending->sums[i];
+        } else if ((it = ahead.find(pending->keys[i])) != ahead.end()) {
+            it->second.checksum = pending->sums[i];
         }
     }
     pending.reset();
@@ -408,9 +410,20 @@ void llama_kv_freeze::check() const {
         }
     }
 
-    if (store.bytes_used() != (records.size() + parked_tokens())*store.token_bytes()) {
-        KVF_FAIL(ASRKF_EINVAL, "check: the host store holds %zu bytes for %zu records and %zu parked positions",
-                store.bytes_used(), records.size(), parked_tokens());
+    for (const auto & [key, rec] : ahead) {
+        const auto & sp = c.seq_pos_get(key.first);
+        auto it = sp.lower_bound({key.second, 0u});
+        if (it == sp.end() || it->first != key.second) {
+            KVF_FAIL(ASRKF_EINVAL, "check: position %d of sequence %d has a copy made ahead but is not resident", key.second, key.first);
+        }
+        if (store.checksum(rec.slot) != rec.checksum) {
+            KVF_FAIL(ASRKF_ECHECKSUM, "check: the copy made ahead of position %d of sequence %d failed its checksum", key.second, key.first);
+        }
+    }
+
+    if (store.bytes_used() != (records.size() + ahead.size() + parked_tokens())*store.token_bytes()) {
+        KVF_FAIL(ASRKF_EINVAL, "check: the host store holds %zu bytes for %zu records, %zu copies made ahead and %zu parked positions",
+                store.bytes_used(), records.size(), ahead.size(), parked_tokens());
     }
     for (const auto & [id, pk] : parked) {
         for (const auto & e : pk.entries) {

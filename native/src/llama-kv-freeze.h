@@ -104,7 +104,17 @@ struct llama_kv_freeze {
     //
 
     void freeze (llama_seq_id seq_id, const std::vector<llama_pos> & pos, bool frozen);
+    // positions with a copy made ahead (offload_ahead) free their cells without copying again
     void offload(llama_seq_id seq_id, const std::vector<llama_pos> & pos);
+    // copy the rows of resident positions to the host now and leave them resident and attended: the copies made
+    // ahead for seq_id become those of pos (others are released), and a later offload of one of them only frees
+    // its cell. A controller that offloads in batches (one device round trip per batch) copies a batch ahead and
+    // frees one cell per new token, so the cache stays full instead of a batch short (issue 16: asrkf attended
+    // 1,008 of 1,024 cells against h2o's 1,024)
+    void offload_ahead(llama_seq_id seq_id, const std::vector<llama_pos> & pos);
+    // release the copies made ahead for positions [p0, p1) of seq_id (p1 < 0: no end; seq_id < 0: every
+    // sequence): their cells may be written again (a removal, a shift, a state load)
+    void drop_ahead(llama_seq_id seq_id, llama_pos p0 = -1, llama_pos p1 = -1);
     // verify = false: the caller has just checked these host copies (a session load), skip hashing them again
     void thaw   (llama_seq_id seq_id, const std::vector<llama_pos> & pos, bool frozen, bool verify = true);
 
@@ -199,6 +209,8 @@ struct llama_kv_freeze {
     uint64_t epoch = 0;
 
     std::map<std::pair<llama_seq_id, llama_pos>, llama_kv_freeze_record> records;
+    // copies made ahead (offload_ahead): positions still resident whose rows are also in host slots
+    std::map<std::pair<llama_seq_id, llama_pos>, llama_kv_freeze_record> ahead;
 
     llama_kv_host_store store;
 

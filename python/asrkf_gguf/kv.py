@@ -219,6 +219,18 @@ class KVCache:
         p = _positions(pos)
         _check("offload", lib.asrkf_kv_offload(self._h(), seq_id, _i32(p), p.size))
 
+    def offload_ahead(self, pos: Positions, seq_id: int = 0) -> None:
+        """Copy resident positions to host memory now and leave them resident: a later offload() of one of them
+        only frees its cell. The copies made ahead for seq_id become exactly those of pos (empty: none)."""
+        p = _positions(pos)
+        _check("offload_ahead", lib.asrkf_kv_offload_ahead(self._h(), seq_id, _i32(p), p.size))
+
+    def ahead(self, seq_id: int = -1) -> int:
+        """How many positions of seq_id (-1: every sequence) have a copy made ahead."""
+        n = ffi.new("int32_t *")
+        _check("ahead", lib.asrkf_kv_ahead(self._h(), seq_id, n))
+        return int(n[0])
+
     def thaw(self, pos: Positions, seq_id: int = 0, *, frozen: bool = False) -> None:
         p = _positions(pos)
         _check("thaw", lib.asrkf_kv_thaw(self._h(), seq_id, _i32(p), p.size, frozen))
