@@ -176,22 +176,33 @@ def test_recovery_switch_watches_entropy_but_acts_only_when_on(tiny_path, recove
         ctl.table.check(kv)
 
 
-def test_a_full_budget_offloads_a_batch_at_a_time(tiny_path):
-    # one move of offload_batch tokens every few dozen steps, not a one-token device round trip per step
+@pytest.mark.parametrize("ahead", [True, False])
+def test_a_full_budget_offloads_a_batch_at_a_time(tiny_path, ahead):
+    # one move of offload_batch tokens every few dozen steps, not a one-token device round trip per step: copied
+    # ahead in one pass, then one cell freed per new token (offload_ahead), or the whole batch freed at once
     prompt = random_tokens(140, seed=47)
-    with session(tiny_path, n_ctx=160, flash_attn="on", n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
-        ctl = Controller(kv, make_policy("asrkf", recent=16), ControllerConfig(budget_cells=150, offload_batch=20))
+    with session(tiny_path, n_ctx=160, flash_attn="on", n_batch=64, n_ubatch=64) as s, \
+            KVCache(ctx=s.context, force_gather=True) as kv:
+        ctl = Controller(kv, make_policy("asrkf", recent=16),
+                         ControllerConfig(budget_cells=150, offload_batch=20, offload_ahead=ahead))
         generate(s, ctl, prompt, 0)
-        moves = []
+        moves, copied, gathers = [], [], []
         for _ in range(40):
-            before = ctl.stats.offloads
+            before, before_ahead, before_gathers = ctl.stats.offloads, ctl.stats.offloads_ahead, kv.info().n_gathers
             ctl.make_room(1)
             moves.append(ctl.stats.offloads - before)
+            copied.append(ctl.stats.offloads_ahead - before_ahead)
+            gathers.append(kv.info().n_gathers - before_gathers)
             s.decode([5], ctl.table.n)
             ctl.on_decoded(1, None)
             c = ctl.table.counts()
             assert c["active"] + c["frozen"] <= 150
-        assert [m for m in moves if m] == [20, 20]
+        if ahead:
+            assert [m for m in copied if m] == [20, 20]
+            assert moves[moves.index(1):] == [1] * (40 - moves.index(1))  # one token leaves per token decoded
+        else:
+            assert [m for m in moves if m] == [20, 20]
+        assert sum(gathers) == 2  # one device copy per batch either way
         ctl.table.check(kv)
 
 

@@ -398,3 +398,26 @@ def test_saving_or_dropping_an_idle_chat_leaves_the_current_turn_running(demo_mo
         assert got == want and e.chat_ids() == [e.chat_id]
         assert e.kv.info().host_bytes_used == e.chat_memory()[e.chat_id]["host_bytes"]
         e.kv.check()
+
+
+def test_a_parked_chat_keeps_the_rest_of_its_offload_batch(demo_model_path):
+    # the tokens of a chat's last offload batch still to leave are its own: another chat's would evict the wrong
+    # tokens (or none), and the chat's replies would differ from the same chat run alone
+    def rest(c):
+        return c._ahead[c._ahead_next:].copy()
+
+    with Engine(demo_model_path, **KW) as e:
+        first = e.chat_id
+        "".join(e.chat(C1[0], max_tokens=6))
+        mine = rest(e.controller)
+        assert mine.size > 0  # a batch of 3 (96 // 32) copied ahead, not all gone yet
+        e.new_chat()
+        assert rest(e.controller).size == 0
+        "".join(e.chat(C2[0], max_tokens=4))
+        theirs = rest(e.controller)
+        e.switch(first)
+        assert np.array_equal(rest(e.controller), mine)
+        second = [c for c in e.chat_ids() if c != first][0]
+        e.switch(second)
+        assert np.array_equal(rest(e.controller), theirs)
+        e.controller.table.check(e.kv)

@@ -25,7 +25,7 @@ from .tasks import KL_TASKS
 
 KINDS = ["kl", "kl-code", "kl-docs"]
 KIND_NAME = {"kl": "essays", "kl-code": "code", "kl-docs": "docs"}
-ORDER = ["h2o", "asrkf-norec", "asrkf-norec-q15", "asrkf-paper", "asrkf-fresh", "asrkf-fresh-all", "asrkf"]
+ORDER = ["h2o", "asrkf-norec", "asrkf-norec-q15", "asrkf-paper", "asrkf-fresh", "asrkf-fresh-all", "asrkf-batch", "asrkf"]
 ACTING = {"FR", "RR"}  # the levels that move anything once the budget binds (nothing is frozen then)
 
 
@@ -220,7 +220,7 @@ def tables(summary: dict) -> str:
 
 
 COLORS = {"h2o": "tab:red", "asrkf-norec": "tab:cyan", "asrkf-norec-q15": "tab:gray", "asrkf-paper": "tab:blue", "asrkf-fresh": "tab:green",
-          "asrkf-fresh-all": "tab:olive", "asrkf": "tab:purple"}
+          "asrkf-fresh-all": "tab:olive", "asrkf-batch": "tab:brown", "asrkf": "tab:purple"}
 
 
 def plot(summary: dict, runs: Sequence[dict], path: str) -> None:

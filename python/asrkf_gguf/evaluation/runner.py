@@ -55,6 +55,9 @@ SETTINGS: Dict[str, Setting] = {s.name: s for s in (
     # no recovery, freezing below the 15% quantile instead of 25%: about as many cells attended as asrkf with
     # recovery where the budget has room (issue 16: does recovery beat freezing less?)
     Setting("asrkf-norec-q15", "asrkf", recovery=False, policy_params=(("low_quantile", 0.15),)),
+    # a batch offload frees all its cells at once, as before copies were made ahead (ControllerConfig.offload_ahead):
+    # half a batch of the budget unattended on average (issue 16 item 2)
+    Setting("asrkf-batch", "asrkf", params=(("offload_ahead", False),)),
 )}
 
 KL_TOP_K = 1024  # reference distribution kept as its top-k log-probs + the tail's total (see kl_topk)
