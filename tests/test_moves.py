@@ -238,3 +238,19 @@ def test_a_staged_offload_finishes_its_host_copies_while_the_next_tokens_decode(
             kv.check()
             logits[pinned] = s.decode(tokens[-1:], len(tokens) - 1)
     assert np.array_equal(logits[True], logits[False])
+
+
+def test_reserving_the_staging_on_a_cpu_cache_allocates_nothing_and_refuses_a_negative_size(tiny_path):
+    # the staging is pinned host memory for device moves: a CPU cache has none to pin, and the host store is not
+    # the staging (reserve_host is)
+    with session(tiny_path, n_ctx=128) as s, KVCache(ctx=s.context) as kv:
+        s.decode(random_tokens(40, seed=5), 0)
+        before = kv.info()
+        kv.reserve_staging(64 << 20)
+        after = kv.info()
+        assert after.host_bytes == before.host_bytes and after.host_bytes_used == before.host_bytes_used == 0
+        with pytest.raises(ValueError):
+            kv.reserve_staging(-1)
+        kv.offload([3, 4])
+        kv.thaw([3, 4])
+        kv.check()

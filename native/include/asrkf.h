@@ -177,6 +177,11 @@ ASRKF_API int32_t asrkf_kv_thaw(asrkf_kv_t kv, int32_t seq_id, const int32_t * p
 // the handle is freed
 ASRKF_API int32_t asrkf_kv_reserve_host(asrkf_kv_t kv, uint64_t bytes);
 
+// have the pinned staging that device moves go through (a pageable host store on a GPU) hold at least `bytes`
+// now, instead of pinning it inside the first offloads of a prompt; does nothing where the device has no pinned
+// host memory (a CPU cache). Kept until the handle is freed
+ASRKF_API int32_t asrkf_kv_reserve_staging(asrkf_kv_t kv, uint64_t bytes);
+
 // importance output: layers are model layer indices with K/V in the managed cache (n_layers = 0: all of them)
 // changing it rebuilds the graph once; enabled = false removes the extra nodes entirely
 ASRKF_API int32_t asrkf_kv_set_importance(asrkf_kv_t kv, bool enabled, int32_t n_q, const int32_t * layers, int32_t n_layers, bool export_q);

@@ -405,6 +405,10 @@ int32_t asrkf_kv_reserve_host(asrkf_kv_t kv, uint64_t bytes) {
     });
 }
 
+int32_t asrkf_kv_reserve_staging(asrkf_kv_t kv, uint64_t bytes) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.reserve_staging((size_t) bytes); });
+}
+
 int32_t asrkf_kv_check(asrkf_kv_t kv) {
     return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.check(); });
 }

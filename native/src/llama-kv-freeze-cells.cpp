@@ -105,12 +105,12 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
     // only rows copied now need the device to be done: releasing copies made ahead changes host state only (the
     // next decode, queued behind any graph still running, is what writes the freed cells). A controller frees one
     // cell per token that way, and a synchronize per token is what a GPU step cannot afford
+    const auto t_prepared = kvf_clock::now();
     if (!cell.empty()) {
         sync();
     }
-    const auto t_synced = kvf_clock::now();
-
-    const auto   t_alloc0     = kvf_clock::now();
+    const auto   t_synced     = kvf_clock::now();
+    const auto   t_alloc0     = t_synced;
     const double hash_before  = store.hash_seconds;
     const double g_plan0 = gather_plan_s, g_queue0 = gather_queue_s, g_wait0 = gather_wait_s;
     const double g_stage0 = staging_s, g_call0 = gather_call_s;
@@ -188,7 +188,8 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
 
     epoch++;
 
-    if (trace_moves) {
+    // a release of copies made ahead moves nothing: no line (one per decoded token would cost more than it)
+    if (trace_moves && !cell.empty()) {
         const auto t_end = kvf_clock::now();
         fprintf(stderr, "asrkf-trace offload n=%zu ahead=%zu cell_runs=%zu slot_runs=%zu chunk_allocs=%llu MB=%.1f sync_ms=%.3f "
                 "prep_ms=%.3f alloc_ms=%.3f copy_ms=%.3f hash_ms=%.3f free_ms=%.3f total_ms=%.3f "
@@ -196,7 +197,7 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
                 "gather_call_ms=%.3f copy_fn_ms=%.3f records_thread_ms=%.3f\n",
                 cell.size(), cpos_ahead.size(), kvf_runs(cell, slot).size(), kvf_slot_runs(slot).size(),
                 (unsigned long long) (store.n_chunk_allocs - allocs_before), cell.size()*store.token_bytes()/1e6,
-                kvf_ms(t_start, t_synced), kvf_ms(t_synced, t_alloc0), kvf_ms(t_alloc0, t_alloc1), kvf_ms(t_alloc1, t_copied),
+                kvf_ms(t_prepared, t_synced), kvf_ms(t_start, t_prepared), kvf_ms(t_alloc0, t_alloc1), kvf_ms(t_alloc1, t_copied),
                 1e3*(store.hash_seconds - hash_before), kvf_ms(t_copied, t_end), kvf_ms(t_start, t_end),
                 1e3*(gather_plan_s - g_plan0), 1e3*(gather_queue_s - g_queue0), 1e3*(gather_wait_s - g_wait0),
                 (unsigned long long) (gather_passes - g_passes0), 1e3*(staging_s - g_stage0), 1e3*(gather_call_s - g_call0),

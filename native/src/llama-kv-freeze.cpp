@@ -214,6 +214,14 @@ uint8_t * llama_kv_freeze::host_staging(size_t size) {
     return staging_plain.data();
 }
 
+void llama_kv_freeze::reserve_staging(size_t bytes) {
+    if (!staging_buft || bytes == 0) {
+        return;
+    }
+    sync(); // a larger staging replaces the old one, which a copy still running may be reading
+    host_staging(bytes);
+}
+
 void llama_kv_freeze::on_context_free() {
     finish_pending();
     // the context frees the cache and the graph inputs right after this; forget them all

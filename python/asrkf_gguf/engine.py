@@ -231,12 +231,17 @@ class Engine:
         try:
             self.kv = self._stack.enter_context(KVCache(ctx=self.session.context,
                                                         pinned_host=host_memory == "pinned"))
+            on_gpu = device_defaults(n_gpu_layers, controller_params)
             self.controller = Controller(self.kv, self.policy, ControllerConfig(
                 budget_cells=min(budget, self.kv.info().n_cells),
                 # (n_q: the importance node scores the last n_q queries of a ubatch, at most n_ubatch of them)
-                **{**device_defaults(n_gpu_layers, controller_params), "host_budget_bytes": host_bytes,
+                **{**on_gpu, "host_budget_bytes": host_bytes,
                    "n_q": min(ControllerConfig.n_q, n_ubatch),
                    "reserve_ahead": host_memory == "pageable", **(controller_params or {})}))
+            if on_gpu and self.policy.reversible and self.policy.uses_budget and budget < self.ctx:
+                # the pinned staging of the moves, pinned now rather than inside the first prompt's offloads (115 ms
+                # of a 30k-token prompt on the H200, docs/gpu.md): a prompt chunk's offload is a ubatch and a batch
+                self.kv.reserve_staging((n_ubatch + self.controller.offload_batch) * self.kv.info().kv_bytes_per_token)
         except Exception as err:
             self._stack.close()
             raise EngineError(str(err)) from None

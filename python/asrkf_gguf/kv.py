@@ -63,6 +63,9 @@ def _ctx_pointer(ctx) -> "ffi.CData":
     return ffi.cast("struct llama_context *", ctx)
 
 
+_I32_MAX = int(np.iinfo(np.int32).max)  # built once: np.iinfo costs more than the check (per decode step on a GPU)
+
+
 def _positions(pos: Positions) -> np.ndarray:
     arr = np.asarray(list(pos) if not isinstance(pos, np.ndarray) else pos)
     if arr.ndim != 1:
@@ -75,7 +78,7 @@ def _positions(pos: Positions) -> np.ndarray:
             raise ValueError(f"positions must be whole numbers, got {float(bad[0])}")
     elif arr.size and arr.dtype.kind not in "iu":
         raise ValueError(f"positions must be integers, got {arr.dtype} values")
-    if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+    if arr.size and (arr.min() < 0 or arr.max() > _I32_MAX):
         raise ValueError(f"positions must be in [0, 2^31), got [{arr.min()}, {arr.max()}]")
     return np.ascontiguousarray(arr, dtype=np.int32) if arr.size else np.empty(0, np.int32)
 
@@ -245,6 +248,13 @@ class KVCache:
         if n_bytes < 0:
             raise ValueError("reserve_host: the number of bytes cannot be negative")
         _check("reserve_host", lib.asrkf_kv_reserve_host(self._h(), int(n_bytes)))
+
+    def reserve_staging(self, n_bytes: int) -> None:
+        """Have the pinned staging of device moves hold n_bytes now (a GPU with a pageable host store), not inside
+        the first offloads of a prompt; nothing happens on a CPU cache."""
+        if n_bytes < 0:
+            raise ValueError(f"n_bytes must be >= 0, got {n_bytes}")
+        _check("reserve_staging", lib.asrkf_kv_reserve_staging(self._h(), int(n_bytes)))
 
     def drop(self, pos: Positions, seq_id: int = 0) -> None:
         """Remove positions for good (llama_memory_seq_rm, one call per run of consecutive positions).
