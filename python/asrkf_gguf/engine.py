@@ -239,9 +239,10 @@ class Engine:
                    "n_q": min(ControllerConfig.n_q, n_ubatch),
                    "reserve_ahead": host_memory == "pageable", **(controller_params or {})}))
             if on_gpu and self.policy.reversible and self.policy.uses_budget and budget < self.ctx:
-                # the pinned staging of the moves, pinned now rather than inside the first prompt's offloads (115 ms
-                # of a 30k-token prompt on the H200, docs/gpu.md): a prompt chunk's offload is a ubatch and a batch
-                self.kv.reserve_staging((n_ubatch + self.controller.offload_batch) * self.kv.info().kv_bytes_per_token)
+                # the pinned staging of the moves, pinned now rather than inside a prompt's moves (115-151 ms of a
+                # 30k-token prompt on the H200, docs/gpu.md): recall's swap moves up to the whole budget, and a move
+                # stages at most 256 MiB at a time (copy_to_host's rounds)
+                self.kv.reserve_staging(min(budget * self.kv.info().kv_bytes_per_token, 256 << 20))
         except Exception as err:
             self._stack.close()
             raise EngineError(str(err)) from None
