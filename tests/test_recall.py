@@ -140,3 +140,27 @@ def test_native_recall_mass_equals_the_host_scoring(tiny_paths, kv_type):
     assert np.argmax(native) == np.argmax(host)
     n_rows = 8 * info.n_head * len(layers)
     assert native.sum() + rest.sum() == pytest.approx(n_rows, rel=1e-4)
+
+
+def test_with_room_recall_unmasks_what_the_last_turn_froze_and_decodes_the_question_again(tiny_path):
+    # nothing offloaded, the paper's freezing masks low tokens while the budget has room: a new question must see
+    # them (they are the facts a later turn asks about), and its keys must be computed with them in sight
+    with session(tiny_path, n_ctx=512, flash_attn="on", n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        ctl = Controller(kv, make_policy("asrkf", recent=16, period=4), ControllerConfig(budget_cells=512))
+        generate(s, ctl, random_tokens(200, seed=56), 24)  # a turn and its reply: low tokens freeze
+        frozen = ctl.table.positions(CellState.FROZEN)
+        assert frozen.size > 0 and ctl.table.count(CellState.OFFLOADED) == 0
+        got = {}
+        recall = ctl.recall
+
+        def spy(span_ends=None):
+            got["n"] = recall(span_ends)
+            got["frozen_after"] = ctl.table.count(CellState.FROZEN)
+            return got["n"]
+
+        ctl.recall = spy
+        before = ctl.stats.steps
+        generate(s, ctl, random_tokens(20, seed=57), 0, recall=True)
+        ctl.table.check(kv)
+    assert got["n"] > 0 and got["frozen_after"] == 0
+    assert ctl.stats.steps == before + 2  # the prompt's chunk, then the question decoded again
