@@ -421,3 +421,16 @@ def test_a_parked_chat_keeps_the_rest_of_its_offload_batch(demo_model_path):
         e.switch(second)
         assert np.array_equal(rest(e.controller), theirs)
         e.controller.table.check(e.kv)
+
+
+def test_a_loaded_session_does_not_inherit_the_offload_batch_of_the_chat_it_replaces(demo_model_path, tmp_path):
+    # the rest of a batch names positions of the chat that was current: after a load they would be other tokens
+    with Engine(demo_model_path, **KW) as e:
+        "".join(e.chat(C2[0], max_tokens=4))
+        e.save(tmp_path / "two.session")
+        e.reset()
+        "".join(e.chat(C1[0], max_tokens=6))
+        assert e.controller._ahead[e.controller._ahead_next:].size > 0
+        e.load(tmp_path / "two.session")
+        assert e.controller._ahead[e.controller._ahead_next:].size == 0
+        e.controller.table.check(e.kv)

@@ -851,6 +851,7 @@ class Engine:
             self._clear()
             raise
         c.table, c.step, c._n_queries = p["table"], p["step"], p["n_queries"]
+        c._ahead, c._ahead_next = c._ahead[:0], 0  # a loaded chat starts a new offload batch (the file holds none)
         c.entropy, c.stats = p["entropy"], p["stats"]
         if c.policy.uses_importance:
             c._set_scoring(p["scoring"])
