@@ -119,58 +119,9 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
     const auto   allocs_before = store.n_chunk_allocs;
 
     std::vector<llama_kv_host_slot> slot;
-    try {
-        if (!cell.empty()) {
-            slot = store.alloc((uint32_t) cell.size());
-        }
-    } catch (const std::bad_alloc &) {
-        KVF_FAIL(ASRKF_EBACKEND, "offload: out of host memory for %zu tokens (%zu bytes each)", cell.size(), store.token_bytes());
-    }
-    const auto t_alloc1 = kvf_clock::now();
-
-    // nothing in the cache changes until every row is on the host and recorded (or, staged, in the pinned staging
-    // with its copy into the slots left to a background thread that every later operation waits for)
-    std::function<void()> deferred;
-    std::vector<uint64_t> sums(cell.size(), 0);
-    try {
-        if (!cell.empty()) {
-            copy_to_host(stream(seq_id), cell, slot, sums.data(), staged ? &deferred : nullptr);
-        }
-        t_returned = kvf_clock::now();
-
-        for (uint32_t i = 0; i < cell.size(); ++i) {
-            llama_kv_freeze_record rec;
-            rec.slot     = slot[i];
-            rec.ext      = c.ext_get(cell[i]);
-            rec.checksum = sums[i];
-            rec.cell     = cell[i];
-
-            records.emplace(std::make_pair(seq_id, cpos[i]), rec);
-        }
-    } catch (...) {
-        finish_copies();
-        for (uint32_t i = 0; i < cell.size(); ++i) {
-            records.erase({seq_id, cpos[i]}); // new keys only: these positions were resident
-            store.release(slot[i]);
-        }
-        throw;
-    }
-
-    if (deferred) {
-        auto job = std::make_unique<pending_offload>();
-        job->keys.reserve(cpos.size());
-        for (const llama_pos p : cpos) {
-            job->keys.emplace_back(seq_id, p);
-        }
-        job->sums = std::move(sums); // the same buffer: the deferred work writes into it
-        try {
-            job->worker = std::thread(deferred); // a copy: a thread that fails to start leaves `deferred` whole
-            pending = std::move(job);
-        } catch (const std::system_error &) {
-            deferred(); // no thread: finish here
-            pending = std::move(job);
-            finish_pending();
-        }
+    auto t_alloc1 = t_alloc0;
+    if (!cell.empty()) {
+        slot = copy_records(records, seq_id, cell, cpos, "offload", t_alloc1, t_returned);
     }
 
     const auto t_copied = kvf_clock::now();
@@ -203,6 +154,66 @@ void llama_kv_freeze::offload(llama_seq_id seq_id, const std::vector<llama_pos> 
                 (unsigned long long) (gather_passes - g_passes0), 1e3*(staging_s - g_stage0), 1e3*(gather_call_s - g_call0),
                 kvf_ms(t_alloc1, t_returned), kvf_ms(t_returned, t_copied));
     }
+}
+
+// rows of resident cells (ascending) into new host slots, recorded in `into` under (seq_id, cpos[i]) with their
+// checksums: offload's records, or the copies made ahead. Nothing is recorded on failure. Staged, the last round's
+// copy into the slots is left to a background thread (pending) that every later operation waits for. t_alloced /
+// t_returned: when the slots were allocated and when copy_to_host returned (the offload trace)
+std::vector<llama_kv_host_slot> llama_kv_freeze::copy_records(std::map<std::pair<llama_seq_id, llama_pos>, llama_kv_freeze_record> & into,
+        llama_seq_id seq_id, const std::vector<uint32_t> & cell, const std::vector<llama_pos> & cpos, const char * op,
+        std::chrono::steady_clock::time_point & t_alloced, std::chrono::steady_clock::time_point & t_returned) {
+    const auto & c = cells(seq_id);
+
+    std::vector<llama_kv_host_slot> slot;
+    try {
+        slot = store.alloc((uint32_t) cell.size());
+    } catch (const std::bad_alloc &) {
+        KVF_FAIL(ASRKF_EBACKEND, "%s: out of host memory for %zu tokens (%zu bytes each)", op, cell.size(), store.token_bytes());
+    }
+    t_alloced = kvf_clock::now();
+
+    std::function<void()> deferred;
+    std::vector<uint64_t> sums(cell.size(), 0);
+    try {
+        copy_to_host(stream(seq_id), cell, slot, sums.data(), staged ? &deferred : nullptr);
+        t_returned = kvf_clock::now();
+
+        for (size_t i = 0; i < cell.size(); ++i) {
+            llama_kv_freeze_record rec;
+            rec.slot     = slot[i];
+            rec.ext      = c.ext_get(cell[i]);
+            rec.checksum = sums[i];
+            rec.cell     = cell[i];
+
+            into.emplace(std::make_pair(seq_id, cpos[i]), rec);
+        }
+    } catch (...) {
+        finish_copies();
+        for (size_t i = 0; i < cell.size(); ++i) {
+            into.erase({seq_id, cpos[i]}); // new keys only: these positions were resident, without a copy
+            store.release(slot[i]);
+        }
+        throw;
+    }
+
+    if (deferred) {
+        auto job = std::make_unique<pending_offload>();
+        job->keys.reserve(cpos.size());
+        for (const llama_pos p : cpos) {
+            job->keys.emplace_back(seq_id, p);
+        }
+        job->sums = std::move(sums); // the same buffer: the deferred work writes into it
+        try {
+            job->worker = std::thread(deferred); // a copy: a thread that fails to start leaves `deferred` whole
+            pending = std::move(job);
+        } catch (const std::system_error &) {
+            deferred(); // no thread: finish here
+            pending = std::move(job);
+            finish_pending();
+        }
+    }
+    return slot;
 }
 
 //
@@ -250,55 +261,14 @@ void llama_kv_freeze::offload_ahead(llama_seq_id seq_id, const std::vector<llama
     }
     std::sort(todo.begin(), todo.end()); // ascending cells: consecutive cells into consecutive slots
 
-    std::vector<uint32_t> cell(todo.size());
+    std::vector<uint32_t>  cell(todo.size());
+    std::vector<llama_pos> cpos(todo.size());
     for (size_t i = 0; i < todo.size(); ++i) {
         cell[i] = todo[i].first;
+        cpos[i] = todo[i].second;
     }
-
-    std::vector<llama_kv_host_slot> slot;
-    try {
-        slot = store.alloc((uint32_t) cell.size());
-    } catch (const std::bad_alloc &) {
-        KVF_FAIL(ASRKF_EBACKEND, "offload_ahead: out of host memory for %zu tokens (%zu bytes each)", cell.size(), store.token_bytes());
-    }
-
-    std::function<void()> deferred;
-    std::vector<uint64_t> sums(cell.size(), 0);
-    try {
-        copy_to_host(stream(seq_id), cell, slot, sums.data(), staged ? &deferred : nullptr);
-        for (size_t i = 0; i < cell.size(); ++i) {
-            llama_kv_freeze_record rec;
-            rec.slot     = slot[i];
-            rec.ext      = c.ext_get(cell[i]);
-            rec.checksum = sums[i];
-            rec.cell     = cell[i];
-            ahead.emplace(std::make_pair(seq_id, todo[i].second), rec);
-        }
-    } catch (...) {
-        finish_copies();
-        for (size_t i = 0; i < cell.size(); ++i) {
-            ahead.erase({seq_id, todo[i].second}); // new keys only
-            store.release(slot[i]);
-        }
-        throw;
-    }
-
-    if (deferred) {
-        auto job = std::make_unique<pending_offload>();
-        job->keys.reserve(todo.size());
-        for (const auto & [ci, p] : todo) {
-            job->keys.emplace_back(seq_id, p);
-        }
-        job->sums = std::move(sums);
-        try {
-            job->worker = std::thread(deferred);
-            pending = std::move(job);
-        } catch (const std::system_error &) {
-            deferred();
-            pending = std::move(job);
-            finish_pending();
-        }
-    }
+    auto t_alloced = kvf_clock::now(), t_returned = t_alloced;
+    copy_records(ahead, seq_id, cell, cpos, "offload_ahead", t_alloced, t_returned);
     // the cells are unchanged: no epoch bump, the importance of the latest decode still holds
 }
 

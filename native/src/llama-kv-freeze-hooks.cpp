@@ -15,20 +15,32 @@
 // hooks
 //
 
+using kvf_record_map = std::map<std::pair<llama_seq_id, llama_pos>, llama_kv_freeze_record>;
+
+// erase the entries of m whose key (seq_id, pos) `hit` names, their host slots released
+template <typename F>
+static void kvf_release_if(llama_kv_host_store & store, kvf_record_map & m, F hit) {
+    for (auto it = m.begin(); it != m.end();) {
+        if (hit(it->first.first, it->first.second)) {
+            store.release(it->second.slot);
+            it = m.erase(it);
+        } else {
+            ++it;
+        }
+    }
+}
+
 void llama_kv_freeze::on_clear() {
     finish_pending(); // its thread writes into slots about to be released
     if (parked.empty()) {
         store.clear();
-    } else {
-        for (const auto & [key, rec] : records) {
-            store.release(rec.slot); // the parked sequences' slots are not the cache's to clear
-        }
-        for (const auto & [key, rec] : ahead) {
-            store.release(rec.slot);
-        }
+        records.clear();
+        ahead.clear();
+    } else { // the parked sequences' slots are not the cache's to clear
+        const auto all = [](llama_seq_id, llama_pos) { return true; };
+        kvf_release_if(store, records, all);
+        kvf_release_if(store, ahead, all);
     }
-    records.clear();
-    ahead.clear();
     epoch++;
 }
 
@@ -40,37 +52,16 @@ void llama_kv_freeze::on_seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1)
     if (p1 < 0) {
         p1 = std::numeric_limits<llama_pos>::max();
     }
-    for (auto it = records.begin(); it != records.end();) {
-        const auto & [s, p] = it->first;
-        if ((seq_id < 0 || s == seq_id) && p >= p0 && p < p1) {
-            store.release(it->second.slot);
-            it = records.erase(it);
-        } else {
-            ++it;
-        }
-    }
+    kvf_release_if(store, records, [&](llama_seq_id s, llama_pos p) { return (seq_id < 0 || s == seq_id) && p >= p0 && p < p1; });
     drop_ahead(seq_id, p0, p1);
     epoch++;
 }
 
 void llama_kv_freeze::on_seq_keep(llama_seq_id seq_id) {
     finish_pending();
-    for (auto it = records.begin(); it != records.end();) {
-        if (it->first.first != seq_id) {
-            store.release(it->second.slot);
-            it = records.erase(it);
-        } else {
-            ++it;
-        }
-    }
-    for (auto it = ahead.begin(); it != ahead.end();) {
-        if (it->first.first != seq_id) {
-            store.release(it->second.slot);
-            it = ahead.erase(it);
-        } else {
-            ++it;
-        }
-    }
+    const auto other = [&](llama_seq_id s, llama_pos) { return s != seq_id; };
+    kvf_release_if(store, records, other);
+    kvf_release_if(store, ahead, other);
     epoch++;
 }
 
@@ -82,15 +73,7 @@ void llama_kv_freeze::drop_ahead(llama_seq_id seq_id, llama_pos p0, llama_pos p1
     if (p1 < 0) {
         p1 = std::numeric_limits<llama_pos>::max();
     }
-    for (auto it = ahead.begin(); it != ahead.end();) {
-        const auto & [s, p] = it->first;
-        if ((seq_id < 0 || s == seq_id) && p >= p0 && p < p1) {
-            store.release(it->second.slot);
-            it = ahead.erase(it);
-        } else {
-            ++it;
-        }
-    }
+    kvf_release_if(store, ahead, [&](llama_seq_id s, llama_pos p) { return (seq_id < 0 || s == seq_id) && p >= p0 && p < p1; });
 }
 
 bool llama_kv_freeze::has_offloaded(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const {

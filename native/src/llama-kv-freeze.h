@@ -7,6 +7,7 @@
 #include "ggml-backend.h"
 
 #include <array>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -306,6 +307,12 @@ private:
     // the staging or the slots are touched again), which then fills its part of sums
     void copy_to_host(uint32_t strm, const std::vector<uint32_t> & cell, const std::vector<llama_kv_host_slot> & slot, uint64_t * sums,
                       std::function<void()> * defer = nullptr);
+
+    // rows of resident cells (ascending) into new host slots recorded in `into` (offload's records or the copies
+    // made ahead), with their checksums and a staged copy's background part (llama-kv-freeze-cells.cpp)
+    std::vector<llama_kv_host_slot> copy_records(std::map<std::pair<llama_seq_id, llama_pos>, llama_kv_freeze_record> & into,
+            llama_seq_id seq_id, const std::vector<uint32_t> & cell, const std::vector<llama_pos> & cpos, const char * op,
+            std::chrono::steady_clock::time_point & t_alloced, std::chrono::steady_clock::time_point & t_returned);
 
     struct pending_offload {
         std::thread                                    worker;
