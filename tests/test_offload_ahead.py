@@ -133,3 +133,43 @@ def test_a_batch_copied_ahead_keeps_the_budget_attended_as_h2o_does(tiny_path):
                 assert kv.ahead(0) < 16
     assert min(seen[True]) == budget
     assert min(seen[False]) < budget  # the measure sees the difference
+
+
+def test_release_ahead_frees_cells_in_the_order_given_and_skips_what_moved(tiny_path):
+    # the controller hands its leaving order over once per batch; each decode step frees the next cells natively
+    tokens = random_tokens(100, seed=67)
+    order = [50, 7, 33, 1, 60, 20, 75, 5]  # not sorted: the order is the caller's
+    with session(tiny_path, **OPTS) as s, KVCache(ctx=s.context) as kv:
+        s.decode(tokens, 0)
+        kv.offload_ahead(order)
+        assert np.array_equal(kv.ahead_queued(0), order)
+        gathers = kv.info().n_gathers
+        assert kv.release_ahead(2).tolist() == [50, 7]
+        kv.offload([33])  # moved by someone else (recall): it no longer has its copy, skipped
+        assert kv.release_ahead(1, lo=2).tolist() == [60]  # 1 is below lo: skipped too
+        assert kv.info().n_gathers == gathers  # nothing was copied again
+        assert np.array_equal(kv.offloaded(), np.array([7, 33, 50, 60]))
+        assert kv.ahead_queued(0).tolist() == [20, 75, 5]
+        kv.check()
+        # fewer left than asked: nothing changes and the queue is emptied (the copies stay until replaced)
+        assert kv.release_ahead(4).size == 0
+        assert kv.ahead_queued(0).size == 0 and kv.release_ahead(1).size == 0
+        assert np.array_equal(kv.offloaded(), np.array([7, 33, 50, 60])) and kv.ahead(0) == 4
+        kv.check()
+        kv.thaw([7, 33, 50, 60])
+        kv.offload_ahead([5, 75])
+        assert kv.release_ahead(1, hi=70).tolist() == [5]  # 75 is outside [lo, hi): not freed
+        assert kv.release_ahead(1, hi=70).size == 0
+        kv.check()
+
+
+def test_release_ahead_skips_positions_a_removal_released(tiny_path):
+    tokens = random_tokens(100, seed=68)
+    with session(tiny_path, **OPTS) as s, KVCache(ctx=s.context) as kv:
+        s.decode(tokens, 0)
+        kv.offload_ahead([80, 10, 90, 11])
+        assert s.seq_rm(85, -1)  # 90's copy is released with its position
+        assert kv.release_ahead(3).tolist() == [80, 10, 11]
+        with pytest.raises(Exception):
+            kv.release_ahead(-1)
+        kv.check()

@@ -404,7 +404,7 @@ def test_a_parked_chat_keeps_the_rest_of_its_offload_batch(demo_model_path):
     # the tokens of a chat's last offload batch still to leave are its own: another chat's would evict the wrong
     # tokens (or none), and the chat's replies would differ from the same chat run alone
     def rest(c):
-        return c._ahead[c._ahead_next:].copy()
+        return c.ahead_queue()
 
     with Engine(demo_model_path, **KW) as e:
         first = e.chat_id
@@ -430,7 +430,7 @@ def test_a_loaded_session_does_not_inherit_the_offload_batch_of_the_chat_it_repl
         e.save(tmp_path / "two.session")
         e.reset()
         "".join(e.chat(C1[0], max_tokens=6))
-        assert e.controller._ahead[e.controller._ahead_next:].size > 0
+        assert e.controller.ahead_queue().size > 0
         e.load(tmp_path / "two.session")
-        assert e.controller._ahead[e.controller._ahead_next:].size == 0
+        assert e.controller.ahead_queue().size == 0
         e.controller.table.check(e.kv)

@@ -165,6 +165,16 @@ ASRKF_API int32_t asrkf_kv_offload(asrkf_kv_t kv, int32_t seq_id, const int32_t 
 ASRKF_API int32_t asrkf_kv_offload_ahead(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n);
 // how many positions of seq_id (-1: of every sequence) have a copy made ahead
 ASRKF_API int32_t asrkf_kv_ahead(asrkf_kv_t kv, int32_t seq_id, int32_t * n_out);
+// free the cells of the next n positions copied ahead for seq_id, in the order asrkf_kv_offload_ahead was given
+// them, skipping those whose copy a removal released and those outside [pos_lo, pos_hi): an offload that copies
+// nothing and does not synchronize the device; the positions freed go to out (n entries), *n_out = n. When fewer
+// than n are left, nothing is freed, the queue is emptied and *n_out = 0 (copy a new batch ahead). A controller
+// calls it once per decoded token
+ASRKF_API int32_t asrkf_kv_release_ahead(asrkf_kv_t kv, int32_t seq_id, int32_t n, int32_t pos_lo, int32_t pos_hi,
+                                         int32_t * out, int32_t * n_out);
+// the positions still queued to leave for seq_id (with their copies), in their order; at most cap written,
+// *n_out is the total count
+ASRKF_API int32_t asrkf_kv_ahead_queued(asrkf_kv_t kv, int32_t seq_id, int32_t * pos, int32_t cap, int32_t * n_out);
 
 // bring offloaded positions back into free cells (a contiguous run when one exists), active or frozen
 ASRKF_API int32_t asrkf_kv_thaw(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n, bool frozen);

@@ -243,6 +243,32 @@ int32_t asrkf_kv_ahead(asrkf_kv_t kv, int32_t seq_id, int32_t * n_out) {
     });
 }
 
+int32_t asrkf_kv_release_ahead(asrkf_kv_t kv, int32_t seq_id, int32_t n, int32_t pos_lo, int32_t pos_hi,
+                               int32_t * out, int32_t * n_out) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
+        if (n > 0 && !out) {
+            throw llama_kv_freeze_error(ASRKF_EINVAL, "release_ahead: out must hold n positions");
+        }
+        const auto res = kvf.release_ahead(seq_id, n, pos_lo, pos_hi);
+        copy_out(res, out, n);
+        if (n_out) {
+            *n_out = (int32_t) res.size();
+        }
+    });
+}
+
+int32_t asrkf_kv_ahead_queued(asrkf_kv_t kv, int32_t seq_id, int32_t * pos, int32_t cap, int32_t * n_out) {
+    return guarded(__func__, kv, [&](llama_kv_freeze & kvf) {
+        kvf.sync();
+        kvf.stream(seq_id); // range check
+        const auto res = kvf.ahead_queued(seq_id);
+        copy_out(res, pos, cap);
+        if (n_out) {
+            *n_out = (int32_t) res.size();
+        }
+    });
+}
+
 int32_t asrkf_kv_thaw(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n, bool frozen) {
     return guarded(__func__, kv, [&](llama_kv_freeze & kvf) { kvf.thaw(seq_id, positions(pos, n), frozen); });
 }

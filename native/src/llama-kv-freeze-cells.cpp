@@ -237,6 +237,9 @@ void llama_kv_freeze::offload_ahead(llama_seq_id seq_id, const std::vector<llama
         }
     }
 
+    // the leaving order, as given (copies refused below leave it empty: nothing is queued without its copy)
+    ahead_order.erase(seq_id);
+
     // copies of pos already made stay; those of other positions of seq_id are released
     std::vector<std::pair<uint32_t, llama_pos>> todo; // (cell, pos) to copy, by cell
     {
@@ -256,20 +259,67 @@ void llama_kv_freeze::offload_ahead(llama_seq_id seq_id, const std::vector<llama
             }
         }
     }
-    if (todo.empty()) {
-        return;
-    }
-    std::sort(todo.begin(), todo.end()); // ascending cells: consecutive cells into consecutive slots
+    if (!todo.empty()) {
+        std::sort(todo.begin(), todo.end()); // ascending cells: consecutive cells into consecutive slots
 
-    std::vector<uint32_t>  cell(todo.size());
-    std::vector<llama_pos> cpos(todo.size());
-    for (size_t i = 0; i < todo.size(); ++i) {
-        cell[i] = todo[i].first;
-        cpos[i] = todo[i].second;
+        std::vector<uint32_t>  cell(todo.size());
+        std::vector<llama_pos> cpos(todo.size());
+        for (size_t i = 0; i < todo.size(); ++i) {
+            cell[i] = todo[i].first;
+            cpos[i] = todo[i].second;
+        }
+        auto t_alloced = kvf_clock::now(), t_returned = t_alloced;
+        copy_records(ahead, seq_id, cell, cpos, "offload_ahead", t_alloced, t_returned);
     }
-    auto t_alloced = kvf_clock::now(), t_returned = t_alloced;
-    copy_records(ahead, seq_id, cell, cpos, "offload_ahead", t_alloced, t_returned);
+    if (!pos.empty()) {
+        ahead_order[seq_id] = ahead_queue{pos, 0};
+    }
     // the cells are unchanged: no epoch bump, the importance of the latest decode still holds
+}
+
+std::vector<llama_pos> llama_kv_freeze::release_ahead(llama_seq_id seq_id, int32_t n, llama_pos pos_lo, llama_pos pos_hi) {
+    if (n < 0) {
+        KVF_FAIL(ASRKF_EINVAL, "release_ahead: n = %d; n >= 0 is required", n);
+    }
+    stream(seq_id); // range check
+    std::vector<llama_pos> out;
+    auto q = ahead_order.find(seq_id);
+    if (n == 0 || q == ahead_order.end()) {
+        return out;
+    }
+    // finished first: a removal hook may still have to release copies (finish_pending is what drop_ahead waits on)
+    finish_pending();
+    auto & qu = q->second;
+    size_t i = qu.next;
+    out.reserve(n);
+    for (; i < qu.pos.size() && (int32_t) out.size() < n; ++i) {
+        const llama_pos p = qu.pos[i];
+        if (p >= pos_lo && p < pos_hi && ahead.count({seq_id, p})) {
+            out.push_back(p);
+        }
+    }
+    if ((int32_t) out.size() < n) {
+        ahead_order.erase(q);
+        out.clear();
+        return out;
+    }
+    offload(seq_id, out); // only frees cells: every one of them has its copy
+    qu.next = i;
+    return out;
+}
+
+std::vector<llama_pos> llama_kv_freeze::ahead_queued(llama_seq_id seq_id) const {
+    std::vector<llama_pos> out;
+    const auto q = ahead_order.find(seq_id);
+    if (q == ahead_order.end()) {
+        return out;
+    }
+    for (size_t i = q->second.next; i < q->second.pos.size(); ++i) {
+        if (ahead.count({seq_id, q->second.pos[i]})) {
+            out.push_back(q->second.pos[i]);
+        }
+    }
+    return out;
 }
 
 //

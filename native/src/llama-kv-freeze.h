@@ -113,6 +113,13 @@ struct llama_kv_freeze {
     // frees one cell per new token, so the cache stays full instead of a batch short (issue 16: asrkf attended
     // 1,008 of 1,024 cells against h2o's 1,024)
     void offload_ahead(llama_seq_id seq_id, const std::vector<llama_pos> & pos);
+    // free the cells of the next n positions copied ahead for seq_id, in the order offload_ahead was given them,
+    // skipping those whose copy was released since and those outside [pos_lo, pos_hi): offload without a copy or
+    // a device synchronize. Fewer than n such positions: nothing changes, the queue is emptied and the result is
+    // empty (the caller copies a new batch). One call a decoded token: the controller's per-step release
+    std::vector<llama_pos> release_ahead(llama_seq_id seq_id, int32_t n, llama_pos pos_lo, llama_pos pos_hi);
+    // the positions still queued by offload_ahead for seq_id that keep their copy, in their order
+    std::vector<llama_pos> ahead_queued(llama_seq_id seq_id) const;
     // release the copies made ahead for positions [p0, p1) of seq_id (p1 < 0: no end; seq_id < 0: every
     // sequence): their cells may be written again (a removal, a shift, a state load)
     void drop_ahead(llama_seq_id seq_id, llama_pos p0 = -1, llama_pos p1 = -1);
@@ -215,6 +222,13 @@ struct llama_kv_freeze {
     std::map<std::pair<llama_seq_id, llama_pos>, llama_kv_freeze_record> records;
     // copies made ahead (offload_ahead): positions still resident whose rows are also in host slots
     std::map<std::pair<llama_seq_id, llama_pos>, llama_kv_freeze_record> ahead;
+    // per sequence, the order offload_ahead was given (the controller's leaving order) and the next to leave; an
+    // entry whose copy a removal released is skipped (ahead no longer holds it)
+    struct ahead_queue {
+        std::vector<llama_pos> pos;
+        size_t                 next = 0;
+    };
+    std::map<llama_seq_id, ahead_queue> ahead_order;
 
     llama_kv_host_store store;
 

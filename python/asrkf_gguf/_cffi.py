@@ -58,6 +58,8 @@ int32_t asrkf_kv_offload(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int
 int32_t asrkf_kv_offload_ahead(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n);
 int32_t asrkf_kv_reserve_staging(asrkf_kv_t kv, uint64_t bytes);
 int32_t asrkf_kv_ahead(asrkf_kv_t kv, int32_t seq_id, int32_t * n_out);
+int32_t asrkf_kv_release_ahead(asrkf_kv_t kv, int32_t seq_id, int32_t n, int32_t pos_lo, int32_t pos_hi, int32_t * out, int32_t * n_out);
+int32_t asrkf_kv_ahead_queued(asrkf_kv_t kv, int32_t seq_id, int32_t * pos, int32_t cap, int32_t * n_out);
 int32_t asrkf_kv_thaw(asrkf_kv_t kv, int32_t seq_id, const int32_t * pos, int32_t n, bool frozen);
 int32_t asrkf_kv_set_importance(asrkf_kv_t kv, bool enabled, int32_t n_q, const int32_t * layers, int32_t n_layers, bool export_q);
 int32_t asrkf_kv_importance(asrkf_kv_t kv, int32_t seq_id, int32_t * pos, float * score, int32_t cap, int32_t * n_out);

@@ -17,9 +17,6 @@ from .kv import AsrkfError, CellState, KVCache
 from .policies import AsrkfPolicy, Policy
 from .schedule import TokenTable, freeze_durations
 
-# plain ints for per-step comparisons: an enum member's lookup costs more than the comparison
-_ACTIVE, _FROZEN = int(CellState.ACTIVE), int(CellState.FROZEN)
-
 
 @dataclass(frozen=True)
 class ControllerConfig:
@@ -205,9 +202,9 @@ class Controller:
         # called after every step with what the step did (an evaluation traces the freeze/thaw curve with it)
         self.on_step: Optional[Callable[[dict], None]] = None
         self.offload_batch = config.offload_batch or max(1, config.budget_cells // 32)
-        # positions whose rows were copied ahead (offload_ahead): the next offloads free their cells first
-        self._ahead = np.empty(0, np.int64)
-        self._ahead_next = 0  # the next of _ahead to leave
+        # tokens of the last batch copied ahead (offload_ahead) still queued to leave, at most: the native handle keeps
+        # the queue in leaving order (KVCache.release_ahead) and may find fewer, when recall or a removal moved some
+        self._ahead_left = 0
         self._scoring = False
         if config.entropy_in_graph:
             kv.set_entropy(True)
@@ -229,7 +226,7 @@ class Controller:
         self.table = TokenTable()
         self.entropy = EntropyMonitor()
         self.step = 0
-        self._ahead, self._ahead_next = np.empty(0, np.int64), 0  # the removal released the native copies too
+        self._ahead_left = 0  # the removal released the native copies too
 
     # ---- per step
 
@@ -367,7 +364,7 @@ class Controller:
         self._unfreeze(unmask)
         self._swap(out, back)
         # the rest of the last batch was chosen before the question was known: recall's keep set replaces it
-        self._ahead, self._ahead_next = self._ahead[:0], 0
+        self._ahead_left = 0
         self.stats.recalls += 1
         self.stats.seconds += time.perf_counter() - t0
         return int(back.size + unmask.size)
@@ -415,7 +412,7 @@ class Controller:
                 self._restore_fresh()
         else:  # FR, RR: forget every judgement; the best-scored tokens, offloaded or not, take the device cells
             t.low_count[: t.n] = 0
-            self._ahead, self._ahead_next = self._ahead[:0], 0  # as at recall: the new placement decides
+            self._ahead_left = 0  # as at recall: the new placement decides
             self._unfreeze(frozen)
             if fresh:
                 self._restore_fresh()
@@ -522,11 +519,12 @@ class Controller:
                 pick = pick[: max(n_needed, room)]
             if pick.size > n_needed:
                 t0 = time.perf_counter()
-                self.kv.offload_ahead(np.sort(pick), self.seq_id)
+                self.kv.offload_ahead(pick, self.seq_id)  # queued natively in leaving order
                 self.stats.offloads_ahead += int(pick.size)
                 self.stats.offload_seconds += time.perf_counter() - t0
-                self._ahead, self._ahead_next = pick[n_needed:], 0  # in leaving order
-                self._swap(np.sort(pick[:n_needed]), pick[:0])
+                self._ahead_left = int(pick.size)
+                if not self._release_ahead(n_needed):
+                    raise RuntimeError("the batch copied ahead could not free its first cells")  # a bug, not input
                 return
         self._swap(np.sort(pick), pick[:0])
 
@@ -537,23 +535,33 @@ class Controller:
 
     def _release_ahead(self, n: int) -> bool:
         """Offload the next n tokens copied ahead, in their leaving order, that are still resident and movable (their
-        cells are freed, nothing is copied); False, doing nothing, when fewer than n are left. Per decode step on a
-        GPU: a slice, not a set operation (setdiff1d cost 90 us a step)."""
-        a = self._ahead[self._ahead_next:]
-        if a.size < n:
+        cells are freed, nothing is copied); False, doing nothing, when fewer than n are left. Once per decode step:
+        one native call (KVCache.release_ahead keeps the queue and skips what recall or a removal moved; as numpy
+        here it cost ~60 us a step on the H200's host, docs/gpu.md session 9)."""
+        if self._ahead_left < n:
             return False
-        t = self.table
-        st = t.state[a]
-        # recall, recovery or a removal may have moved some since they were copied
-        ok = ((st == _ACTIVE) | (st == _FROZEN)) & (a >= self.policy.n_sinks) & (a < t.n - self.policy.recent)
-        idx = np.flatnonzero(ok)
-        if idx.size < n:
-            self._ahead, self._ahead_next = a[:0], 0
+        t0 = time.perf_counter()
+        out = self.kv.release_ahead(n, self.seq_id, lo=self.policy.n_sinks, hi=self.table.n - self.policy.recent)
+        if out.size < n:
+            self._ahead_left = 0
             return False
-        out = a[idx[:n]]
-        self._ahead_next += int(idx[n - 1]) + 1
-        self._swap(np.sort(out), out[:0])
+        self._ahead_left -= n
+        self.table.set_state(out, CellState.OFFLOADED)
+        self.stats.offloads += n
+        self.stats.offload_seconds += time.perf_counter() - t0
         return True
+
+    def ahead_queue(self) -> np.ndarray:
+        """The tokens still queued to leave from the last batch copied ahead, in order (an Engine parks them with a
+        chat: KVCache.park releases the copies)."""
+        return self.kv.ahead_queued(self.seq_id) if self._ahead_left else np.empty(0, np.int32)
+
+    def set_ahead_queue(self, pos: np.ndarray) -> None:
+        """Copy pos ahead again as the queue to leave next (a chat back from parking: the same leaving order)."""
+        self._ahead_left = 0
+        if len(pos):
+            self.kv.offload_ahead(pos, self.seq_id)
+            self._ahead_left = len(pos)
 
     def _drop(self, n: int) -> None:
         t = self.table

@@ -126,10 +126,10 @@ class _ParkedChat:
     raw: bool
     tokens: List[int]
     n_tokens: int  # positions parked (resident and offloaded; an eviction policy's dropped ones are gone)
-    # the tokens of its last offload batch still to leave, in order (Controller._ahead): without them the chat's
-    # next steps would pick a new batch and evict other tokens than the same chat run alone. Their host copies
-    # went with the park (the next offloads copy them again)
-    ahead: tuple = ()
+    # the tokens of its last offload batch still to leave, in order (Controller.ahead_queue): without them the
+    # chat's next steps would pick a new batch and evict other tokens than the same chat run alone. Their host
+    # copies went with the park; unparked, they are copied ahead again (Controller.set_ahead_queue)
+    ahead: np.ndarray = dataclasses.field(default_factory=lambda: np.empty(0, np.int32))
 
 
 class Engine:
@@ -703,6 +703,7 @@ class Engine:
         returned record; the sequence is empty afterwards (the caller clears or unparks). The caller holds the
         step lock."""
         c = self.controller
+        ahead = c.ahead_queue()  # before the park, which releases their copies
         try:
             self.kv.park(self._chat_id, c.seq_id)
         except AsrkfError as err:
@@ -712,7 +713,7 @@ class Engine:
         return _ParkedChat(table=c.table, step=c.step, n_queries=c._n_queries, scoring=c._scoring,
                            entropy=c.entropy, stats=c.stats, messages=self.messages, raw=self._raw,
                            tokens=self._cached, n_tokens=self.kv.parked_tokens(self._chat_id),
-                           ahead=(c._ahead, c._ahead_next))
+                           ahead=ahead)
 
     def _restore_after_failed_switch(self, chat_id: int, mine: "_ParkedChat") -> None:
         """A switch to chat_id failed after the current chat was parked: chat_id goes back to the host store if it
@@ -736,7 +737,7 @@ class Engine:
         c = self.controller
         self.kv.unpark(chat_id, c.seq_id)
         c.table, c.step, c._n_queries = p.table, p.step, p.n_queries
-        c._ahead, c._ahead_next = p.ahead if p.ahead else (c._ahead[:0], 0)
+        c.set_ahead_queue(p.ahead)
         c.entropy, c.stats = p.entropy, p.stats
         if c.policy.uses_importance:
             c._set_scoring(p.scoring)
@@ -851,7 +852,7 @@ class Engine:
             self._clear()
             raise
         c.table, c.step, c._n_queries = p["table"], p["step"], p["n_queries"]
-        c._ahead, c._ahead_next = c._ahead[:0], 0  # a loaded chat starts a new offload batch (the file holds none)
+        c.set_ahead_queue(np.empty(0, np.int32))  # a loaded chat starts a new offload batch (the file holds none)
         c.entropy, c.stats = p["entropy"], p["stats"]
         if c.policy.uses_importance:
             c._set_scoring(p["scoring"])

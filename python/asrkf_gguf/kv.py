@@ -143,6 +143,7 @@ class KVCache:
         self.handle = handle
         self._n_cells = None  # the context's cell count, read once (it never changes)
         self._entropy_out = None
+        self._release_buf = None  # release_ahead's output, reused every step
 
     # ---- lifetime
 
@@ -233,6 +234,29 @@ class KVCache:
         n = ffi.new("int32_t *")
         _check("ahead", lib.asrkf_kv_ahead(self._h(), seq_id, n))
         return int(n[0])
+
+    def release_ahead(self, n: int, seq_id: int = 0, *, lo: int = 0, hi: int = _I32_MAX) -> np.ndarray:
+        """Offload the next n positions copied ahead, in the order offload_ahead() was given them, skipping those
+        whose copy was released and those outside [lo, hi): only their cells are freed. Returns the positions
+        offloaded (int32, n of them; a view of a buffer the next call overwrites), or an empty array, nothing
+        changed and the queue emptied, when fewer than n are left. One native call per decoded token."""
+        buf = self._release_buf
+        if buf is None or buf.size < n:
+            buf = self._release_buf = np.empty(max(n, 16), np.int32)
+            self._release_ptr = _i32(buf)
+            self._release_n = ffi.new("int32_t *")
+        _check("release_ahead", lib.asrkf_kv_release_ahead(self._h(), seq_id, n, lo, hi, self._release_ptr,
+                                                           self._release_n))
+        return buf[: self._release_n[0]]
+
+    def ahead_queued(self, seq_id: int = 0) -> np.ndarray:
+        """The positions still queued to leave by release_ahead() (with their copies), in their order."""
+        h = self._h()
+        n = ffi.new("int32_t *")
+        _check("ahead_queued", lib.asrkf_kv_ahead_queued(h, seq_id, ffi.NULL, 0, n))
+        pos = np.empty(n[0], np.int32)
+        _check("ahead_queued", lib.asrkf_kv_ahead_queued(h, seq_id, _i32(pos), pos.size, n))
+        return pos[: n[0]].copy()
 
     def thaw(self, pos: Positions, seq_id: int = 0, *, frozen: bool = False) -> None:
         p = _positions(pos)
