@@ -8,6 +8,7 @@ import pytest
 
 from asrkf_gguf.engine import Engine, EngineError, budget_cells, common_prefix, text_decoder
 from asrkf_gguf.errors import ClosedError
+from asrkf_gguf.states import CellState
 
 
 def test_budget_specs():
@@ -348,3 +349,21 @@ def test_batch_sizes_reach_llama_cpp_and_split_the_prompt_alike(demo_model_path)
             Engine(demo_model_path, ctx=1024, n_batch=bad)
     with pytest.raises(EngineError, match="n_ubatch must be a positive"):
         Engine(demo_model_path, ctx=1024, n_ubatch=-3)
+
+
+def test_no_kv_offload_keeps_the_cache_on_the_cpu_as_llama_cpp_nkvo(demo_model_path):
+    # llama.cpp's -nkvo: the layers' weights may run on a GPU while K/V and attention stay in host memory. The flag
+    # must reach the context, and the controller must then take the CPU's settings (every layer scored, recall in
+    # numpy), since the KV it scores and moves is in host memory
+    kw = dict(ctx=1024, kv_budget=0.25, n_gpu_layers=99)
+    with Engine(demo_model_path, **kw) as on, Engine(demo_model_path, kv_offload=False, **kw) as off:
+        assert on.session.context.params.offload_kqv and not off.session.context.params.offload_kqv
+        prompt = "Tell me about the sea and the ships that sail on it. " * 40
+        got = "".join(off.chat(prompt, max_tokens=8, temperature=0))
+        want = "".join(on.chat(prompt, max_tokens=8, temperature=0))
+        assert off.controller.table.count(CellState.OFFLOADED) > 0
+        assert not off.controller.config.recall_native
+        assert off.controller.layers == off.kv.layers().tolist()
+        import llama_cpp
+        if not llama_cpp.llama_supports_gpu_offload():  # on a CPU build the flag changes nothing: same tokens
+            assert got == want

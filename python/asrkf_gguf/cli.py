@@ -64,6 +64,9 @@ def add_engine_options(r) -> None:
     k.add_argument("-fa", "--flash-attn", choices=["auto", "on", "off"], default="auto", help="flash attention")
     k.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
                    help="layers on the GPU (a GPU build) or the --rpc servers")
+    k.add_argument("-nkvo", "--no-kv-offload", dest="kv_offload", action="store_false",
+                   help="keep the KV cache (and attention) on the CPU while --n-gpu-layers layers run on the GPU, as "
+                        "llama.cpp's -nkvo")
     k.add_argument("--rpc", metavar="SERVERS",
                    help="comma-separated list of llama.cpp RPC servers (HOST:PORT, each a ggml-rpc-server: python -m "
                         "asrkf_gguf rpc-server): the --n-gpu-layers layers and their KV cache go to their devices "
@@ -282,7 +285,7 @@ def make_engine(args, model: Optional[str] = None, *, system_prompt: Optional[st
                                          **({} if args.recall_scoring == "auto"
                                             else {"recall_native": args.recall_scoring == "device"})},
                       chat_template=args.chat_template, system_prompt=system_prompt, host_budget=args.host_budget,
-                      host_memory=args.host_memory, rpc=args.rpc, verbose=args.verbose)
+                      host_memory=args.host_memory, rpc=args.rpc, kv_offload=args.kv_offload, verbose=args.verbose)
     except EngineError as err:
         raise UsageError(str(err)) from None
 

@@ -140,7 +140,7 @@ class Engine:
                  policy_params: Optional[dict] = None, controller_params: Optional[dict] = None,
                  chat_template: Optional[str] = None, system_prompt: Optional[str] = None,
                  host_budget: Union[int, str, None] = None, host_memory: str = "auto",
-                 rpc: Union[str, Sequence[str], None] = None, verbose: bool = False):
+                 rpc: Union[str, Sequence[str], None] = None, kv_offload: bool = True, verbose: bool = False):
         """policy_params go to the policy (e.g. n_sinks, recent, k, period, low_quantile for asrkf);
         controller_params to ControllerConfig (ema, n_q, importance_layers, wr_window, rr_tokens, recovery).
         chat_template replaces the GGUF's: a Jinja template or a llama.cpp built-in name ("gemma", "llama3").
@@ -160,7 +160,9 @@ class Engine:
         memory, and nothing is reserved on a background thread).
         rpc: llama.cpp's RPC servers, "HOST:PORT[,HOST:PORT]" or a list (each a ggml-rpc-server: python -m asrkf_gguf
         rpc-server): the n_gpu_layers layers llama.cpp offloads, and their KV cache, go to their devices (and the
-        local GPUs), split by free memory as llama.cpp does (docs/placement.md)."""
+        local GPUs), split by free memory as llama.cpp does (docs/placement.md).
+        kv_offload: False is llama.cpp's -nkvo: the KV cache and attention stay in host memory on the CPU while the
+        n_gpu_layers layers' weights run on the GPU (the controller then takes the CPU's settings)."""
         from .models import fetch_demo_model
 
         if system_prompt is not None and (not isinstance(system_prompt, str) or not system_prompt.strip()):
@@ -192,7 +194,7 @@ class Engine:
         if host_memory not in ("auto", "pinned", "pageable"):
             raise EngineError(f"host_memory must be 'auto', 'pinned' or 'pageable', got {host_memory!r}")
         if host_memory == "auto":
-            host_memory = "pageable" if n_gpu_layers != 0 else "pinned"
+            host_memory = "pageable" if n_gpu_layers != 0 and kv_offload else "pinned"
         rpc_servers: tuple = ()
         if rpc is not None:
             from .rpc import RpcError, parse_servers
@@ -212,7 +214,7 @@ class Engine:
         try:
             options = ContextOptions(n_ctx=budget, kv_type=kv_type, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers,
                                      n_threads=n_threads, n_threads_batch=n_threads_batch, rpc=rpc_servers,
-                                     n_batch=int(n_batch), n_ubatch=int(n_ubatch))
+                                     n_batch=int(n_batch), n_ubatch=int(n_ubatch), kv_offload=bool(kv_offload))
         except ValueError as err:
             raise EngineError(str(err)) from None
         self._stack = ExitStack()
@@ -231,7 +233,8 @@ class Engine:
         try:
             self.kv = self._stack.enter_context(KVCache(ctx=self.session.context,
                                                         pinned_host=host_memory == "pinned"))
-            on_gpu = device_defaults(n_gpu_layers, controller_params)
+            # where the KV lives decides (kv_offload False: on the CPU, with the layers' weights on the GPU)
+            on_gpu = device_defaults(n_gpu_layers if kv_offload else 0, controller_params)
             self.controller = Controller(self.kv, self.policy, ControllerConfig(
                 budget_cells=min(budget, self.kv.info().n_cells),
                 # (n_q: the importance node scores the last n_q queries of a ubatch, at most n_ubatch of them)

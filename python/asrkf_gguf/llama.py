@@ -91,6 +91,8 @@ class ContextOptions:
     # llama.cpp's RPC servers ("HOST:PORT", asrkf_gguf.rpc): the layers n_gpu_layers offloads, and their KV, go to
     # their devices (and the local GPUs) by llama.cpp's rules
     rpc: Tuple[str, ...] = ()
+    # llama.cpp's -nkvo when False: the KV cache and attention stay on the CPU while the layers' weights are offloaded
+    kv_offload: bool = True
 
     def __post_init__(self):
         for t in (self.kv_type, self.kv_type_v or self.kv_type):
@@ -159,6 +161,7 @@ class LlamaSession:
         cparams.flash_attn_type = FLASH_ATTN[options.flash_attn]
         cparams.swa_full = False  # window layers keep only their window; the managed cache is the full one
         cparams.kv_unified = True
+        cparams.offload_kqv = options.kv_offload
         n_threads = options.n_threads or physical_cores()
         cparams.n_threads = n_threads
         cparams.n_threads_batch = options.n_threads_batch or n_threads
