@@ -48,6 +48,12 @@ SETTINGS = {
     "asrkf-25%-b2048": ["--kv-budget", "0.25", "-b", "2048"],
     "full-ub2048": ["--policy", "full", "-b", "2048", "-ub", "2048"],
     "asrkf-25%-ub2048": ["--kv-budget", "0.25", "-b", "2048", "-ub", "2048"],
+    # the card people have (--ballast-free-gib 8): what llama.cpp offers when the full cache does not fit beside the
+    # weights, against a budget that does. -nkvo: the KV cache and attention in host memory, on the CPU; -ngl N: the
+    # last N layers (and their KV) on the GPU, the rest on the CPU. The slow ones generate 32 tokens
+    "full-nkvo": ["--policy", "full", "-nkvo", "--max-tokens", "32"],
+    **{f"full-ngl{n}": ["--policy", "full", "-ngl", str(n)] for n in (28, 26, 24, 20, 16)},
+    "asrkf-50%": ["--kv-budget", "0.5"],
 }
 
 
@@ -97,6 +103,35 @@ def move_trace(stderr: str) -> dict:
     return out
 
 
+def hold_ballast(free_gib: float):
+    """Allocate device memory in this process until only free_gib GiB of the first visible GPU are free (the card
+    a user has); returns what keeps it (the allocation lives as long as this process)."""
+    import ctypes
+    import glob
+
+    names = ["libcudart.so"] + sorted(glob.glob("/usr/local/cuda*/lib64/libcudart.so*")) + \
+        sorted(glob.glob("/usr/lib/x86_64-linux-gnu/libcudart.so*"))
+    for name in names:
+        try:
+            rt = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        raise SystemExit("--ballast-free-gib: no libcudart found")
+    free, total = ctypes.c_size_t(), ctypes.c_size_t()
+    if rt.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) != 0:
+        raise SystemExit("--ballast-free-gib: cudaMemGetInfo failed")
+    want = free.value - int(free_gib * 2**30)
+    ptr = ctypes.c_void_p()
+    if want <= 0 or rt.cudaMalloc(ctypes.byref(ptr), ctypes.c_size_t(want)) != 0:
+        raise SystemExit(f"--ballast-free-gib: cannot hold {want / 2**30:.1f} GiB")
+    rt.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total))
+    print(f"ballast: {want / 2**30:.1f} GiB held, {free.value / 2**30:.2f} of {total.value / 2**30:.1f} GiB free",
+          flush=True)
+    return rt, ptr, free.value
+
+
 def run_once(model: str, prompt_file: str, args, extra) -> dict:
     env = {k: v for k, v in (e[4:].split("=", 1) for e in extra if e.startswith("ENV:"))}
     extra = [e for e in extra if not e.startswith("ENV:")]
@@ -105,9 +140,18 @@ def run_once(model: str, prompt_file: str, args, extra) -> dict:
            "--json", *(["--threads", str(args.threads)] if args.threads else []), *extra]
     t0 = time.perf_counter()
     # the trace costs one line per move (a few hundred in a run): on in every run, so that each carries its breakdown
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ASRKF_TRACE_MOVES": "1", **env})
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "ASRKF_TRACE_MOVES": "1", **env},
+                           timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        if not args.keep_going:
+            raise SystemExit(f"{' '.join(cmd)} ran past {args.timeout} s")
+        return {"failed": f"did not finish within {args.timeout} s"}
     wall = time.perf_counter() - t0
     if p.returncode != 0:
+        if args.keep_going:  # e.g. a setting that does not fit the card: its error line is the result
+            lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+            return {"failed": lines[-1][:300] if lines else f"exit {p.returncode}"}
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-2000:]}")
     out = json.loads(p.stdout)
     t = out["timing"]
@@ -133,7 +177,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="run's --threads (default: run's own)")
     ap.add_argument("--settings", default=",".join(SETTINGS), help=f"of {', '.join(SETTINGS)}")
     ap.add_argument("--json")
+    ap.add_argument("--ballast-free-gib", type=float, default=None,
+                    help="hold GPU memory so that only this much is free (the card a user has), e.g. 8")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds a run may take")
+    ap.add_argument("--keep-going", action="store_true",
+                    help="a run that fails or times out is recorded as such (a setting that does not fit); "
+                         "a setting that failed is not run again in later rounds")
+    ap.add_argument("--first-fitting", action="store_true",
+                    help="of the full-ngl<N> settings (largest N first), run only the first that does not fail")
     args = ap.parse_args()
+    ballast = hold_ballast(args.ballast_free_gib) if args.ballast_free_gib else None
     names = [s for s in args.settings.split(",") if s]
     prompt = make_prompt(args.model, args.tokens)
     runs = {n: [] for n in names}
@@ -143,34 +196,48 @@ def main() -> int:
             f.write(prompt)
         for r in range(args.rounds):
             for n in names:  # interleaved: a drift of the machine falls on every setting alike
+                if any("failed" in x for x in runs[n]):
+                    continue
+                if args.first_fitting and n.startswith("full-ngl") and any(
+                        m.startswith("full-ngl") and m != n and runs[m] and "failed" not in runs[m][0] for m in names):
+                    continue  # a larger -ngl already fits
                 res = run_once(args.model, pf, args, SETTINGS[n])
                 runs[n].append(res)
+                if "failed" in res:
+                    print(f"round {r + 1} {n}: {res['failed']}", flush=True)
+                    continue
                 print(f"round {r + 1} {n}: ttft {res['ttft_s']:.2f} s, decode {res['decode_tps']:.1f} t/s, "
                       f"controller {res['controller_us_per_token']:.0f} us/token, prompt {res['prompt_phase_ms']}, "
                       f"decode {res['decode_phase_ms']}, moves {res['move_trace']}",
                       flush=True)
-    full_dec = statistics.median(x["decode_tps"] for x in runs["full"]) if "full" in runs else None
+    failed = {n: runs[n][0]["failed"] for n in names if runs[n] and "failed" in runs[n][0]}
+    names_ok = [n for n in names if n not in failed and runs[n]]
+    names = [n for n in names if runs[n]]
+    full_dec = statistics.median(x["decode_tps"] for x in runs["full"]) if "full" in names_ok else None
     print(f"\n{args.tokens}-token prompt, ctx {args.ctx}, {args.max_tokens} tokens, {args.rounds} rounds "
           "(median [min-max])\n")
     print("| setting | time to first token (s) | decode t/s | vs full | controller us/token | generated |")
     print("|---|---|---|---|---|---|")
-    for n in names:
+    for n, why in failed.items():
+        print(f"| {n} | {why} | | | | |")
+    for n in names_ok:
         tt, dd, cc = (med([x[k] for x in runs[n]]) for k in ("ttft_s", "decode_tps", "controller_us_per_token"))
         ratio = f"{dd[0] / full_dec:.2f}x" if full_dec else "-"
         gen = "/".join(str(x["n_generated"]) for x in runs[n])
         print(f"| {n} | {tt[0]:.2f} [{tt[1]:.2f}-{tt[2]:.2f}] | {dd[0]:.1f} [{dd[1]:.1f}-{dd[2]:.1f}] | {ratio} | "
               f"{cc[0]:.0f} [{cc[1]:.0f}-{cc[2]:.0f}] | {gen} |")
     for phase in ("prompt_phase_ms", "decode_phase_ms"):
-        keys = sorted({k for n in names for x in runs[n] for k in x[phase]})
+        keys = sorted({k for n in names_ok for x in runs[n] for k in x[phase]})
         print(f"\n{phase[:-3].replace('_', ' ')}, ms (median)\n")
         print("| setting | " + " | ".join(keys) + " |")
         print("|---" * (len(keys) + 1) + "|")
-        for n in names:
+        for n in names_ok:
             print(f"| {n} | " + " | ".join(f"{statistics.median(x[phase].get(k, 0) for x in runs[n]):.0f}"
                                             for k in keys) + " |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "runs": runs}, f, indent=1)
+            json.dump({"args": vars(args), "runs": runs, "ballast_free_bytes": ballast[2] if ballast else None},
+                      f, indent=1)
     return 0
 
 
