@@ -97,6 +97,22 @@ def test_policies_protect_sinks_and_recent_and_pick_the_lowest():
     np.testing.assert_array_equal(asrkf.judged_low(t), [3])  # below the 25% quantile of {5, 1, 4, 2, 3}
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_lowest_takes_exactly_what_a_stable_sort_takes(seed):
+    # lowest() picks by partition, not by sorting every candidate: the set must be the stable argsort's, ties to the
+    # lower positions, also with many equal scores and NaNs (a different set offloads other tokens)
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 6, 400).astype(np.float32)  # few distinct values: ties at the cut
+    if seed % 2:
+        scores[rng.choice(400, 30, replace=False)] = np.nan
+    t = table_with_scores(scores)
+    p = AsrkfPolicy(n_sinks=4, recent=8)
+    pos = p.candidates(t, CellState.ACTIVE)
+    for n in (1, 7, 50, 199, 380, 388, 500):
+        want = np.sort(pos[np.argsort(scores[pos], kind="stable")[:n]])
+        np.testing.assert_array_equal(p.lowest(t, CellState.ACTIVE, n), want)
+
+
 def test_policy_registry_and_validation():
     assert set(POLICIES) == {"full", "window", "h2o", "asrkf"}
     assert not POLICIES["window"].reversible and not POLICIES["h2o"].reversible and POLICIES["asrkf"].reversible

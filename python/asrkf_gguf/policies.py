@@ -46,8 +46,20 @@ class Policy(abc.ABC):
         if n <= 0 or pos.size == 0:
             return pos[:0]
         s = self.score(table)[pos]
-        take = np.argsort(s, kind="stable")[: min(n, pos.size)]
-        return np.sort(pos[take])
+        k = min(n, pos.size)
+        if k == pos.size:
+            return pos
+        # the set a stable argsort would take (ties: lower positions first) without sorting every candidate: the
+        # k-th smallest score by partition, everything below it, then the first positions that equal it. A prompt
+        # chunk's offload picks ~600 of ~8k candidates: a stable argsort cost ~0.6 ms a chunk (a 30k prompt: 59)
+        kth = np.partition(s, k - 1)[k - 1]
+        take = s < kth
+        eq = np.flatnonzero(s == kth)[: k - int(np.count_nonzero(take))]
+        take[eq] = True
+        if np.count_nonzero(take) != k:  # NaN scores: order them as argsort does
+            take = np.argsort(s, kind="stable")[:k]
+            return np.sort(pos[take])
+        return pos[take]  # candidates are ascending
 
 
 
