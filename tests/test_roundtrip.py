@@ -137,3 +137,17 @@ def test_iswa_model_manages_the_full_attention_cache(iswa_model):
         assert s.pos_max() == 99 and kv.offloaded().tolist() == [20, 21]
         kv.thaw([20, 21])
         kv.check()
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+def test_roundtrip_of_one_long_run_spread_over_threads(kv_type):
+    # a contiguous move of host-resident K/V is one run per tensor; past 8 MiB it is copied by the store's threads,
+    # one tensor each (Llama-3-8B's K/V rows, 4 layers: 16 KiB a token in f16, 640 tokens = 10 MiB)
+    from asrkf_gguf.testmodels import TinyModelSpec, tiny_model
+
+    path = str(tiny_model(TinyModelSpec(arch="llama", n_layer=4, n_embd=1024, n_head=8, n_head_kv=8, head_dim=128,
+                                        n_ff=256, n_vocab=512, n_ctx_train=4096, dtype="f16")))
+    tokens = random_tokens(800, seed=21, vocab=500)
+    expected, got = reference_and_roundtrip(path, tokens, list(range(100, 740)), n_ctx=1024, kv_type=kv_type,
+                                            flash_attn="on", n_batch=256, n_ubatch=256, n_gpu_layers=0)
+    assert np.array_equal(expected, got)

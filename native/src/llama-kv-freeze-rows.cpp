@@ -85,8 +85,14 @@ std::vector<std::pair<uint32_t, bool>> llama_kv_freeze::copy_host_runs(uint32_t 
             what.emplace_back(il, is_v);
         }
     }
-    // one memcpy per run is microseconds: spread only when there are many of them
-    if (what.size() < 2 || what.size()*runs.size() < 256) {
+    // one memcpy per run is microseconds: spread when there are many of them, or when the runs are long (a
+    // contiguous move of 1,024 tokens is one run per tensor, 2 MiB each for Llama-3-8B's f16 rows: on one thread the
+    // H200's host copied 8.2 GB/s, spread over the store's threads scattered moves ran at 18.8, docs/gpu.md)
+    size_t bytes = 0;
+    for (const auto & [il, is_v] : what) {
+        bytes += cell.size()*(is_v ? store.v_row_bytes(il) : store.k_row_bytes(il));
+    }
+    if (what.size() < 2 || (what.size()*runs.size() < 256 && bytes < (8u << 20))) {
         return {};
     }
     const uint64_t kv_size = kv->get_size();
