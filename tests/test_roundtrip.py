@@ -151,3 +151,15 @@ def test_roundtrip_of_one_long_run_spread_over_threads(kv_type):
     expected, got = reference_and_roundtrip(path, tokens, list(range(100, 740)), n_ctx=1024, kv_type=kv_type,
                                             flash_attn="on", n_batch=256, n_ubatch=256, n_gpu_layers=0)
     assert np.array_equal(expected, got)
+
+
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+@pytest.mark.parametrize("layout", ["scattered", "one-run"])
+def test_roundtrip_with_part_of_the_model_on_the_gpu(tiny_paths, kv_type, layout):
+    # -ngl below the layer count: one layer's K/V on the GPU (gathered), the other in host memory (copied while the
+    # device's copies run). On a CPU build both are host memory: the same check of the per-run path
+    tokens = random_tokens(100, seed=22)
+    offload = SCATTERED if layout == "scattered" else list(range(30, 70))
+    expected, got = reference_and_roundtrip(tiny_paths["llama-hd128"], tokens, offload, n_ctx=256, kv_type=kv_type,
+                                            flash_attn="on", n_batch=64, n_ubatch=64, n_gpu_layers=1)
+    assert np.array_equal(expected, got)

@@ -274,14 +274,16 @@ private:
     // scatter per device, each over its own tensors (gather_on / scatter_on: the tensors of one device)
     // leave_copies: return once the device has read the rows (the cells may be written again), with the copies to
     // the host still running: the backends are in copies_in_flight, and whoever reads dst synchronizes them first
+    // while_queued: host work run once the device copies are queued, before they are waited for (an offload copies
+    // the host-resident layers of a partly offloaded model then: they and the device's copies overlap)
     bool gather(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<kvf_run> & runs,
                 const std::function<uint8_t *(size_t, size_t)> & dst, const std::function<void(size_t, size_t)> & landed,
-                bool leave_copies = false);
+                bool leave_copies = false, const std::function<void()> & while_queued = nullptr);
     bool scatter(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<kvf_run> & runs,
                  const std::function<const uint8_t *(size_t, size_t)> & src);
     bool gather_on(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<kvf_run> & runs,
                    const std::function<uint8_t *(size_t, size_t)> & dst, const std::function<void(size_t, size_t)> & landed,
-                   bool leave_copies = false);
+                   bool leave_copies = false, const std::function<void()> & while_queued = nullptr);
     std::vector<ggml_backend_t> copies_in_flight; // gathers left with their device-to-host copies running
     bool scatter_on(const std::vector<ggml_tensor *> & tensors, const std::vector<int32_t> & rows, const std::vector<kvf_run> & runs,
                     const std::function<const uint8_t *(size_t, size_t)> & src);
