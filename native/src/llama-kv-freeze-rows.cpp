@@ -640,9 +640,21 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
     std::vector<std::pair<uint32_t, bool>> host_copied;
     bool host_done = false;
     const std::function<void()> copy_host = [&]() {
-        if (!host_done) {
-            host_copied = copy_host_runs(strm, cell, slot, runs, /*to_host =*/ true, gathered);
-            host_done = true;
+        if (host_done) {
+            return;
+        }
+        host_copied = copy_host_runs(strm, cell, slot, runs, /*to_host =*/ true, gathered);
+        host_done = true;
+        // their hashes too, while the device still copies, when they are the first layers (llama.cpp puts the
+        // last -ngl layers on the GPU) and whole in their slots (V transposed is copied later, per channel)
+        uint32_t k = 0;
+        while (!kv->v_trans && k < n_layer &&
+               std::find(host_copied.begin(), host_copied.end(), std::make_pair(k, false)) != host_copied.end() &&
+               std::find(host_copied.begin(), host_copied.end(), std::make_pair(k, true)) != host_copied.end()) {
+            ++k;
+        }
+        if (k > 0 && 2*(size_t) k == host_copied.size()) {
+            hash_layers(k);
         }
     };
 
@@ -732,6 +744,7 @@ void llama_kv_freeze::copy_to_host(uint32_t strm, const std::vector<uint32_t> & 
             // from scratch (host layers the gather already copied stay copied)
             if (sums) {
                 std::fill(sums, sums + n, 0);
+                hashed_to = 0; // the host layers copy_host hashed too
             }
             gather_t.clear();
             gather_what.clear();
