@@ -73,7 +73,7 @@ def test_offload_ahead_refuses_what_offload_refuses_and_changes_nothing(tiny_pat
         for bad in ([3, 3], [10], [70]):  # twice, offloaded, never decoded
             with pytest.raises(Exception):
                 kv.offload_ahead(bad)
-            assert kv.ahead(0) == 2
+            assert kv.ahead(0) == 2 and kv.ahead_queued(0).tolist() == [3, 4]  # the queue too
         kv.check()
 
 
