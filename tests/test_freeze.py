@@ -11,9 +11,13 @@ FROZEN = [2, 3, 10, 11, 12, 40, 77]
 
 
 @pytest.mark.parametrize("kv_type,fa", KV_CASES)
-def test_freeze_equals_seq_rm(tiny_paths, kv_type, fa):
+@pytest.mark.parametrize("gpu_layers", [None, 1])
+def test_freeze_equals_seq_rm(tiny_paths, kv_type, fa, gpu_layers):
+    # gpu_layers 1 (of 2): one layer's K/V on the GPU, the other in host memory (-ngl below the layer count); on a
+    # CPU build the same check again. None: the suite's default placement
     tokens = random_tokens(90, seed=7)
-    opts = dict(n_ctx=256, kv_type=kv_type, flash_attn=fa, n_batch=32, n_ubatch=32, n_seq_max=2)
+    opts = dict(n_ctx=256, kv_type=kv_type, flash_attn=fa, n_batch=32, n_ubatch=32, n_seq_max=2,
+                **({} if gpu_layers is None else {"n_gpu_layers": gpu_layers}))
     for model in ("llama-gqa", "qwen2"):
         with session(tiny_paths[model], **opts) as ref:
             ref.decode(tokens[:-1], 0)
