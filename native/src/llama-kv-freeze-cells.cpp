@@ -287,8 +287,6 @@ std::vector<llama_pos> llama_kv_freeze::release_ahead(llama_seq_id seq_id, int32
     if (n == 0 || q == ahead_order.end()) {
         return out;
     }
-    // finished first: a removal hook may still have to release copies (finish_pending is what drop_ahead waits on)
-    finish_pending();
     auto & qu = q->second;
     size_t i = qu.next;
     out.reserve(n);
@@ -303,7 +301,7 @@ std::vector<llama_pos> llama_kv_freeze::release_ahead(llama_seq_id seq_id, int32
         out.clear();
         return out;
     }
-    offload(seq_id, out); // only frees cells: every one of them has its copy
+    offload(seq_id, out); // only frees cells: every one of them has its copy (offload finishes a pending copy first)
     qu.next = i;
     return out;
 }
