@@ -5,6 +5,7 @@
 
 #include "llama.h"
 
+struct ggml_backend_sched;
 struct ggml_context;
 struct ggml_cgraph;
 struct ggml_tensor;
@@ -31,6 +32,10 @@ bool llama_kv_freeze_allow_state  (const llama_kv_freeze * kvf, const char * op,
 
 // llama_context destructor
 void llama_kv_freeze_on_context_free(llama_context * lctx);
+
+// llama_context::decode, after each ubatch's graph and its logits copy were queued: the controller's outputs are
+// copied behind them (one synchronize per step reads the logits, the importance and the entropy)
+void llama_kv_freeze_on_computed(llama_kv_freeze * kvf, ggml_backend_sched * sched);
 
 // graph builder: once per graph with a KV cache, then once per attention layer of that cache, then once with the
 // logits (nullptr when the graph has none)

@@ -185,6 +185,9 @@ llama_kv_freeze::~llama_kv_freeze() {
     if (staging_pinned) {
         ggml_backend_buffer_free(staging_pinned);
     }
+    if (outputs_pinned) {
+        ggml_backend_buffer_free(outputs_pinned); // the release (or the context's end) synchronized its copies
+    }
     for (auto & [dev, backend] : backends) {
         ggml_backend_free(backend);
     }
@@ -224,6 +227,8 @@ void llama_kv_freeze::reserve_staging(size_t bytes) {
 
 void llama_kv_freeze::on_context_free() {
     finish_pending();
+    // outputs copied behind the last graph (on_computed) land in our buffer: wait for them while the context can
+    lctx->synchronize();
     // the context frees the cache and the graph inputs right after this; forget them all
     for (auto * inp : inputs) {
         llama_kv_freeze_input_detach(inp);

@@ -191,6 +191,9 @@ struct llama_kv_freeze {
     llama_pos offloaded_max_after_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) const;
     llama_pos resident_max_after_rm (llama_seq_id seq_id, llama_pos p0, llama_pos p1) const;
     void on_context_free();
+    // after a ubatch's graph was queued (llama_context::decode, behind its logits copy): queue the copies of the
+    // importance and entropy outputs to host memory, so that the synchronize that reads the logits covers them
+    void on_computed(ggml_backend_sched * sched);
 
     //
     // state read by the C API and the graph builder
@@ -257,6 +260,12 @@ private:
     // the importance output of the latest decode for seq_id, per cell of the graph's view (refuses stale data)
     const std::vector<float> & importance_cells(llama_seq_id seq_id) const;
     mutable std::vector<float> importance_buf;
+
+    // where on_computed() copies the outputs: [0] the negative entropy, [1..] the importance per cell. Pinned when
+    // a device holds the cache (a copy into pageable memory would wait for the graph), else plain memory
+    ggml_backend_buffer_t outputs_pinned = nullptr;
+    std::vector<float>    outputs_plain;
+    float * outputs_host(size_t n_floats);
 
     // one backend per device holding K/V: async copies and one synchronize per operation
     std::map<ggml_backend_dev_t, ggml_backend_t> backends;

@@ -37,8 +37,11 @@ public:
 
     void set_input(const llama_ubatch * ubatch) override {
         if (shadow_mask) {
-            mctx->set_input_kq_mask(shadow_mask, ubatch, causal_attn, /*apply_freeze =*/ false);
+            // only the last n_q queries are scored: their rows, not the whole ubatch's (a 512-token prompt chunk
+            // filled and uploaded a second [n_kv, 512] mask of which 32 rows were read)
+            mctx->set_input_kq_mask(shadow_mask, ubatch, causal_attn, /*apply_freeze =*/ false, ubatch->n_tokens - n_q);
         }
+        outputs_copied = false; // until on_computed() queues this graph's copies
 
         if (kvf) {
             kvf->input_active = this;
@@ -61,7 +64,8 @@ public:
             mctx = static_cast<const llama_kv_cache_context *>(params.mctx);
         }
 
-        return !shadow_mask || (shadow_mask->ne[0] == mctx->get_n_kv() && shadow_mask->ne[1] == params.ubatch.n_tokens);
+        return !shadow_mask || (shadow_mask->ne[0] == mctx->get_n_kv() &&
+                                shadow_mask->ne[1] == std::min<int64_t>(kvf_n_q, params.ubatch.n_tokens));
     }
 
     llama_kv_freeze * kvf; // nullptr once the controller is gone
@@ -70,10 +74,15 @@ public:
 
     const llama_kv_cache_context * mctx;
 
-    ggml_tensor * shadow_mask = nullptr; // [n_kv, n_tokens]; nullptr with the importance output off
+    ggml_tensor * shadow_mask = nullptr; // [n_kv, n_q]: the rows of the last n_q tokens; nullptr with the importance output off
     ggml_tensor * importance  = nullptr; // [1, n_kv], summed over the selected layers
     int32_t       n_q         = 0;
+    int32_t       kvf_n_q     = 0;       // the controller's n_q when this input was built (n_q: capped by the ubatch)
     ggml_tensor * neg_entropy = nullptr; // [1]: sum of p log p over the last logits row
+
+    // on_computed() queued the copies of importance and neg_entropy to the controller's host outputs for the
+    // latest compute of this graph
+    bool outputs_copied = false;
 
     ggml_tensor * probs    = nullptr; // [n_kv, rows] attention probabilities not yet in importance
     ggml_tensor * mask_rep = nullptr; // the shadow mask's query rows, repeated for grouped query heads
@@ -115,11 +124,12 @@ void llama_kv_freeze_build_input(llama_kv_freeze * kvf, ggml_context * ctx0, llm
         // same type as the regular mask: flash attention wants f16
         const ggml_type type = cparams.flash_attn ? GGML_TYPE_F16 : GGML_TYPE_F32;
 
-        inp->shadow_mask = ggml_new_tensor_4d(ctx0, type, mctx->get_n_kv(), ubatch.n_tokens, 1, 1);
+        inp->kvf_n_q = kvf->imp.n_q;
+        inp->n_q     = std::min<int32_t>(kvf->imp.n_q, (int32_t) ubatch.n_tokens);
+
+        inp->shadow_mask = ggml_new_tensor_4d(ctx0, type, mctx->get_n_kv(), inp->n_q, 1, 1);
         ggml_set_input(inp->shadow_mask);
         ggml_set_name(inp->shadow_mask, "kv_freeze_shadow_mask");
-
-        inp->n_q = std::min<int32_t>(kvf->imp.n_q, (int32_t) ubatch.n_tokens);
     }
 
     kvf->inputs.insert(inp.get());
@@ -146,8 +156,7 @@ void llama_kv_freeze_build_layer(llama_kv_freeze * kvf, ggml_context * ctx0, ggm
 
     ggml_tensor * q_last = ggml_view_3d(ctx0, q, n_embd_head, n_head, n_q, q->nb[1], q->nb[2], q_offset);
 
-    ggml_tensor * mask = ggml_view_2d(ctx0, inp->shadow_mask, n_kv, n_q, inp->shadow_mask->nb[1],
-            (n_tokens - n_q)*inp->shadow_mask->nb[1]);
+    ggml_tensor * mask = inp->shadow_mask; // [n_kv, n_q]: the last n_q queries' rows
 
     ggml_tensor * kp = ggml_permute(ctx0, k, 0, 2, 1, 3); // [n_embd_head, n_kv, n_head_kv]
     ggml_tensor * kq = nullptr;
@@ -293,9 +302,60 @@ const std::vector<float> & llama_kv_freeze::importance_cells(llama_seq_id seq_id
     ggml_tensor * t = input_active->importance;
 
     importance_buf.resize(t->ne[1]);
-    ggml_backend_tensor_get(t, importance_buf.data(), 0, importance_buf.size()*sizeof(float));
+    if (input_active->outputs_copied) {
+        // copied behind the logits (on_computed), landed by the sync() above
+        const float * host = outputs_pinned ? (const float *) ggml_backend_buffer_get_base(outputs_pinned) : outputs_plain.data();
+        memcpy(importance_buf.data(), host + 1, importance_buf.size()*sizeof(float));
+    } else {
+        ggml_backend_tensor_get(t, importance_buf.data(), 0, importance_buf.size()*sizeof(float));
+    }
 
     return importance_buf;
+}
+
+float * llama_kv_freeze::outputs_host(size_t n_floats) {
+    if (outputs_pinned && ggml_backend_buffer_get_size(outputs_pinned) >= n_floats*sizeof(float)) {
+        return (float *) ggml_backend_buffer_get_base(outputs_pinned);
+    }
+    if (!outputs_pinned && staging_buft) {
+        // the whole cache's cells at once: the buffer is made once per handle (pinning is slow)
+        outputs_pinned = ggml_backend_buft_alloc_buffer(staging_buft, std::max<size_t>(n_floats, kv->get_size() + 1)*sizeof(float));
+        if (outputs_pinned && ggml_backend_buffer_get_size(outputs_pinned) >= n_floats*sizeof(float)) {
+            return (float *) ggml_backend_buffer_get_base(outputs_pinned);
+        }
+    }
+    if (outputs_pinned) {
+        return nullptr; // a graph larger than the cache: the readers copy synchronously
+    }
+    outputs_plain.resize(std::max(outputs_plain.size(), n_floats));
+    return outputs_plain.data();
+}
+
+void llama_kv_freeze::on_computed(ggml_backend_sched * sched) {
+    auto * inp = input_active;
+    if (!inp || !lctx || (!inp->importance && !inp->neg_entropy)) {
+        return;
+    }
+    ggml_backend_t b_imp = inp->importance  ? ggml_backend_sched_get_tensor_backend(sched, inp->importance)  : nullptr;
+    ggml_backend_t b_ent = inp->neg_entropy ? ggml_backend_sched_get_tensor_backend(sched, inp->neg_entropy) : nullptr;
+    if ((inp->importance && !b_imp) || (inp->neg_entropy && !b_ent)) {
+        return; // not computed by this graph's scheduler: the readers copy synchronously
+    }
+    float * host = outputs_host(1 + (inp->importance ? (size_t) ggml_nelements(inp->importance) : 0));
+    if (!host) {
+        return;
+    }
+    if (inp->importance) {
+        ggml_backend_tensor_get_async(b_imp, inp->importance, host + 1, 0, ggml_nbytes(inp->importance));
+    }
+    if (inp->neg_entropy) {
+        ggml_backend_tensor_get_async(b_ent, inp->neg_entropy, host, 0, sizeof(float));
+    }
+    inp->outputs_copied = true;
+}
+
+void llama_kv_freeze_on_computed(llama_kv_freeze * kvf, ggml_backend_sched * sched) {
+    kvf->on_computed(sched);
 }
 
 void llama_kv_freeze::importance(llama_seq_id seq_id, std::vector<llama_pos> & pos, std::vector<float> & score) const {
@@ -362,7 +422,11 @@ float llama_kv_freeze::entropy() const {
     }
 
     float neg = 0.0f;
-    ggml_backend_tensor_get(input_active->neg_entropy, &neg, 0, sizeof(float));
+    if (input_active->outputs_copied) {
+        neg = outputs_pinned ? *(const float *) ggml_backend_buffer_get_base(outputs_pinned) : outputs_plain[0];
+    } else {
+        ggml_backend_tensor_get(input_active->neg_entropy, &neg, 0, sizeof(float));
+    }
 
     return std::max(0.0f, -neg);
 }
