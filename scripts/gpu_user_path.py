@@ -81,7 +81,9 @@ def make_prompt(model: str, n_tokens: int) -> str:
 
 def move_trace(stderr: str) -> dict:
     """The native core's ASRKF_TRACE_MOVES lines summed per operation: moves, tokens, MB, ms of each part, and
-    paths taken (llama-kv-freeze-cells.cpp writes one line per offload and thaw)."""
+    paths taken (llama-kv-freeze-cells.cpp writes one line per offload and thaw); "largest" keeps the line of the
+    operation's largest move as it was (a recall's swap moves thousands of tokens at once, a prompt chunk's offload
+    hundreds: the sum hides which costs what)."""
     out: dict = {}
     for line in stderr.splitlines():
         if not line.startswith("asrkf-trace "):
@@ -90,13 +92,17 @@ def move_trace(stderr: str) -> dict:
         op = fields[1]
         agg = out.setdefault(op, {"moves": 0})
         agg["moves"] += 1
+        this: dict = {}
         for kv in fields[2:]:
             k, _, v = kv.partition("=")
             try:
+                this[k] = float(v)
                 agg[k] = round(agg.get(k, 0) + float(v), 3)
             except ValueError:  # path=...
                 paths = agg.setdefault("paths", {})
                 paths[v] = paths.get(v, 0) + 1
+        if this.get("n", 0) > agg.get("largest", {}).get("n", -1):
+            agg["largest"] = this
     for agg in out.values():
         if agg.get("total_ms"):
             agg["GB_per_s"] = round(agg.get("MB", 0) / agg["total_ms"], 2)
