@@ -10,12 +10,16 @@ N = 70
 N_Q = 4
 
 
-def scores_and_reference(path, fa):
+def scores_and_reference(path, fa, n_q=N_Q):
     tokens = random_tokens(N + 1, seed=11)
     with session(path, n_ctx=256, kv_type="f16", flash_attn=fa, n_batch=32, n_ubatch=32) as s, \
             KVCache(ctx=s.context) as kv:
-        kv.set_importance(True, n_q=N_Q, export_q=True)
-        s.decode(tokens[:N], 0)
+        kv.set_importance(True, n_q=n_q, export_q=True)
+        if n_q == 1:  # a decode step's graph (one query), as generation scores
+            s.decode(tokens[:N - 1], 0)
+            s.decode(tokens[N - 1:N], N - 1)
+        else:
+            s.decode(tokens[:N], 0)
         pos, score = kv.importance()
         info = kv.info()
         q = {il: kv.query(il)[0] for il in range(info.n_layer)}
@@ -32,8 +36,8 @@ def scores_and_reference(path, fa):
     ref = np.zeros(N)
     group = info.n_head // info.n_head_kv
     for il in range(info.n_layer):
-        for t in range(N_Q):
-            qpos = N - N_Q + t
+        for t in range(n_q):
+            qpos = N - n_q + t
             for h in range(info.n_head):
                 logits = k[il][: qpos + 1, h // group, :] @ q[il][t, h].astype(np.float64) / np.sqrt(d)
                 p = np.exp(logits - logits.max())
@@ -41,13 +45,14 @@ def scores_and_reference(path, fa):
     return pos, score, ref
 
 
+@pytest.mark.parametrize("n_q", [N_Q, 1])  # 1: the decode step's graph, which has a path of its own
 @pytest.mark.parametrize("model", ["llama-gqa", "qwen2"])
-def test_importance_matches_numpy_and_fa_on_off_agree(tiny_paths, model):
-    pos_off, s_off, ref = scores_and_reference(tiny_paths[model], "off")
-    pos_on, s_on, ref_on = scores_and_reference(tiny_paths[model], "on")
+def test_importance_matches_numpy_and_fa_on_off_agree(tiny_paths, model, n_q):
+    pos_off, s_off, ref = scores_and_reference(tiny_paths[model], "off", n_q)
+    pos_on, s_on, ref_on = scores_and_reference(tiny_paths[model], "on", n_q)
     assert np.array_equal(pos_off, np.arange(N)) and np.array_equal(pos_on, np.arange(N))
     # total mass: one per query, head and layer
-    assert s_off.sum() == pytest.approx(2 * 4 * N_Q, rel=1e-4)
+    assert s_off.sum() == pytest.approx(2 * 4 * n_q, rel=1e-4)
     np.testing.assert_allclose(s_off, ref, rtol=2e-3, atol=2e-4)
     np.testing.assert_allclose(s_on, ref_on, rtol=2e-3, atol=2e-4)
     np.testing.assert_allclose(s_on, s_off, rtol=5e-3, atol=5e-4)
