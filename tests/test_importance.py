@@ -45,7 +45,7 @@ def scores_and_reference(path, fa, n_q=N_Q):
     return pos, score, ref
 
 
-@pytest.mark.parametrize("n_q", [N_Q, 1])  # 1: the decode step's graph, which has a path of its own
+@pytest.mark.parametrize("n_q", [N_Q, 1])  # 1: the graph of a decode step, as generation scores
 @pytest.mark.parametrize("model", ["llama-gqa", "qwen2"])
 def test_importance_matches_numpy_and_fa_on_off_agree(tiny_paths, model, n_q):
     pos_off, s_off, ref = scores_and_reference(tiny_paths[model], "off", n_q)

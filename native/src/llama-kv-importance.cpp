@@ -163,16 +163,7 @@ void llama_kv_freeze_build_layer(llama_kv_freeze * kvf, ggml_context * ctx0, ggm
 
     // ALiBi slopes follow the head index in dim 2, so those models keep one row of queries per head
     const bool grouped = hparams.f_max_alibi_bias == 0.0f && n_head % n_head_kv == 0;
-    if (grouped && n_q == 1) {
-        // a decode step: its query heads already lie as rows grouped by KV head, [d, n_gqa, n_head_kv], so no copy;
-        // the rows go to dim 2, where the one mask row broadcasts (no repeat): two kernels fewer per scored layer,
-        // and each costs ~4 us next to a 4.6 ms step on the H200
-        const int64_t n_gqa = n_head/n_head_kv;
-        ggml_tensor * qg = ggml_view_3d(ctx0, q, n_embd_head, n_gqa, n_head_kv, q->nb[1], n_gqa*q->nb[1], q_offset);
-        kq = ggml_mul_mat(ctx0, kp, qg);                         // [n_kv, n_gqa, n_head_kv]
-        ggml_prec_set_acc(kq, GGML_PREC_F32);                    // (below it would name the reshape)
-        kq = ggml_reshape_3d(ctx0, kq, n_kv, 1, n_gqa*n_head_kv); // [n_kv, 1, rows]
-    } else if (grouped) {
+    if (grouped) {
         // the n_gqa query heads that share a KV head become rows of one product, so every K row is read once per
         // layer (broadcasting K over the query heads reads it n_gqa times): rows are (query, head in group)
         const int64_t n_gqa = n_head/n_head_kv;
@@ -192,7 +183,7 @@ void llama_kv_freeze_build_layer(llama_kv_freeze * kvf, ggml_context * ctx0, ggm
         ggml_tensor * qp = ggml_permute(ctx0, q_last, 0, 2, 1, 3); // [n_embd_head, n_q, n_head]
         kq = ggml_mul_mat(ctx0, kp, qp); // [n_kv, n_q, n_head], GQA by broadcast
     }
-    ggml_prec_set_acc(kq, GGML_PREC_F32); // a no-op on the reshape of the one-query path, set there
+    ggml_prec_set_acc(kq, GGML_PREC_F32);
 
     if (hparams.attn_soft_cap) {
         kq = ggml_scale(ctx0, kq, 1.0f / hparams.f_attn_logit_softcapping);
