@@ -36,6 +36,8 @@ SETTINGS = {
     # has no importance nodes; switching them on and off changes the graph)
     "asrkf-25%-score4": ["--kv-budget", "0.25", "--score-every", "4"],
     "asrkf-25%-noscore": ["--kv-budget", "0.25", "--score-every", "100000"],
+    # the importance and entropy read with a synchronous copy each, as before they were copied behind the logits
+    "asrkf-25%-syncout": ["--kv-budget", "0.25", "ENV:ASRKF_OUTPUTS_SYNC=1"],
     "asrkf-25%-layers8": ["--kv-budget", "0.25", "--importance-every", "8"],
     # what the prompt phase costs without asrkf's work: eviction at the same budget attends the same number of cells
     # (window: no scoring, no moves; h2o: scoring, no moves), so the difference to asrkf is the moves and recall

@@ -263,6 +263,8 @@ private:
 
     // where on_computed() copies the outputs: [0] the negative entropy, [1..] the importance per cell. Pinned when
     // a device holds the cache (a copy into pageable memory would wait for the graph), else plain memory
+    // ASRKF_OUTPUTS_SYNC=1 (a benchmark switch): no copies behind the logits, the readers copy synchronously
+    bool                  outputs_sync   = false;
     ggml_backend_buffer_t outputs_pinned = nullptr;
     std::vector<float>    outputs_plain;
     float * outputs_host(size_t n_floats);

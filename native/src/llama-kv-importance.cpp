@@ -333,7 +333,7 @@ float * llama_kv_freeze::outputs_host(size_t n_floats) {
 
 void llama_kv_freeze::on_computed(ggml_backend_sched * sched) {
     auto * inp = input_active;
-    if (!inp || !lctx || (!inp->importance && !inp->neg_entropy)) {
+    if (!inp || !lctx || outputs_sync || (!inp->importance && !inp->neg_entropy)) {
         return;
     }
     ggml_backend_t b_imp = inp->importance  ? ggml_backend_sched_get_tensor_backend(sched, inp->importance)  : nullptr;
