@@ -123,6 +123,24 @@ def test_a_prompt_many_times_the_budget_prefills_in_fitting_chunks(tiny_path):
     assert counts["active"] + counts["frozen"] <= 150 and sum(counts.values()) == 1504
 
 
+@pytest.mark.parametrize("share,expected", [(0.25, 100), (1.0, 256)])
+def test_prompt_chunks_take_at_most_their_share_of_the_budget(tiny_path, share, expected):
+    # a chunk leaves most of the budget to what it attends besides itself (ControllerConfig.chunk_share): 400 cells,
+    # -b 256: calls of 100 tokens at a quarter; with the whole budget allowed, calls of n_batch
+    prompt = random_tokens(700, seed=47)
+    with session(tiny_path, n_ctx=1024, flash_attn="on", n_batch=256, n_ubatch=256) as s, \
+            KVCache(ctx=s.context) as kv:
+        calls = []
+        decode = s.decode
+        s.decode = lambda tokens, pos: calls.append(len(tokens)) or decode(tokens, pos)
+        ctl = Controller(kv, make_policy("asrkf", recent=64), ControllerConfig(budget_cells=400, chunk_share=share))
+        generate(s, ctl, prompt, 0)
+        assert max(calls) == expected and sum(calls) >= len(prompt)
+        ctl.table.check(kv)
+    with pytest.raises(ValueError):
+        ControllerConfig(budget_cells=400, chunk_share=0)
+
+
 def test_bringing_everything_back_reproduces_the_full_logits(real_demo_model_path):
     # the controller moves tokens only after their K/V were computed (prompt within budget, then pressure):
     # thawing and unfreezing everything must then give the full cache's logits exactly

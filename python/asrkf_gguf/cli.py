@@ -75,7 +75,8 @@ def add_engine_options(r) -> None:
                                                      "llama.cpp)")
     k.add_argument("-tb", "--threads-batch", type=int, help="CPU threads for prompt batches (default: --threads)")
     k.add_argument("-b", "--batch-size", type=int, default=512,
-                   help="prompt tokens decoded per call; the controller scores and moves tokens between calls")
+                   help="prompt tokens decoded per call (under a budget at most a quarter of it); the controller "
+                        "scores and moves tokens between calls")
     k.add_argument("-ub", "--ubatch-size", type=int, default=None,
                    help="prompt tokens per graph within a call (default: 512, at most --batch-size)")
     k.add_argument("--host-budget", help="host memory for offloaded K/V, e.g. 512M or 4G (default: no limit); past it "

@@ -47,6 +47,11 @@ class ControllerConfig:
     # after recall, the prompt's last recall_redecode tokens (the question) are decoded again, so that their keys
     # and values are computed with what recall brought back: computed before, they saw a cache without it
     recall_redecode: int = 32
+    # under a budget a prompt chunk takes at most this share of it (at least 64 tokens): the rest holds what the
+    # chunk attends besides itself, and every chunk after the budget fills computes its keys and values attending
+    # only that. At 4k tokens and 1,024 cells, 256-token chunks instead of 512 found more of niah-multivalue's four
+    # values (docs/evaluation.md, session 11). 1.0: chunks of n_batch, limited by the budget alone
+    chunk_share: float = 0.25
     # entropy recovery SR/WR/FR/RR on spikes; False keeps watching the entropy (stats, traces) but never acts,
     # which is the "asrkf without recovery" ablation
     recovery: bool = True
@@ -93,10 +98,11 @@ class ControllerConfig:
     def __post_init__(self):
         if self.budget_cells < 1 or not 0 < self.ema <= 1 or self.n_q < 1 or self.wr_window < 1 or self.rr_tokens < 0 \
                 or self.recall_pool < 0 or self.recall_redecode < 1 or self.offload_batch < 0 or self.host_budget_bytes < 0 or self.score_every < 1 or self.importance_every < 1 \
+                or not 0 < self.chunk_share <= 1 \
                 or self.recall_span_max < 1:
             raise ValueError("ControllerConfig: budget_cells >= 1, 0 < ema <= 1, n_q >= 1, wr_window >= 1, "
                              "rr_tokens >= 0, recall_pool >= 0, recall_redecode >= 1, offload_batch >= 0, host_budget_bytes >= 0, score_every >= 1, "
-                             "importance_every >= 1, recall_span_max >= 1 are required")
+                             "importance_every >= 1, recall_span_max >= 1, 0 < chunk_share <= 1 are required")
         if self.recovery_restore not in ("score", "fresh", "fresh-all"):
             raise ValueError("ControllerConfig: recovery_restore is 'score', 'fresh' or 'fresh-all', not "
                              f"{self.recovery_restore!r}")

@@ -103,7 +103,8 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
     if controller.policy.uses_budget:
         # a chunk must fit beside the tokens that never move (sinks + recent window), whatever has been decoded
         protected = controller.policy.n_sinks + controller.policy.recent
-        chunk = max(1, min(chunk, controller.config.budget_cells - protected - 1))
+        chunk = max(1, min(chunk, controller.config.budget_cells - protected - 1,
+                           max(64, int(controller.config.budget_cells * controller.config.chunk_share))))
 
     t0 = time.perf_counter()
     st = controller.stats
