@@ -261,13 +261,14 @@ private:
     const std::vector<float> & importance_cells(llama_seq_id seq_id) const;
     mutable std::vector<float> importance_buf;
 
+    // ASRKF_OUTPUTS_SYNC=1 (a benchmark switch): no copies behind the logits, the readers copy synchronously
+    bool outputs_sync = false;
     // where on_computed() copies the outputs: [0] the negative entropy, [1..] the importance per cell. Pinned when
     // a device holds the cache (a copy into pageable memory would wait for the graph), else plain memory
-    // ASRKF_OUTPUTS_SYNC=1 (a benchmark switch): no copies behind the logits, the readers copy synchronously
-    bool                  outputs_sync   = false;
     ggml_backend_buffer_t outputs_pinned = nullptr;
     std::vector<float>    outputs_plain;
-    float * outputs_host(size_t n_floats);
+    float *       outputs_host(size_t n_floats); // for the copies: grown (or made pinned) to hold n_floats
+    const float * outputs_data() const;           // for the readers: what the copies wrote
 
     // one backend per device holding K/V: async copies and one synchronize per operation
     std::map<ggml_backend_dev_t, ggml_backend_t> backends;

@@ -304,13 +304,16 @@ const std::vector<float> & llama_kv_freeze::importance_cells(llama_seq_id seq_id
     importance_buf.resize(t->ne[1]);
     if (input_active->outputs_copied) {
         // copied behind the logits (on_computed), landed by the sync() above
-        const float * host = outputs_pinned ? (const float *) ggml_backend_buffer_get_base(outputs_pinned) : outputs_plain.data();
-        memcpy(importance_buf.data(), host + 1, importance_buf.size()*sizeof(float));
+        memcpy(importance_buf.data(), outputs_data() + 1, importance_buf.size()*sizeof(float));
     } else {
         ggml_backend_tensor_get(t, importance_buf.data(), 0, importance_buf.size()*sizeof(float));
     }
 
     return importance_buf;
+}
+
+const float * llama_kv_freeze::outputs_data() const {
+    return outputs_pinned ? (const float *) ggml_backend_buffer_get_base(outputs_pinned) : outputs_plain.data();
 }
 
 float * llama_kv_freeze::outputs_host(size_t n_floats) {
@@ -423,7 +426,7 @@ float llama_kv_freeze::entropy() const {
 
     float neg = 0.0f;
     if (input_active->outputs_copied) {
-        neg = outputs_pinned ? *(const float *) ggml_backend_buffer_get_base(outputs_pinned) : outputs_plain[0];
+        neg = outputs_data()[0];
     } else {
         ggml_backend_tensor_get(input_active->neg_entropy, &neg, 0, sizeof(float));
     }

@@ -149,8 +149,9 @@ class Engine:
         physical cores, and n_threads for batches).
         n_batch / n_ubatch: tokens of a prompt decoded per call, and per graph within it (llama.cpp's -b / -ub;
         n_ubatch defaults to 512, at most n_batch). Under a budget a call also fits the budget beside the sink
-        and recent tokens, and takes at most a quarter of it (ControllerConfig.chunk_share); the controller scores, offloads and recalls between calls, so a larger n_batch means
-        fewer, larger moves during a prompt, scored by its last ubatch's queries.
+        and recent tokens, and takes at most a quarter of it (ControllerConfig.chunk_share); the controller
+        scores, offloads and recalls between calls, so a larger n_batch means fewer, larger moves during a prompt,
+        scored by its last ubatch's queries.
         host_budget: host memory for offloaded K/V (bytes, or "512M", "4G"); past it a turn fails with
         HostBudgetError and is taken back, nothing is dropped (None: no limit).
         host_memory: where offloaded K/V lives on the host: "pinned" (the device's pinned memory, moved straight;
