@@ -61,6 +61,24 @@ def test_recall_gives_the_device_cells_to_the_best_scored_tokens(tiny_path):
         assert len(res.tokens) == 8
 
 
+def test_only_a_prompts_queries_are_exported(tiny_path):
+    # recall reads the queries of a prompt's last decode; a generated token's are copied out for nothing
+    with session(tiny_path, n_ctx=256, flash_attn="on", n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        ctl = Controller(kv, make_policy("asrkf", recent=32), ControllerConfig(budget_cells=160))
+        layer = ctl.layers[0]
+        generate(s, ctl, random_tokens(100, seed=54), 0)  # a prompt alone: its queries are there for recall
+        assert kv.query(layer)[0].shape[0] == ctl.config.n_q
+        generate(s, ctl, random_tokens(10, seed=55), 4)  # then generated tokens: not exported
+        with pytest.raises(AsrkfError, match="query export is off"):
+            kv.query(layer)
+        assert ctl.recall() == 0  # nothing to rank by: refused quietly, nothing moved
+        ctl.table.check(kv)
+        generate(s, ctl, random_tokens(300, seed=56), 0)  # the next turn's prompt exports them again
+        assert kv.query(layer)[0].shape[0] == ctl.config.n_q
+        assert ctl.recall() > 0
+        ctl.table.check(kv)
+
+
 def test_recall_mass_counts_the_heads_attention_to_tokens_that_stay(tiny_path):
     # sinks and the recent window are keys of the softmax too: the mass left for the movable tokens is what the
     # heads really give them (less than a softmax over the movable tokens alone), and every head's row sums to 1

@@ -212,6 +212,10 @@ class Controller:
         # the queue in leaving order (KVCache.release_ahead) and may find fewer, when recall or a removal moved some
         self._ahead_left = 0
         self._scoring = False
+        # the queries of the scored layers are exported for recall, which reads a prompt's (generating() turns the
+        # export off for generated tokens)
+        self._export_q = policy.reversible
+        self._exporting = False
         if config.entropy_in_graph:
             kv.set_entropy(True)
         if policy.uses_importance:
@@ -222,10 +226,21 @@ class Controller:
             self._set_scoring(True)
 
     def _set_scoring(self, on: bool) -> None:
-        if on != self._scoring:
+        if on != self._scoring or (on and self._export_q != self._exporting):
             # the queries are exported too: recall scores offloaded tokens with them on the host
-            self.kv.set_importance(on, n_q=self.config.n_q, layers=self.layers, export_q=self.policy.reversible)
+            self.kv.set_importance(on, n_q=self.config.n_q, layers=self.layers, export_q=self._export_q)
             self._scoring = on
+            self._exporting = on and self._export_q
+
+    def generating(self, on: bool) -> None:
+        """on: the next decodes are generated tokens, whose queries nothing reads, so their export is switched off
+        (each scored layer's query copied out every step: ~22 us of an 8B model's decode step on the H200,
+        docs/gpu.md session 12); off: a prompt follows, and recall reads its queries. Each switch rebuilds the
+        graph once, where the change between a prompt chunk and a one-token step rebuilds it anyway. A "fresh"
+        recovery restore ranks with the spiking step's queries: it keeps them exported."""
+        if self.policy.uses_importance and self.policy.reversible:
+            self._export_q = not on or (self.config.recovery and self.config.recovery_restore != "score")
+            self._set_scoring(self._scoring)
 
     def reset(self) -> None:
         """Forget the sequence (after it was cleared from the cache); the statistics keep counting."""
@@ -336,8 +351,9 @@ class Controller:
         and give the movable device cells to the best: whole spans when span_ends (per position: a span ends there)
         is given and ControllerConfig.recall_spans is on. Returns how many tokens were brought back to attention:
         thawed from the host or unfrozen."""
-        # without scoring on the last decode (score_every > 1 and a one-token prompt) there are no queries to rank by
-        if not (self.policy.uses_importance and self.policy.reversible and self._scoring):
+        # without scoring on the last decode (score_every > 1 and a one-token prompt), or after generated tokens (their
+        # queries are not exported), there are no queries to rank by
+        if not (self.policy.uses_importance and self.policy.reversible and self._scoring and self._exporting):
             return 0
         t0 = time.perf_counter()
         from .recall import recall_mass

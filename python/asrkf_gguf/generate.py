@@ -114,6 +114,7 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
     pos = controller.table.n
     logits = None
     controller.expect(len(prompt))
+    controller.generating(False)  # recall reads the prompt's queries
     for start in range(0, len(prompt), chunk):
         part = list(prompt[start:start + chunk])
         controller.make_room(len(part))
@@ -174,6 +175,8 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
             yield res.tokens[emitted]
             emitted += 1
         controller.make_room(1)
+        if len(res.tokens) == 1:
+            controller.generating(True)  # after the prompt's recall: the steps' queries are not exported
         t1 = time.perf_counter()
         logits = session.decode([token], pos)
         t_model += time.perf_counter() - t1
