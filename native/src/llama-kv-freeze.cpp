@@ -144,6 +144,8 @@ llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_
     trace_moves = trace && *trace && strcmp(trace, "0") != 0;
     const char * outputs = getenv("ASRKF_OUTPUTS_SYNC");
     outputs_sync = outputs && *outputs && strcmp(outputs, "0") != 0;
+    const char * layerwise = getenv("ASRKF_SCORE_LAYERWISE");
+    score_layerwise = layerwise && *layerwise && strcmp(layerwise, "0") != 0;
     deferred_scratch_bytes = 4*scratch_bytes;
     if (const char * mb = getenv("ASRKF_DEFERRED_SCRATCH_MB")) {
         deferred_scratch_bytes = (size_t) strtoull(mb, nullptr, 10) << 20;

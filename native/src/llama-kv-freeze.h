@@ -205,8 +205,14 @@ struct llama_kv_freeze {
     // model layer id -> index into the cache's layers, -1 if the layer has no K/V there
     int32_t layer_index(int32_t il) const;
 
+    // the K of the scored layers as one tensor of the graph, [n_embd_head, n_kv, n_head_kv, n_layers], given k, the
+    // graph's view of the first scored layer; nullptr unless they are alike at one stride in one buffer
+    ggml_tensor * scored_k_together(ggml_context * ctx0, const ggml_tensor * k) const;
+
     llama_kv_freeze_importance_params imp;
     bool entropy_enabled = false;
+    // ASRKF_SCORE_LAYERWISE=1 (a benchmark switch): decode steps score layer by layer, not together
+    bool score_layerwise = false;
 
     // graph inputs created for this controller and still alive (they outlive graphs, not us)
     std::set<llm_graph_input_kv_freeze *> inputs;
@@ -257,8 +263,10 @@ struct llama_kv_freeze {
     void finish_pending();
 
 private:
-    // the importance output of the latest decode for seq_id, per cell of the graph's view (refuses stale data)
-    const std::vector<float> & importance_cells(llama_seq_id seq_id) const;
+    // the importance output of the latest decode for seq_id, n floats, one per cell of the graph's view (refuses
+    // stale data): read in place from the host outputs when they were copied behind the logits, else copied into
+    // importance_buf; valid until the next decode or call
+    const float * importance_cells(llama_seq_id seq_id, uint32_t & n) const;
     mutable std::vector<float> importance_buf;
 
     // ASRKF_OUTPUTS_SYNC=1 (a benchmark switch): no copies behind the logits, the readers copy synchronously

@@ -87,6 +87,13 @@ public:
     ggml_tensor * probs    = nullptr; // [n_kv, rows] attention probabilities not yet in importance
     ggml_tensor * mask_rep = nullptr; // the shadow mask's query rows, repeated for grouped query heads
 
+    // a decode step's layers scored together (llama_kv_freeze_build_layer): the scored layers' K as one tensor
+    // [n_embd_head, n_kv, n_head_kv, n_layers], their queries gathered along dim 3, one product after the last
+    int           together = -1;      // -1 undecided, 0 layer by layer, 1 together
+    ggml_tensor * k_all    = nullptr;
+    ggml_tensor * q_all    = nullptr; // [n_embd_head, n_gqa, n_head_kv, layers so far]
+    float         q_scale  = 0.0f;    // the kq_scale the product is scaled by (the first layer's)
+
     // fold probs into importance: sum over rows, [n_kv, rows] -> [rows, n_kv] -> [1, n_kv]
     void reduce_probs(ggml_context * ctx) {
         if (!probs) {
@@ -158,61 +165,101 @@ void llama_kv_freeze_build_layer(llama_kv_freeze * kvf, ggml_context * ctx0, ggm
 
     ggml_tensor * mask = inp->shadow_mask; // [n_kv, n_q]: the last n_q queries' rows
 
-    ggml_tensor * kp = ggml_permute(ctx0, k, 0, 2, 1, 3); // [n_embd_head, n_kv, n_head_kv]
-    ggml_tensor * kq = nullptr;
-
     // ALiBi slopes follow the head index in dim 2, so those models keep one row of queries per head
     const bool grouped = hparams.f_max_alibi_bias == 0.0f && n_head % n_head_kv == 0;
-    if (grouped) {
-        // the n_gqa query heads that share a KV head become rows of one product, so every K row is read once per
-        // layer (broadcasting K over the query heads reads it n_gqa times): rows are (query, head in group)
-        const int64_t n_gqa = n_head/n_head_kv;
-        ggml_tensor * qg = ggml_view_4d(ctx0, q, n_embd_head, n_gqa, n_head_kv, n_q,
-                q->nb[1], n_gqa*q->nb[1], q->nb[2], q_offset);              // [d, n_gqa, n_head_kv, n_q]
-        qg = ggml_cont(ctx0, ggml_permute(ctx0, qg, 0, 2, 3, 1));          // [d, n_q, n_gqa, n_head_kv]
-        qg = ggml_reshape_3d(ctx0, qg, n_embd_head, n_q*n_gqa, n_head_kv);
 
-        kq = ggml_mul_mat(ctx0, kp, qg); // [n_kv, n_q*n_gqa, n_head_kv]
-
-        // row r attends like query r % n_q: the mask repeated once per graph and group size
-        if (!inp->mask_rep || inp->mask_rep->ne[1] != n_q*n_gqa) {
-            inp->mask_rep = ggml_repeat_4d(ctx0, mask, n_kv, n_q*n_gqa, 1, 1);
+    if (inp->together < 0) {
+        inp->together = 0;
+        if (n_q == 1 && grouped && !hparams.attn_soft_cap && !kvf->score_layerwise) {
+            inp->k_all = kvf->scored_k_together(ctx0, k);
+            inp->together = inp->k_all != nullptr;
         }
-        mask = inp->mask_rep;
+    }
+    if (inp->together) {
+        // a decode step: this layer's one query joins the others (its n_gqa heads per KV head are rows); the product,
+        // softmax and reduction run once for all scored layers, after the last. Layer by layer, a product, a softmax
+        // of 32 rows and an add cost ~19 us a layer on the H200 (docs/gpu.md, session 12), mostly for want of
+        // parallel work
+        const int64_t n_gqa = n_head/n_head_kv;
+        ggml_tensor * qg = ggml_view_4d(ctx0, q, n_embd_head, n_gqa, n_head_kv, 1,
+                q->nb[1], n_gqa*q->nb[1], q->nb[2], q_offset); // [d, n_gqa, n_head_kv, 1]
+        if (!inp->q_all) {
+            inp->q_scale = kq_scale;
+        } else if (kq_scale != inp->q_scale) {
+            qg = ggml_scale(ctx0, qg, kq_scale/inp->q_scale); // a layer of its own scale: the product takes the first's
+        }
+        inp->q_all = inp->q_all ? ggml_concat(ctx0, inp->q_all, qg, 3) : qg;
+        ggml_build_forward_expand(gf, inp->q_all); // gathered right after this layer
+
+        if (il == kvf->imp.layers.back()) {
+            GGML_ASSERT(inp->q_all->ne[3] == inp->k_all->ne[3]);
+            ggml_tensor * kq = ggml_mul_mat(ctx0, inp->k_all, inp->q_all); // [n_kv, n_gqa, n_head_kv, n_layers]
+            ggml_prec_set_acc(kq, GGML_PREC_F32);
+            if (!inp->mask_rep) {
+                inp->mask_rep = ggml_repeat_4d(ctx0, mask, n_kv, n_gqa, 1, 1);
+            }
+            kq = ggml_soft_max_ext(ctx0, kq, inp->mask_rep, inp->q_scale, 0.0f);
+            inp->probs = ggml_reshape_2d(ctx0, kq, n_kv, kq->ne[1]*kq->ne[2]*kq->ne[3]);
+            inp->reduce_probs(ctx0);
+            ggml_set_name  (inp->importance, "kv_freeze_importance");
+            ggml_set_output(inp->importance);
+            ggml_build_forward_expand(gf, inp->importance);
+        }
     } else {
-        ggml_tensor * qp = ggml_permute(ctx0, q_last, 0, 2, 1, 3); // [n_embd_head, n_q, n_head]
-        kq = ggml_mul_mat(ctx0, kp, qp); // [n_kv, n_q, n_head], GQA by broadcast
-    }
-    ggml_prec_set_acc(kq, GGML_PREC_F32);
+        ggml_tensor * kp = ggml_permute(ctx0, k, 0, 2, 1, 3); // [n_embd_head, n_kv, n_head_kv]
+        ggml_tensor * kq = nullptr;
 
-    if (hparams.attn_soft_cap) {
-        kq = ggml_scale(ctx0, kq, 1.0f / hparams.f_attn_logit_softcapping);
-        kq = ggml_tanh (ctx0, kq);
-        kq = ggml_scale(ctx0, kq, hparams.f_attn_logit_softcapping);
-    }
+        if (grouped) {
+            // the n_gqa query heads that share a KV head become rows of one product, so every K row is read once per
+            // layer (broadcasting K over the query heads reads it n_gqa times): rows are (query, head in group)
+            const int64_t n_gqa = n_head/n_head_kv;
+            ggml_tensor * qg = ggml_view_4d(ctx0, q, n_embd_head, n_gqa, n_head_kv, n_q,
+                    q->nb[1], n_gqa*q->nb[1], q->nb[2], q_offset);              // [d, n_gqa, n_head_kv, n_q]
+            qg = ggml_cont(ctx0, ggml_permute(ctx0, qg, 0, 2, 3, 1));          // [d, n_q, n_gqa, n_head_kv]
+            qg = ggml_reshape_3d(ctx0, qg, n_embd_head, n_q*n_gqa, n_head_kv);
 
-    kq = ggml_soft_max_ext(ctx0, kq, mask, kq_scale, hparams.f_max_alibi_bias);
+            kq = ggml_mul_mat(ctx0, kp, qg); // [n_kv, n_q*n_gqa, n_head_kv]
 
-    // probabilities of layers of one shape add up elementwise; the sum over queries and heads, a transposed copy
-    // and a row sum, runs once per graph and shape instead of once per layer
-    kq = ggml_reshape_2d(ctx0, kq, n_kv, kq->ne[1]*kq->ne[2]);
-    if (inp->probs && ggml_are_same_shape(inp->probs, kq)) {
-        inp->probs = ggml_add(ctx0, inp->probs, kq);
-    } else {
-        inp->reduce_probs(ctx0);
-        inp->probs = kq;
-    }
-    // scheduled here, right after this layer's attention, and not where the output is expanded: each layer's
-    // q and probabilities are then freed before the next layer instead of all living to the end of the graph
-    ggml_build_forward_expand(gf, inp->probs);
-    if (inp->importance) {
-        ggml_build_forward_expand(gf, inp->importance);
-    }
-    if (il == kvf->imp.layers.back()) {
-        inp->reduce_probs(ctx0);
-        ggml_set_name  (inp->importance, "kv_freeze_importance");
-        ggml_set_output(inp->importance);
-        ggml_build_forward_expand(gf, inp->importance);
+            // row r attends like query r % n_q: the mask repeated once per graph and group size
+            if (!inp->mask_rep || inp->mask_rep->ne[1] != n_q*n_gqa) {
+                inp->mask_rep = ggml_repeat_4d(ctx0, mask, n_kv, n_q*n_gqa, 1, 1);
+            }
+            mask = inp->mask_rep;
+        } else {
+            ggml_tensor * qp = ggml_permute(ctx0, q_last, 0, 2, 1, 3); // [n_embd_head, n_q, n_head]
+            kq = ggml_mul_mat(ctx0, kp, qp); // [n_kv, n_q, n_head], GQA by broadcast
+        }
+        ggml_prec_set_acc(kq, GGML_PREC_F32);
+
+        if (hparams.attn_soft_cap) {
+            kq = ggml_scale(ctx0, kq, 1.0f / hparams.f_attn_logit_softcapping);
+            kq = ggml_tanh (ctx0, kq);
+            kq = ggml_scale(ctx0, kq, hparams.f_attn_logit_softcapping);
+        }
+
+        kq = ggml_soft_max_ext(ctx0, kq, mask, kq_scale, hparams.f_max_alibi_bias);
+
+        // probabilities of layers of one shape add up elementwise; the sum over queries and heads, a transposed copy
+        // and a row sum, runs once per graph and shape instead of once per layer
+        kq = ggml_reshape_2d(ctx0, kq, n_kv, kq->ne[1]*kq->ne[2]);
+        if (inp->probs && ggml_are_same_shape(inp->probs, kq)) {
+            inp->probs = ggml_add(ctx0, inp->probs, kq);
+        } else {
+            inp->reduce_probs(ctx0);
+            inp->probs = kq;
+        }
+        // scheduled here, right after this layer's attention, and not where the output is expanded: each layer's
+        // q and probabilities are then freed before the next layer instead of all living to the end of the graph
+        ggml_build_forward_expand(gf, inp->probs);
+        if (inp->importance) {
+            ggml_build_forward_expand(gf, inp->importance);
+        }
+        if (il == kvf->imp.layers.back()) {
+            inp->reduce_probs(ctx0);
+            ggml_set_name  (inp->importance, "kv_freeze_importance");
+            ggml_set_output(inp->importance);
+            ggml_build_forward_expand(gf, inp->importance);
+        }
     }
 
     if (kvf->imp.export_q) {
@@ -222,6 +269,53 @@ void llama_kv_freeze_build_layer(llama_kv_freeze * kvf, ggml_context * ctx0, ggm
         ggml_build_forward_expand(gf, qe);
         inp->queries.push_back({il, qe, kq_scale});
     }
+}
+
+ggml_tensor * llama_kv_freeze::scored_k_together(ggml_context * ctx0, const ggml_tensor * k) const {
+    const size_t n = imp.layers.size();
+    if (n < 2 || k->ne[3] != 1) {
+        return nullptr;
+    }
+    std::vector<const ggml_tensor *> ts;
+    for (const int32_t il : imp.layers) {
+        ts.push_back(layer_k[layer_index(il)]);
+    }
+    // the same layout at one stride in one buffer (a model on one device: the cache allocates each layer's K and V in
+    // turn), and k the graph's view of the first from its first cell
+    const ggml_tensor * t0 = ts[0];
+    if (k->data != t0->data || !t0->buffer || ts[1]->data <= t0->data) {
+        return nullptr;
+    }
+    // not for quantized K: a backend may clear a quantized tensor's row padding when it is allocated, here past the
+    // span, in the cache's next tensor. Not over RPC either: an alias's sizes travel as 32-bit numbers there
+    if (ggml_is_quantized(t0->type) || strncmp(ggml_backend_buft_name(ggml_backend_buffer_get_type(t0->buffer)), "RPC", 3) == 0) {
+        return nullptr;
+    }
+    const size_t stride = (size_t) ((const uint8_t *) ts[1]->data - (const uint8_t *) t0->data);
+    const size_t ts0    = ggml_type_size(t0->type);
+    if (stride < ggml_nbytes(t0) || stride % ts0 != 0) {
+        return nullptr;
+    }
+    for (size_t i = 0; i < n; ++i) {
+        const ggml_tensor * t = ts[i];
+        if (t->buffer != t0->buffer || t->type != t0->type || !ggml_are_same_shape(t, t0) || !ggml_are_same_stride(t, t0) ||
+                (const uint8_t *) t->data != (const uint8_t *) t0->data + i*stride) {
+            return nullptr;
+        }
+    }
+    const size_t span = (n - 1)*stride + ggml_nbytes(t0);
+    if (span % ts0 != 0) {
+        return nullptr;
+    }
+    // one tensor over the selected layers' K (and the V and unscored layers between them, never read)
+    ggml_tensor * flat = ggml_new_tensor_1d(ctx0, t0->type, (int64_t) (span/ts0*ggml_blck_size(t0->type)));
+    if (ggml_backend_tensor_alloc(t0->buffer, flat, t0->data) != GGML_STATUS_SUCCESS) {
+        return nullptr;
+    }
+    // [n_embd_head, n_kv, n_head_kv, n_layers]: k permuted as the layer-by-layer product reads it, layers in dim 3
+    ggml_tensor * k_all = ggml_view_4d(ctx0, flat, k->ne[0], k->ne[2], k->ne[1], (int64_t) n, k->nb[2], k->nb[1], stride, 0);
+    ggml_format_name(k_all, "kv_freeze_k_scored");
+    return k_all;
 }
 
 void llama_kv_freeze_build_output(llama_kv_freeze * kvf, ggml_context * ctx0, ggml_cgraph * gf, ggml_tensor * logits) {
@@ -279,7 +373,7 @@ void llama_kv_freeze::set_importance(const llama_kv_freeze_importance_params & p
     bump_graph();
 }
 
-const std::vector<float> & llama_kv_freeze::importance_cells(llama_seq_id seq_id) const {
+const float * llama_kv_freeze::importance_cells(llama_seq_id seq_id, uint32_t & n) const {
     sync();
 
     stream(seq_id);
@@ -301,15 +395,14 @@ const std::vector<float> & llama_kv_freeze::importance_cells(llama_seq_id seq_id
 
     ggml_tensor * t = input_active->importance;
 
-    importance_buf.resize(t->ne[1]);
+    n = (uint32_t) t->ne[1];
     if (input_active->outputs_copied) {
-        // copied behind the logits (on_computed), landed by the sync() above
-        memcpy(importance_buf.data(), outputs_data() + 1, importance_buf.size()*sizeof(float));
-    } else {
-        ggml_backend_tensor_get(t, importance_buf.data(), 0, importance_buf.size()*sizeof(float));
+        // copied behind the logits (on_computed), landed by the sync() above: read in place
+        return outputs_data() + 1;
     }
-
-    return importance_buf;
+    importance_buf.resize(n);
+    ggml_backend_tensor_get(t, importance_buf.data(), 0, importance_buf.size()*sizeof(float));
+    return importance_buf.data();
 }
 
 const float * llama_kv_freeze::outputs_data() const {
@@ -362,8 +455,8 @@ void llama_kv_freeze_on_computed(llama_kv_freeze * kvf, ggml_backend_sched * sch
 }
 
 void llama_kv_freeze::importance(llama_seq_id seq_id, std::vector<llama_pos> & pos, std::vector<float> & score) const {
-    const auto & per_cell = importance_cells(seq_id);
-    const uint32_t n_kv = per_cell.size();
+    uint32_t n_kv = 0;
+    const float * per_cell = importance_cells(seq_id, n_kv);
 
     const auto & c = cells(seq_id);
 
@@ -380,7 +473,8 @@ void llama_kv_freeze::importance_fold(llama_seq_id seq_id, float ema, int32_t n_
         throw llama_kv_freeze_error(ASRKF_EINVAL, "importance_fold: 0 < ema <= 1, n_queries >= 1 and arrays of n_pos >= 0 floats are required");
     }
 
-    const auto & per_cell = importance_cells(seq_id);
+    uint32_t n_out = 0;
+    const float * per_cell = importance_cells(seq_id, n_out);
     const auto & c = cells(seq_id);
 
     if (c.seq_pos_max(seq_id) >= n_pos) {
@@ -393,9 +487,12 @@ void llama_kv_freeze::importance_fold(llama_seq_id seq_id, float ema, int32_t n_
 
     const float keep = 1.0f - ema;
     const float gain = ema/n_queries;
-    const uint32_t n_kv = std::min<uint32_t>(n_cells, per_cell.size());
+    const uint32_t n_kv = std::min<uint32_t>(n_cells, n_out);
+    // every used cell holds seq_id when the sequence has as many cells as are used (the usual single chat): then
+    // the per-cell sequence sets (32 bytes a cell) need not be read, a third of the fold's time
+    const bool all_seq = c.seq_pos_get(seq_id).size() == c.get_used();
     for (uint32_t i = 0; i < n_cells; ++i) {
-        if (c.is_empty(i) || !c.seq_has(i, seq_id)) {
+        if (c.is_empty(i) || (!all_seq && !c.seq_has(i, seq_id))) {
             continue;
         }
         const llama_pos p = c.pos_get(i);
