@@ -178,8 +178,9 @@ void llama_kv_freeze_build_layer(llama_kv_freeze * kvf, ggml_context * ctx0, ggm
     if (inp->together) {
         // a decode step: this layer's one query joins the others (its n_gqa heads per KV head are rows); the product,
         // softmax and reduction run once for all scored layers, after the last. Layer by layer, a product, a softmax
-        // of 32 rows and an add cost ~19 us a layer on the H200 (docs/gpu.md, session 12), mostly for want of
-        // parallel work
+        // of 32 rows and an add per layer took ~170 us of kernels a step on the H200 under ncu, together ~70; a real
+        // step gains less (25-40 us): each layer's own product read K its attention had just brought into L2
+        // (docs/gpu.md, session 12)
         const int64_t n_gqa = n_head/n_head_kv;
         ggml_tensor * qg = ggml_view_4d(ctx0, q, n_embd_head, n_gqa, n_head_kv, 1,
                 q->nb[1], n_gqa*q->nb[1], q->nb[2], q_offset); // [d, n_gqa, n_head_kv, 1]
