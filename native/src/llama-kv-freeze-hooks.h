@@ -40,7 +40,7 @@ void llama_kv_freeze_on_computed(llama_kv_freeze * kvf, ggml_backend_sched * sch
 // graph builder: once per graph with a KV cache, then once per attention layer of that cache, then once with the
 // logits (nullptr when the graph has none)
 void llama_kv_freeze_build_input(llama_kv_freeze * kvf, ggml_context * ctx0, llm_graph_result * res, const llama_ubatch & ubatch,
-        const llama_cparams & cparams, const llama_kv_cache_context * mctx);
+        const llama_cparams & cparams, const llama_kv_cache_context * mctx, ggml_tensor * kq_mask);
 void llama_kv_freeze_build_layer(llama_kv_freeze * kvf, ggml_context * ctx0, ggml_cgraph * gf, const llama_hparams & hparams,
         ggml_tensor * q, ggml_tensor * k, float kq_scale, int il);
 void llama_kv_freeze_build_output(llama_kv_freeze * kvf, ggml_context * ctx0, ggml_cgraph * gf, ggml_tensor * logits);

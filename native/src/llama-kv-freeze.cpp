@@ -146,6 +146,8 @@ llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_
     outputs_sync = outputs && *outputs && strcmp(outputs, "0") != 0;
     const char * layerwise = getenv("ASRKF_SCORE_LAYERWISE");
     score_layerwise = layerwise && *layerwise && strcmp(layerwise, "0") != 0;
+    const char * own = getenv("ASRKF_SHADOW_OWN");
+    shadow_own = own && *own && strcmp(own, "0") != 0;
     deferred_scratch_bytes = 4*scratch_bytes;
     if (const char * mb = getenv("ASRKF_DEFERRED_SCRATCH_MB")) {
         deferred_scratch_bytes = (size_t) strtoull(mb, nullptr, 10) << 20;
@@ -325,6 +327,15 @@ std::vector<llama_pos> llama_kv_freeze::offloaded(llama_seq_id seq_id) const {
 
 bool llama_kv_freeze::v_trans() const {
     return kv->v_trans;
+}
+
+bool llama_kv_freeze::any_frozen() const {
+    for (const auto & c : kv->v_cells) {
+        if (c.any_frozen()) {
+            return true;
+        }
+    }
+    return false;
 }
 
 uint32_t llama_kv_freeze::n_frozen_cells() const {

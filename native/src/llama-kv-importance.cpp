@@ -36,7 +36,7 @@ public:
     }
 
     void set_input(const llama_ubatch * ubatch) override {
-        if (shadow_mask) {
+        if (shadow_mask && !shadow_shared) {
             // only the last n_q queries are scored: their rows, not the whole ubatch's (a 512-token prompt chunk
             // filled and uploaded a second [n_kv, 512] mask of which 32 rows were read)
             mctx->set_input_kq_mask(shadow_mask, ubatch, causal_attn, /*apply_freeze =*/ false, ubatch->n_tokens - n_q);
@@ -64,8 +64,11 @@ public:
             mctx = static_cast<const llama_kv_cache_context *>(params.mctx);
         }
 
+        // a graph that shares the attention's mask scores frozen cells as masked: it is rebuilt when a cell freezes
+        // (and when the last one thaws, to share again)
         return !shadow_mask || (shadow_mask->ne[0] == mctx->get_n_kv() &&
-                                shadow_mask->ne[1] == std::min<int64_t>(kvf_n_q, params.ubatch.n_tokens));
+                                shadow_mask->ne[1] == std::min<int64_t>(kvf_n_q, params.ubatch.n_tokens) &&
+                                (!kvf || !shadow_can_share || shadow_shared == !kvf->any_frozen()));
     }
 
     llama_kv_freeze * kvf; // nullptr once the controller is gone
@@ -75,6 +78,10 @@ public:
     const llama_kv_cache_context * mctx;
 
     ggml_tensor * shadow_mask = nullptr; // [n_kv, n_q]: the rows of the last n_q tokens; nullptr with the importance output off
+    // no cell frozen when the graph was built: shadow_mask is a view of the attention's own mask, not filled here
+    bool          shadow_shared = false;
+    // the attention's mask could serve (its layout fits, ASRKF_SHADOW_OWN unset): sharing then follows the freeze
+    bool          shadow_can_share = false;
     ggml_tensor * importance  = nullptr; // [1, n_kv], summed over the selected layers
     int32_t       n_q         = 0;
     int32_t       kvf_n_q     = 0;       // the controller's n_q when this input was built (n_q: capped by the ubatch)
@@ -117,7 +124,7 @@ void llama_kv_freeze_input_detach(llm_graph_input_kv_freeze * inp) {
 }
 
 void llama_kv_freeze_build_input(llama_kv_freeze * kvf, ggml_context * ctx0, llm_graph_result * res, const llama_ubatch & ubatch,
-        const llama_cparams & cparams, const llama_kv_cache_context * mctx) {
+        const llama_cparams & cparams, const llama_kv_cache_context * mctx, ggml_tensor * kq_mask) {
     kvf->input_building = nullptr;
 
     // off: no input, no node, the graph is the stock one
@@ -134,9 +141,20 @@ void llama_kv_freeze_build_input(llama_kv_freeze * kvf, ggml_context * ctx0, llm
         inp->kvf_n_q = kvf->imp.n_q;
         inp->n_q     = std::min<int32_t>(kvf->imp.n_q, (int32_t) ubatch.n_tokens);
 
-        inp->shadow_mask = ggml_new_tensor_4d(ctx0, type, mctx->get_n_kv(), inp->n_q, 1, 1);
-        ggml_set_input(inp->shadow_mask);
-        ggml_set_name(inp->shadow_mask, "kv_freeze_shadow_mask");
+        // with no cell frozen the shadow mask equals the attention's (under a binding budget nothing freezes): its
+        // last n_q rows serve, instead of a second mask filled over every cell and uploaded each step
+        const int64_t n_kv = mctx->get_n_kv();
+        inp->shadow_can_share = kq_mask && !kvf->shadow_own && kq_mask->type == type && kq_mask->ne[0] == n_kv &&
+                kq_mask->ne[1] == (int64_t) ubatch.n_tokens && kq_mask->ne[2] == 1 && kq_mask->ne[3] == 1;
+        if (inp->shadow_can_share && !kvf->any_frozen()) {
+            inp->shadow_mask   = ggml_view_2d(ctx0, kq_mask, n_kv, inp->n_q, kq_mask->nb[1],
+                    (ubatch.n_tokens - inp->n_q)*kq_mask->nb[1]);
+            inp->shadow_shared = true;
+        } else {
+            inp->shadow_mask = ggml_new_tensor_4d(ctx0, type, n_kv, inp->n_q, 1, 1);
+            ggml_set_input(inp->shadow_mask);
+            ggml_set_name(inp->shadow_mask, "kv_freeze_shadow_mask");
+        }
     }
 
     kvf->inputs.insert(inp.get());
