@@ -45,9 +45,12 @@ def scores_and_reference(path, fa, n_q=N_Q):
     return pos, score, ref
 
 
-@pytest.mark.parametrize("n_q", [N_Q, 1])  # 1: the graph of a decode step, as generation scores
+@pytest.mark.parametrize("n_q,together", [(N_Q, False), (1, False), (1, True)])  # 1: a decode step's graph
 @pytest.mark.parametrize("model", ["llama-gqa", "qwen2"])
-def test_importance_matches_numpy_and_fa_on_off_agree(tiny_paths, model, n_q):
+def test_importance_matches_numpy_and_fa_on_off_agree(tiny_paths, model, n_q, together, monkeypatch):
+    # together: a decode step scores its layers in one product (the GPU's path; ASRKF_SCORE_TOGETHER=1 takes it
+    # where K is in host memory, as here)
+    monkeypatch.setenv("ASRKF_SCORE_TOGETHER", "1" if together else "0")
     pos_off, s_off, ref = scores_and_reference(tiny_paths[model], "off", n_q)
     pos_on, s_on, ref_on = scores_and_reference(tiny_paths[model], "on", n_q)
     assert np.array_equal(pos_off, np.arange(N)) and np.array_equal(pos_on, np.arange(N))

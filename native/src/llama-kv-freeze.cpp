@@ -146,6 +146,8 @@ llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_
     outputs_sync = outputs && *outputs && strcmp(outputs, "0") != 0;
     const char * layerwise = getenv("ASRKF_SCORE_LAYERWISE");
     score_layerwise = layerwise && *layerwise && strcmp(layerwise, "0") != 0;
+    const char * together = getenv("ASRKF_SCORE_TOGETHER");
+    score_together_host = together && *together && strcmp(together, "0") != 0;
     const char * own = getenv("ASRKF_SHADOW_OWN");
     shadow_own = own && *own && strcmp(own, "0") != 0;
     deferred_scratch_bytes = 4*scratch_bytes;

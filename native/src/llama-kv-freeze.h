@@ -213,6 +213,8 @@ struct llama_kv_freeze {
     bool entropy_enabled = false;
     // ASRKF_SCORE_LAYERWISE=1 (a benchmark switch): decode steps score layer by layer, not together
     bool score_layerwise = false;
+    // ASRKF_SCORE_TOGETHER=1 (for the tests on a CPU): together also where K is in host memory
+    bool score_together_host = false;
     // ASRKF_SHADOW_OWN=1 (a benchmark switch): the shadow mask is always filled here, never the attention's shared
     bool shadow_own = false;
     // any resident cell frozen (masked): then the importance needs a mask of its own
