@@ -182,3 +182,31 @@ def test_with_room_recall_unmasks_what_the_last_turn_froze_and_decodes_the_quest
         ctl.table.check(kv)
     assert got["n"] > 0 and got["frozen_after"] == 0
     assert ctl.stats.steps == before + 2  # the prompt's chunk, then the question decoded again
+
+
+def test_recall_rounds_rank_by_the_best_mass_over_the_rounds(tiny_path):
+    # a second round recalls with the queries of the question decoded again after the first; a token keeps the best
+    # mass of the two rounds, so the first round's picks compete with their own mass, not with zero
+    prompt = random_tokens(400, seed=51) + random_tokens(24, seed=52)
+    with session(tiny_path, n_ctx=256, flash_attn="on", n_batch=64, n_ubatch=64) as s, KVCache(ctx=s.context) as kv:
+        ctl = Controller(kv, make_policy("asrkf", recent=32), ControllerConfig(budget_cells=160, recall_rounds=2))
+        recall = ctl.recall
+        masses, back = [], []
+
+        def spy(span_ends=None, **kw):
+            back.append(recall(span_ends, **kw))
+            masses.append(ctl._recall_best.copy())
+            return back[-1]
+
+        ctl.recall = spy
+        before = ctl.stats.steps
+        generate(s, ctl, prompt, 0, recall=True)
+        ctl.table.check(kv)
+        n_again = ctl.stats.steps - before - -(-len(prompt) // 64)  # decodes after the prompt's 64-token chunks
+    assert len(masses) == 2 and ctl.stats.recalls == 2 and back[0] > 0
+    assert n_again == sum(n > 0 for n in back)  # each round that brought tokens back decoded the question again
+    first, second = masses
+    movable = first > 0
+    assert np.all(second[movable] >= first[movable]) and np.any(second[movable] > first[movable])
+    with pytest.raises(ValueError, match="recall_rounds"):
+        ControllerConfig(budget_cells=160, recall_rounds=0)

@@ -47,6 +47,10 @@ class ControllerConfig:
     # after recall, the prompt's last recall_redecode tokens (the question) are decoded again, so that their keys
     # and values are computed with what recall brought back: computed before, they saw a cache without it
     recall_redecode: int = 32
+    # recall again after the question is decoded again, up to recall_rounds times in all: the question's queries
+    # then see what the previous round brought back (a chain's next link, VAR B = VAR A, is found once VAR A is
+    # there). A token's rank is its best mass over the rounds, so a later round does not give up an earlier one's
+    recall_rounds: int = 1
     # under a budget a prompt chunk takes at most this share of it (at least 64 tokens): the rest holds what the
     # chunk attends besides itself, and every chunk after the budget fills computes its keys and values attending
     # only that. At 4k tokens and 1,024 cells, 256-token chunks instead of 512 found more of niah-multivalue's four
@@ -97,11 +101,11 @@ class ControllerConfig:
 
     def __post_init__(self):
         if self.budget_cells < 1 or not 0 < self.ema <= 1 or self.n_q < 1 or self.wr_window < 1 or self.rr_tokens < 0 \
-                or self.recall_pool < 0 or self.recall_redecode < 1 or self.offload_batch < 0 or self.host_budget_bytes < 0 or self.score_every < 1 or self.importance_every < 1 \
+                or self.recall_pool < 0 or self.recall_redecode < 1 or self.recall_rounds < 1 or self.offload_batch < 0 or self.host_budget_bytes < 0 or self.score_every < 1 or self.importance_every < 1 \
                 or not 0 < self.chunk_share <= 1 \
                 or self.recall_span_max < 1:
             raise ValueError("ControllerConfig: budget_cells >= 1, 0 < ema <= 1, n_q >= 1, wr_window >= 1, "
-                             "rr_tokens >= 0, recall_pool >= 0, recall_redecode >= 1, offload_batch >= 0, host_budget_bytes >= 0, score_every >= 1, "
+                             "rr_tokens >= 0, recall_pool >= 0, recall_redecode >= 1, recall_rounds >= 1, offload_batch >= 0, host_budget_bytes >= 0, score_every >= 1, "
                              "importance_every >= 1, recall_span_max >= 1, 0 < chunk_share <= 1 are required")
         if self.recovery_restore not in ("score", "fresh", "fresh-all"):
             raise ValueError("ControllerConfig: recovery_restore is 'score', 'fresh' or 'fresh-all', not "
@@ -216,6 +220,7 @@ class Controller:
         # export off for generated tokens)
         self._export_q = policy.reversible
         self._exporting = False
+        self._recall_best: Optional[np.ndarray] = None  # per position, the best recall mass of this prompt's rounds
         if config.entropy_in_graph:
             kv.set_entropy(True)
         if policy.uses_importance:
@@ -346,11 +351,12 @@ class Controller:
         t = self.table
         return sum(self.policy.candidates(t, st).size for st in (CellState.ACTIVE, CellState.FROZEN))
 
-    def recall(self, span_ends: Optional[np.ndarray] = None) -> int:
+    def recall(self, span_ends: Optional[np.ndarray] = None, *, again: bool = False) -> int:
         """After a prompt (a new turn): score every movable token, resident or offloaded, with the newest queries
         and give the movable device cells to the best: whole spans when span_ends (per position: a span ends there)
         is given and ControllerConfig.recall_spans is on. Returns how many tokens were brought back to attention:
-        thawed from the host or unfrozen."""
+        thawed from the host or unfrozen. again: a further round of the same prompt's recall (recall_rounds): a
+        token ranks by its best mass over the rounds."""
         # without scoring on the last decode (score_every > 1 and a one-token prompt), or after generated tokens (their
         # queries are not exported), there are no queries to rank by
         if not (self.policy.uses_importance and self.policy.reversible and self._scoring and self._exporting):
@@ -373,6 +379,11 @@ class Controller:
                            native=self.config.recall_native).astype(np.float32)
         self.stats.recall_score_seconds += time.perf_counter() - t1
         mass = pooled_max(movable, mass, self.config.recall_pool, t.n)
+        if again and self._recall_best is not None and self._recall_best.size == t.n:
+            mass = np.maximum(mass, self._recall_best[movable])
+        best = np.zeros(t.n, np.float32)
+        best[movable] = mass
+        self._recall_best = best
         t.score[movable] = mass / self._n_queries  # the new question's view replaces the running score, per query
         n_resident = int(np.count_nonzero(t.state[movable] != CellState.OFFLOADED))
         if span_ends is not None and self.config.recall_spans:

@@ -127,7 +127,10 @@ def generate_tokens(session: LlamaSession, controller: Controller, prompt: Seque
             on_prefill(start + len(part), len(prompt))
         if check_every_step:
             controller.table.check(controller.kv, controller.seq_id)
-    if recall and controller.recall(span_ends) > 0:
+    rounds = 0
+    while recall and rounds < controller.config.recall_rounds and \
+            (controller.recall(span_ends, again=True) if rounds else controller.recall(span_ends)) > 0:
+        rounds += 1
         # the question must see what it brought back: its keys and values were computed while the answer was on
         # the host, so decode the prompt's last tokens again. They and the token before them are in the recent
         # window (never moved): llama.cpp continues a sequence only right after its last resident position

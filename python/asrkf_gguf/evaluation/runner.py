@@ -58,6 +58,9 @@ SETTINGS: Dict[str, Setting] = {s.name: s for s in (
     # a batch offload frees all its cells at once, as before copies were made ahead (ControllerConfig.offload_ahead):
     # half a batch of the budget unattended on average (issue 16 item 2)
     Setting("asrkf-batch", "asrkf", params=(("offload_ahead", False),)),
+    # recall in two rounds, the second with the queries of the question decoded again after the first (multi-hop:
+    # variable tracking's chains; ControllerConfig.recall_rounds)
+    Setting("asrkf-recall2", "asrkf", params=(("recall_rounds", 2),)),
 )}
 
 KL_TOP_K = 1024  # reference distribution kept as its top-k log-probs + the tail's total (see kl_topk)
