@@ -4,6 +4,7 @@ non-attended positions removed after the prompt (the rest keep the keys and valu
 question's last 32 tokens are decoded again, as asrkf does), then the full cache itself.
 
     python scripts/multivalue_probe.py 0.05:0,0.41:0,0.77:0,0.23:1,0.59:1,0.95:1 OUT.json   # depth:seed,...
+    python scripts/multivalue_probe.py 0.05:0,0.05:1,0.23:1 OUT.json vartrack                 # another task
 
 Qwen2.5-Coder-0.5B-Instruct Q4_K_M on the CPU (2 threads), 4,096 tokens; results in docs/evaluation.md round 9."""
 import json, sys, time
@@ -18,7 +19,8 @@ model = str(fetch_quality_model(progress=False))
 essays = [p.read_text(encoding="utf-8", errors="replace") for p in fetch_haystack_essays(progress=False)]
 out = []
 with Tokenizer(model) as tok:
-    cases = [make_case("niah-multivalue", 4096, d, s, tok.count, essays=essays) for d, s in
+    task = sys.argv[3] if len(sys.argv) > 3 else "niah-multivalue"
+    cases = [make_case(task, 4096, d, s, tok.count, essays=essays) for d, s in
              [(float(x), int(y)) for x, y in (a.split(":") for a in sys.argv[1].split(","))]]
 for case in cases:
     msg, mt = case.turns[-1], case.max_tokens[-1]
