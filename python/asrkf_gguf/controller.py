@@ -239,7 +239,7 @@ class Controller:
 
     def generating(self, on: bool) -> None:
         """on: the next decodes are generated tokens, whose queries nothing reads, so their export is switched off
-        (each scored layer's query copied out every step: ~22 us of an 8B model's decode step on the H200,
+        (each scored layer's query copied out every step: up to ~22 us of an 8B model's decode step on the H200,
         docs/gpu.md session 12); off: a prompt follows, and recall reads its queries. Each switch rebuilds the
         graph once, where the change between a prompt chunk and a one-token step rebuilds it anyway. A "fresh"
         recovery restore ranks with the spiking step's queries: it keeps them exported."""
