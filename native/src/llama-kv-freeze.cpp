@@ -50,6 +50,12 @@ void llama_kv_freeze_check_unique(const std::vector<llama_pos> & pos, const char
 // construction
 //
 
+// a switch of the benchmarks and tests: set, non-empty and not "0"
+static bool kvf_env_flag(const char * name) {
+    const char * v = getenv(name);
+    return v && *v && strcmp(v, "0") != 0;
+}
+
 llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_t host_chunk_cells, bool force_gather, size_t scratch_bytes)
     : lctx(lctx), force_gather(force_gather), scratch_bytes(scratch_bytes) {
     // one check-and-register: two threads attaching to one context cannot both succeed
@@ -140,16 +146,11 @@ llama_kv_freeze::llama_kv_freeze(llama_context * lctx, bool pinned_host, uint32_
     staged = !pinned_host && (pinned_buft != nullptr || force_gather);
     store.init(std::move(k_row_bytes), std::move(v_row_bytes), pinned_host ? pinned_buft : nullptr, host_chunk_cells);
 
-    const char * trace = getenv("ASRKF_TRACE_MOVES");
-    trace_moves = trace && *trace && strcmp(trace, "0") != 0;
-    const char * outputs = getenv("ASRKF_OUTPUTS_SYNC");
-    outputs_sync = outputs && *outputs && strcmp(outputs, "0") != 0;
-    const char * layerwise = getenv("ASRKF_SCORE_LAYERWISE");
-    score_layerwise = layerwise && *layerwise && strcmp(layerwise, "0") != 0;
-    const char * together = getenv("ASRKF_SCORE_TOGETHER");
-    score_together_host = together && *together && strcmp(together, "0") != 0;
-    const char * own = getenv("ASRKF_SHADOW_OWN");
-    shadow_own = own && *own && strcmp(own, "0") != 0;
+    trace_moves         = kvf_env_flag("ASRKF_TRACE_MOVES");
+    outputs_sync        = kvf_env_flag("ASRKF_OUTPUTS_SYNC");
+    score_layerwise     = kvf_env_flag("ASRKF_SCORE_LAYERWISE");
+    score_together_host = kvf_env_flag("ASRKF_SCORE_TOGETHER");
+    shadow_own          = kvf_env_flag("ASRKF_SHADOW_OWN");
     deferred_scratch_bytes = 4*scratch_bytes;
     if (const char * mb = getenv("ASRKF_DEFERRED_SCRATCH_MB")) {
         deferred_scratch_bytes = (size_t) strtoull(mb, nullptr, 10) << 20;
